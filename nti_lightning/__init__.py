@@ -1,0 +1,9 @@
+"""Null-text Inversion for editing real images with Stable Diffusion, on PyTorch Lightning."""
+
+from nti_lightning.api import invert, reconstruct
+from nti_lightning.inversion.artifact import ArtifactError, Inversion
+from nti_lightning.models.loading import load_pipeline
+from nti_lightning.training.module import NullTextInversion
+from nti_lightning.version import __version__
+
+__all__ = ["ArtifactError", "Inversion", "NullTextInversion", "__version__", "invert", "load_pipeline", "reconstruct"]

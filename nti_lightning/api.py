@@ -1,0 +1,143 @@
+"""The Python API: `invert` images, `reconstruct` them from their inversion.
+
+`invert` runs the same LightningModule as `nti fit`, through a `Trainer` built here, so a
+notebook gets exactly what the command line gets.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from nti_lightning.data.datamodule import InversionDataModule
+from nti_lightning.data.images import to_pil
+from nti_lightning.diffusion.ddim import DDIMSchedule
+from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.sampling import sample
+from nti_lightning.models import vae as vae_codec
+from nti_lightning.models.text import encode_prompts
+from nti_lightning.training.module import NullTextInversion
+
+ImageInput = Union[Image.Image, str]
+
+
+def invert(
+    pipeline: StableDiffusionPipeline,
+    images: Union[ImageInput, Sequence[ImageInput]],
+    prompts: Union[str, Sequence[str]],
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    num_inner_steps: int = 10,
+    early_stop_epsilon: float = 1e-5,
+    learning_rate: float = 1e-2,
+    batch_size: int = 4,
+    precision: str = "32-true",
+    accelerator: str = "auto",
+    output_dir: Optional[str] = None,
+    ids: Optional[Sequence[str]] = None,
+    progress_bar: bool = False,
+) -> list[Inversion]:
+    """Null-text inversion of `images` with their source `prompts`.
+
+    Args:
+        pipeline (`StableDiffusionPipeline`): any SD pipeline (its scheduler config is used for the
+            DDIM schedule; its weights are not changed).
+        images (PIL image, path, or a sequence of them): centre-cropped and resized to the model's
+            resolution.
+        prompts (`str` or sequence of `str`): one prompt for all images, or one per image.
+        num_inference_steps (`int`, defaults to 50): T.
+        guidance_scale (`float`, defaults to 7.5): w.
+        num_inner_steps (`int`, defaults to 10): N.
+        early_stop_epsilon (`float`, defaults to 1e-5): ε of the per-image early stop.
+        learning_rate (`float`, defaults to 1e-2): Adam's rate at step 0.
+        batch_size (`int`, defaults to 4): images optimised together; results do not depend on it.
+        precision (`str`, defaults to "32-true"): "32-true", "bf16-mixed" or "16-mixed".
+        accelerator (`str`, defaults to "auto"): Lightning accelerator (one device is used).
+        output_dir (`str`, *optional*): also write `<id>.safetensors` and grid PNGs there.
+        ids (sequence of `str`, *optional*): names of the images (default: file stems or image_<i>).
+        progress_bar (`bool`, defaults to False): show Lightning's progress bar.
+
+    Returns:
+        One `Inversion` per image, in input order.
+    """
+    images = [images] if isinstance(images, (Image.Image, str)) else list(images)
+    prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    data = InversionDataModule(
+        images=images, prompts=prompt_list, ids=list(ids) if ids else None, batch_size=batch_size
+    )
+    module = NullTextInversion(
+        pretrained=_model_reference(pipeline),
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        num_inner_steps=num_inner_steps,
+        early_stop_epsilon=early_stop_epsilon,
+        learning_rate=learning_rate,
+        output_dir=output_dir,
+        save_grids=output_dir is not None,
+        ddim_baseline=output_dir is not None,
+        keep_results=True,
+    ).attach_pipeline(pipeline)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        max_epochs=-1,  # the walk sets its own length
+    )
+    trainer.fit(module, datamodule=data)
+    return module.results
+
+
+@torch.no_grad()
+def reconstruction_latents(
+    pipeline: StableDiffusionPipeline,
+    inversion: Inversion,
+    prompt: Optional[str] = None,
+    guidance_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """`[1, C, h, w]` latent at t = 0 sampled from `inversion` (see `reconstruct`)."""
+    device = pipeline.unet.device
+    schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, inversion.num_inference_steps)
+    cond = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [prompt or inversion.prompt]).to(device)
+    return sample(
+        pipeline.unet,
+        schedule,
+        inversion.z_T.unsqueeze(0).to(device),
+        inversion.null_embeddings.unsqueeze(1).to(device),
+        cond,
+        inversion.guidance_scale if guidance_scale is None else guidance_scale,
+    )
+
+
+def reconstruct(
+    pipeline: StableDiffusionPipeline,
+    inversion: Inversion,
+    prompt: Optional[str] = None,
+    guidance_scale: float = 7.5,
+) -> Image.Image:
+    """Samples the image back from `z_T` with the per-step null embeddings.
+
+    Args:
+        pipeline (`StableDiffusionPipeline`): the pipeline the inversion was made with.
+        inversion (`Inversion`): the result of `invert` (or `Inversion.load`).
+        prompt (`str`, *optional*): defaults to the source prompt (a reconstruction); another
+            prompt gives a plain prompt-swap edit.
+        guidance_scale (`float`, defaults to 7.5): w; the inversion's own w reconstructs best.
+    """
+    latents = reconstruction_latents(pipeline, inversion, prompt, guidance_scale)
+    return to_pil(vae_codec.decode(pipeline.vae, latents)[0])
+
+
+def _model_reference(pipeline: StableDiffusionPipeline) -> str:
+    """The name recorded in artifacts: the pipeline's source path or hub id when known."""
+    return str(getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path", "") or "in-memory")

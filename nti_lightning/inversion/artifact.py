@@ -1,0 +1,121 @@
+"""`Inversion`: the result of inverting one image, and its `.safetensors` file format.
+
+One file per image. Tensors: `z_T` `[C, h, w]`, `null_embeddings` `[T, 77, D]` (fp32) and
+`source_latent` `[C, h, w]` (the VAE latent of the input). Everything else is JSON in the
+safetensors header under the key `nti`, so reading a file never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from nti_lightning.version import __version__
+
+FORMAT = "nti-lightning/inversion"
+FORMAT_VERSION = 1
+REQUIRED_METADATA = ("prompt", "num_inference_steps", "guidance_scale")
+
+
+class ArtifactError(ValueError):
+    """An inversion file is missing, truncated or inconsistent; the message names the file."""
+
+
+@dataclass
+class Inversion:
+    """What Null-text Inversion found for one image.
+
+    Args:
+        z_T (`torch.Tensor`): `[C, h, w]` the inverted noise the edit starts from.
+        null_embeddings (`torch.Tensor`): `[T, 77, D]` fp32, the unconditional embedding of step i
+            (step 0 is the noisiest).
+        source_latent (`torch.Tensor`): `[C, h, w]` the VAE latent `z0` of the input image.
+        prompt (`str`): the source prompt.
+        metadata (`dict`): model reference, scheduler config, T, w, N, ε, image size, per-step
+            inner iterations and final losses, package version, id.
+    """
+
+    z_T: torch.Tensor
+    null_embeddings: torch.Tensor
+    source_latent: torch.Tensor
+    prompt: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.null_embeddings.shape[0]
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.metadata.get("guidance_scale", 7.5))
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the inversion to `path` atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.metadata, "prompt": self.prompt}
+        tensors = {
+            "z_T": self.z_T.detach().float().contiguous().cpu(),
+            "null_embeddings": self.null_embeddings.detach().float().contiguous().cpu(),
+            "source_latent": self.source_latent.detach().float().contiguous().cpu(),
+        }
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(descriptor)
+        try:
+            save_file(tensors, temporary, metadata={"nti": json.dumps(metadata)})
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Inversion":
+        """Reads and validates a file written by `save`; raises `ArtifactError` naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: inversion file not found")
+        try:
+            tensors = load_file(path)
+            with safe_open(path, framework="pt") as handle:
+                metadata = json.loads((handle.metadata() or {}).get("nti", "null"))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ArtifactError(f"{path}: not a readable inversion file (truncated or corrupt: {error})") from error
+        return cls._validated(path, tensors, metadata)
+
+    @classmethod
+    def _validated(cls, path: Path, tensors: dict[str, torch.Tensor], metadata: Any) -> "Inversion":
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            raise ArtifactError(f"{path}: not an nti-lightning inversion (no '{FORMAT}' metadata)")
+        if metadata.get("format_version", 0) > FORMAT_VERSION:
+            raise ArtifactError(
+                f"{path}: written by a newer nti-lightning (format {metadata['format_version']}); upgrade to read it"
+            )
+        missing = [key for key in ("z_T", "null_embeddings", "source_latent") if key not in tensors]
+        missing += [key for key in REQUIRED_METADATA if key not in metadata]
+        if missing:
+            raise ArtifactError(f"{path}: missing {', '.join(missing)}")
+        z_T, null_embeddings, source = tensors["z_T"], tensors["null_embeddings"], tensors["source_latent"]
+        if z_T.dim() != 3 or source.shape != z_T.shape:
+            raise ArtifactError(
+                f"{path}: z_T {tuple(z_T.shape)} and source_latent {tuple(source.shape)} must both be [C, h, w]"
+            )
+        steps = metadata["num_inference_steps"]
+        if null_embeddings.dim() != 3 or null_embeddings.shape[0] != steps:
+            raise ArtifactError(
+                f"{path}: null_embeddings {tuple(null_embeddings.shape)} should be [{steps}, tokens, width] "
+                f"for num_inference_steps={steps}"
+            )
+        if null_embeddings.dtype != torch.float32:
+            raise ArtifactError(f"{path}: null_embeddings are {null_embeddings.dtype}, expected float32")
+        metadata = {k: v for k, v in metadata.items() if k not in ("format", "format_version")}
+        prompt = metadata.pop("prompt")
+        return cls(z_T=z_T, null_embeddings=null_embeddings, source_latent=source, prompt=prompt, metadata=metadata)

@@ -1,0 +1,122 @@
+"""The state of one batch of images walking its pivot trajectory from T to 1.
+
+`NullTextTrajectory` is plain torch: it starts from pixels and prompts (VAE encoding, pivot),
+hands out the `TimestepProblem` of each step, freezes each step's optimised embedding and
+advances the latent with the guided DDIM step, and finally packs one `Inversion` per image.
+The Lightning callback calls these at epoch boundaries; nothing here knows about Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from nti_lightning.diffusion.ddim import DDIMSchedule
+from nti_lightning.diffusion.guidance import guided_step
+from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.null_text import TimestepProblem
+from nti_lightning.inversion.pivot import PivotTrajectory, ddim_invert
+
+
+@dataclass
+class NullTextTrajectory:
+    """Null-text inversion of B images, one timestep at a time.
+
+    Args:
+        ids (`list[str]`): image ids.
+        prompts (`list[str]`): source prompts.
+        pixels (`torch.Tensor`): `[B, 3, H, W]` inputs in [-1, 1].
+        cond_embeddings (`torch.Tensor`): `[B, 77, D]` source-prompt embeddings C.
+        pivot (`PivotTrajectory`): the w = 1 DDIM inversion of the images.
+        latent (`torch.Tensor`): `[B, C, h, w]` current latent z̄ (starts at `z_T`).
+        null_embeddings (`list[torch.Tensor]`): frozen `[B, 77, D]` embedding of each finished step.
+        iterations (`list[torch.Tensor]`): `[B]` inner iterations used at each finished step.
+        losses (`list[torch.Tensor]`): `[B]` last loss of each finished step.
+    """
+
+    ids: list[str]
+    prompts: list[str]
+    pixels: torch.Tensor
+    cond_embeddings: torch.Tensor
+    pivot: PivotTrajectory
+    latent: torch.Tensor
+    null_embeddings: list[torch.Tensor] = field(default_factory=list)
+    iterations: list[torch.Tensor] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    @torch.no_grad()
+    def start(
+        cls,
+        unet: UNet2DConditionModel,
+        schedule: DDIMSchedule,
+        pixels: torch.Tensor,
+        z0: torch.Tensor,
+        cond_embeddings: torch.Tensor,
+        ids: list[str],
+        prompts: list[str],
+    ) -> "NullTextTrajectory":
+        """Computes the pivot of images `pixels` with VAE latents `z0` (SPEC step 1)."""
+        pivot = ddim_invert(unet, schedule, z0, cond_embeddings)
+        return cls(ids, prompts, pixels, cond_embeddings, pivot, latent=pivot.z_T.clone())
+
+    @property
+    def step(self) -> int:
+        """Index of the next step to optimise."""
+        return len(self.null_embeddings)
+
+    @property
+    def done(self) -> bool:
+        return self.step == len(self.pivot)
+
+    def problem(self, unet: UNet2DConditionModel, epsilon: float) -> TimestepProblem:
+        """The null-text problem of the next step, starting from the current latent."""
+        item = self.pivot[self.step]
+        return TimestepProblem.start(
+            unet, item["step"], item["timestep"], self.latent, item["target"], self.cond_embeddings, epsilon
+        )
+
+    @torch.no_grad()
+    def advance(
+        self,
+        schedule: DDIMSchedule,
+        unet: UNet2DConditionModel,
+        problem: TimestepProblem,
+        null_embedding: torch.Tensor,
+        guidance_scale: float,
+    ) -> None:
+        """Freezes `null_embedding` as this step's result and takes the guided DDIM step with it."""
+        frozen = null_embedding.detach().float().clone()
+        self.latent = guided_step(
+            schedule,
+            unet,
+            self.latent,
+            problem.timestep,
+            frozen,
+            self.cond_embeddings,
+            guidance_scale,
+            cond_output=problem.cond_output,
+        )
+        self.null_embeddings.append(frozen)
+        self.iterations.append(problem.iterations.clone())
+        self.losses.append(problem.loss.clone())
+
+    def inversions(self, metadata: dict[str, Any]) -> list[Inversion]:
+        """One `Inversion` per image (on CPU), with `metadata` and the per-step statistics."""
+        embeddings = torch.stack(self.null_embeddings, dim=1).cpu()  # [B, T, 77, D]
+        iterations = torch.stack(self.iterations, dim=1).cpu().tolist()
+        losses = torch.stack(self.losses, dim=1).cpu().tolist()
+        z_T, z0 = self.pivot.z_T.cpu(), self.pivot.z0.cpu()
+        return [
+            Inversion(
+                z_T=z_T[b].clone(),
+                null_embeddings=embeddings[b].clone(),
+                source_latent=z0[b].clone(),
+                prompt=self.prompts[b],
+                metadata={**metadata, "id": self.ids[b], "inner_iterations": iterations[b], "final_losses": losses[b]},
+            )
+            for b in range(len(self.ids))
+        ]

@@ -1,0 +1,65 @@
+"""Loading a Stable Diffusion pipeline from a name, a hub id, a folder or a checkpoint file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nti_lightning.diffusion.ddim import ddim_scheduler
+from nti_lightning.models.tiny import tiny_pipeline
+
+#: Names resolved without any download.
+BUILTIN_MODELS = {
+    "tiny": lambda: tiny_pipeline(seed=0),
+    "tiny-v": lambda: tiny_pipeline(seed=0, prediction_type="v_prediction"),
+}
+
+
+def load_pipeline(pretrained: str, torch_dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+    """Loads a Stable Diffusion pipeline with the DDIM scheduler the algorithm uses.
+
+    Args:
+        pretrained (`str`): one of
+            - a built-in name: "tiny" (seeded random SD-shaped model) or "tiny-v" (its
+              v-prediction twin);
+            - a local diffusers folder (`model_index.json` inside);
+            - a single-file `.safetensors` checkpoint (original SD layout);
+            - a hub id such as "CompVis/stable-diffusion-v1-4" (needs network or a warm cache).
+        torch_dtype (`torch.dtype`, *optional*): dtype for the weights; defaults to fp32.
+    """
+    if pretrained in BUILTIN_MODELS:
+        pipeline = BUILTIN_MODELS[pretrained]()
+        if torch_dtype is not None:
+            pipeline = pipeline.to(torch_dtype=torch_dtype)
+    else:
+        pipeline = _load_external(pretrained, torch_dtype)
+    pipeline.scheduler = ddim_scheduler(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _load_external(pretrained: str, torch_dtype: torch.dtype | None) -> StableDiffusionPipeline:
+    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    path = Path(os.path.expanduser(pretrained))
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
+    if path.suffix in {".ckpt", ".pt", ".pth", ".bin"}:
+        # These are pickles: loading one runs arbitrary code from whoever made it.
+        raise ValueError(
+            f"{path}: pickled checkpoints are not loaded; convert it to .safetensors "
+            "(or a diffusers folder) and pass that instead"
+        )
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint file not found")
+        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    if path.exists() or pretrained.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{pretrained}: neither a diffusers folder nor a .safetensors checkpoint")
+    return StableDiffusionPipeline.from_pretrained(pretrained, **kwargs)

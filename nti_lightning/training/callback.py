@@ -1,0 +1,152 @@
+"""`NullTextWalkCallback`: the timestep boundaries of the null-text walk.
+
+`NullTextInversion.training_step` is one inner Adam iteration. Everything that happens between
+timesteps is here:
+
+* at the first batch of an image batch: encode prompts and images, compute the pivot;
+* at the start of each timestep: a fresh Adam (state cleared) at `lr·(1 - i/100)`, and the
+  conditional UNet output computed once;
+* at the end of each timestep: freeze the embedding, advance the latent with guided DDIM;
+* after the last timestep: write the `.safetensors` artifacts, metrics, grids, TensorBoard.
+
+Hooks outside `training_step` are not under Lightning's autocast, so the UNet calls here enter
+the precision plugin's context themselves; the embedding, Adam, loss and DDIM arithmetic stay
+fp32 under every supported precision.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from nti_lightning.data.images import to_pil
+from nti_lightning.inversion.null_text import step_learning_rate
+from nti_lightning.inversion.report import ddim_reconstruction, reconstruction_report
+from nti_lightning.inversion.trajectory import NullTextTrajectory
+from nti_lightning.models import vae as vae_codec
+from nti_lightning.version import __version__
+
+#: Precisions under which the fp32 embedding, Adam and DDIM arithmetic are kept.
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+class NullTextWalkCallback(pl.Callback):
+    """Drives `NullTextInversion` from timestep to timestep (added by the module itself)."""
+
+    def __init__(self) -> None:
+        self.images_done = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        precision = str(trainer.precision)
+        if precision not in SUPPORTED_PRECISIONS:
+            raise ValueError(
+                f"precision {precision!r} is not supported: the null embedding, Adam and the DDIM "
+                f"arithmetic must stay fp32; use one of {SUPPORTED_PRECISIONS}"
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        # One epoch per (image batch, timestep): the walk's length decides when fit ends.
+        trainer.fit_loop.max_epochs = trainer.train_dataloader.sampler.num_epochs
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch["iteration"] != 0:
+            return
+        if batch["step"] == 0:
+            self._start_trajectory(trainer, pl_module, batch)
+        with trainer.precision_plugin.forward_context():
+            pl_module.problem = pl_module.trajectory.problem(pl_module.unet, pl_module.hparams.early_stop_epsilon)
+        assert pl_module.problem.step == batch["step"], "walk and trajectory are out of step"
+        optimizer = trainer.optimizers[0]
+        optimizer.state.clear()
+        for group in optimizer.param_groups:
+            group["lr"] = step_learning_rate(batch["step"], pl_module.hparams.learning_rate)
+
+    def _start_trajectory(self, trainer: pl.Trainer, pl_module: Any, batch: dict[str, Any]) -> None:
+        # Text encoder and VAE are cheap next to the UNet: they run in their own dtype, not autocast.
+        cond = pl_module.encode(batch["prompts"])
+        pl_module.reset_null_embedding(len(batch["ids"]))
+        pixels = batch["pixels"].to(pl_module.device)
+        z0 = vae_codec.encode(pl_module.vae, pixels)
+        with trainer.precision_plugin.forward_context():
+            pl_module.trajectory = NullTextTrajectory.start(
+                pl_module.unet, pl_module.schedule, pixels, z0, cond, batch["ids"], batch["prompts"]
+            )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        trajectory, problem = pl_module.trajectory, pl_module.problem
+        with trainer.precision_plugin.forward_context():
+            trajectory.advance(
+                pl_module.schedule, pl_module.unet, problem, pl_module.null_embedding, pl_module.hparams.guidance_scale
+            )
+        step_metrics = {
+            "timestep/loss": float(problem.loss.mean()),
+            "timestep/inner_iterations": float(problem.iterations.float().mean()),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(step_metrics, step=trainer.current_epoch)
+        if trajectory.done:
+            self._finish_trajectory(trainer, pl_module)
+            pl_module.trajectory = pl_module.problem = None
+
+    def _finish_trajectory(self, trainer: pl.Trainer, module: Any) -> None:
+        hparams = module.hparams
+        trajectory: NullTextTrajectory = module.trajectory
+        inversions = trajectory.inversions(_metadata(module))
+        rows, grids = self._report(module, trajectory)
+        output_dir = Path(hparams.output_dir) if hparams.output_dir is not None else None
+        for inversion, row, grid in zip(inversions, rows, grids):
+            inversion.metadata["metrics"] = row
+            if output_dir is not None:
+                inversion.save(output_dir / f"{inversion.metadata['id']}.safetensors")
+                if hparams.save_grids:
+                    to_pil(grid).save(output_dir / f"{inversion.metadata['id']}.png")
+            self._log_image(trainer, inversion.metadata["id"], row, grid if hparams.save_grids else None)
+        if hparams.keep_results:
+            module.results.extend(inversions)
+
+    @torch.no_grad()
+    def _report(self, module: Any, trajectory: NullTextTrajectory) -> tuple[list[dict[str, float]], torch.Tensor]:
+        ddim = None
+        if module.hparams.ddim_baseline:
+            with module.trainer.precision_plugin.forward_context():
+                ddim = ddim_reconstruction(
+                    module.unet,
+                    module.schedule,
+                    trajectory.pivot.z_T,
+                    module.empty_embedding,
+                    trajectory.cond_embeddings,
+                    module.hparams.guidance_scale,
+                )
+        # The final latent of the walk is the null-text reconstruction: sampling from z_T with
+        # the frozen embeddings is exactly the sequence of guided steps the walk just took.
+        return reconstruction_report(module.vae, trajectory.pixels, trajectory.pivot.z0, trajectory.latent, ddim)
+
+    def _log_image(self, trainer: pl.Trainer, image_id: str, row: dict[str, float], grid: torch.Tensor | None) -> None:
+        metrics = {f"reconstruction/{name}": value for name, value in row.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self.images_done)
+            if grid is not None and isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(f"grid/{image_id}", grid, self.images_done)
+        self.images_done += 1
+
+
+def _metadata(module: Any) -> dict[str, Any]:
+    hparams = module.hparams
+    return {
+        "model": hparams.pretrained,
+        "scheduler_config": json.loads(json.dumps(module.scheduler_config, default=str)),
+        "num_inference_steps": hparams.num_inference_steps,
+        "guidance_scale": hparams.guidance_scale,
+        "num_inner_steps": hparams.num_inner_steps,
+        "early_stop_epsilon": hparams.early_stop_epsilon,
+        "learning_rate": hparams.learning_rate,
+        "image_size": module.resolution,
+        "latent_shape": list(module.trajectory.pivot.z0.shape[1:]),
+        "text_shape": list(module.empty_embedding.shape[1:]),
+        "nti_lightning_version": __version__,
+    }
