@@ -5,7 +5,7 @@ alphas, the descending inference timesteps and the prediction type. The steps ar
 rather than delegated to `DDIMScheduler.step` because inversion needs the *next* step too, the
 null-text objective needs them differentiable in fp32, and a batch may sit at one timestep.
 
-Notation follows SPEC.md: `ā[t] = alphas_cumprod[t]`, `Δ = num_train_timesteps // T`.
+Notation follows docs/ALGORITHM.md: `ā[t] = alphas_cumprod[t]`, `Δ = num_train_timesteps // T`.
 """
 
 from __future__ import annotations
@@ -67,9 +67,15 @@ class DDIMSchedule:
     def num_inference_steps(self) -> int:
         return len(self.timesteps)
 
-    def alpha(self, timestep: int) -> float:
-        """`ā[timestep]`, or `ā_final` for a negative timestep (one step past 0)."""
-        return float(self.alphas_cumprod[timestep]) if timestep >= 0 else self.final_alpha_cumprod
+    def alpha(self, timestep: int) -> torch.Tensor:
+        """`ā[timestep]` as a 0-d fp32 tensor, or `ā_final` for a negative timestep (one step past 0).
+
+        fp32 scalars, not Python floats, so that every coefficient is rounded exactly as in
+        diffusers' `DDIMScheduler.step`.
+        """
+        if timestep >= 0:
+            return self.alphas_cumprod[timestep]
+        return torch.tensor(self.final_alpha_cumprod, dtype=torch.float32)
 
 
 def ddim_scheduler(config: Mapping[str, Any]) -> DDIMScheduler:
@@ -78,7 +84,7 @@ def ddim_scheduler(config: Mapping[str, Any]) -> DDIMScheduler:
 
 
 def to_epsilon(
-    model_output: torch.Tensor, sample: torch.Tensor, alpha_t: float, prediction_type: str
+    model_output: torch.Tensor, sample: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
     """Converts a model output at noise level `alpha_t` into a noise estimate.
 
@@ -92,10 +98,16 @@ def to_epsilon(
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
-def _ddim_move(eps: torch.Tensor, sample: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
-    """`sqrt(ā_to) x̂0 + sqrt(1-ā_to) ε` with `x̂0 = (x - sqrt(1-ā_from) ε) / sqrt(ā_from)`."""
-    pred_original = (sample - (1 - alpha_from) ** 0.5 * eps) / alpha_from**0.5
-    return alpha_to**0.5 * pred_original + (1 - alpha_to) ** 0.5 * eps
+def _ddim_move(eps: torch.Tensor, sample: torch.Tensor, alpha_from: torch.Tensor, alpha_to: torch.Tensor) -> torch.Tensor:
+    """`sqrt(ā_to) x̂0 + sqrt(1-ā_to) ε` with `x̂0 = (x - sqrt(1-ā_from) ε) / sqrt(ā_from)`.
+
+    Written in the operation order of `DDIMScheduler.step`, so the two agree bit for bit.
+    """
+    alpha_from, alpha_to = alpha_from.to(sample.device), alpha_to.to(sample.device)
+    beta_from = 1 - alpha_from
+    pred_original = (sample - beta_from ** (0.5) * eps) / alpha_from ** (0.5)
+    direction = (1 - alpha_to) ** (0.5) * eps
+    return alpha_to ** (0.5) * pred_original + direction
 
 
 def prev_step(

@@ -11,7 +11,7 @@ batch gives every image exactly what it gets alone:
 
 The inner loop itself is driven by `nti_lightning.training.NullTextInversion` (one inner
 iteration per training batch, one timestep per epoch); `tests/reference.py` is the plain
-loop of SPEC.md it is checked against.
+loop of docs/ALGORITHM.md it is checked against.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
@@ -104,7 +105,7 @@ class TimestepProblem:
         with torch.autocast(device_type=self.latent.device.type, enabled=False):
             guided = guide(uncond_output.float(), self.cond_output, guidance_scale)
             predicted = prev_step(schedule, guided, self.timestep, self.latent)
-            return (predicted - self.target).pow(2).flatten(1).mean(1)
+            return F.mse_loss(predicted, self.target, reduction="none").flatten(1).mean(1)
 
     @torch.no_grad()
     def record(self, losses: torch.Tensor) -> torch.Tensor:

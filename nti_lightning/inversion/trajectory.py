@@ -59,7 +59,7 @@ class NullTextTrajectory:
         ids: list[str],
         prompts: list[str],
     ) -> "NullTextTrajectory":
-        """Computes the pivot of images `pixels` with VAE latents `z0` (SPEC step 1)."""
+        """Computes the pivot of images `pixels` with VAE latents `z0` (step 1 of docs/ALGORITHM.md)."""
         pivot = ddim_invert(unet, schedule, z0, cond_embeddings)
         return cls(ids, prompts, pixels, cond_embeddings, pivot, latent=pivot.z_T.clone())
 
@@ -87,8 +87,15 @@ class NullTextTrajectory:
         problem: TimestepProblem,
         null_embedding: torch.Tensor,
         guidance_scale: float,
+        reuse_cond_output: bool = False,
     ) -> None:
-        """Freezes `null_embedding` as this step's result and takes the guided DDIM step with it."""
+        """Freezes `null_embedding` as this step's result and takes the guided DDIM step with it.
+
+        By default the step evaluates both branches in one UNet call, as the reference does, so
+        a single image reproduces it bit for bit; `reuse_cond_output` reuses the step's
+        conditional output instead (one UNet forward less per step, same maths, different
+        float rounding).
+        """
         frozen = null_embedding.detach().float().clone()
         self.latent = guided_step(
             schedule,
@@ -98,7 +105,7 @@ class NullTextTrajectory:
             frozen,
             self.cond_embeddings,
             guidance_scale,
-            cond_output=problem.cond_output,
+            cond_output=problem.cond_output if reuse_cond_output else None,
         )
         self.null_embeddings.append(frozen)
         self.iterations.append(problem.iterations.clone())

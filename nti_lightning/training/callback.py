@@ -81,7 +81,12 @@ class NullTextWalkCallback(pl.Callback):
         trajectory, problem = pl_module.trajectory, pl_module.problem
         with trainer.precision_plugin.forward_context():
             trajectory.advance(
-                pl_module.schedule, pl_module.unet, problem, pl_module.null_embedding, pl_module.hparams.guidance_scale
+                pl_module.schedule,
+                pl_module.unet,
+                problem,
+                pl_module.null_embedding,
+                pl_module.hparams.guidance_scale,
+                reuse_cond_output=pl_module.hparams.reuse_cond_output,
             )
         step_metrics = {
             "timestep/loss": float(problem.loss.mean()),

@@ -1,0 +1,130 @@
+"""A plain, one-image-at-a-time implementation of docs/ALGORITHM.md, written after the authors' notebook.
+
+It shares no code with `nti_lightning`: its own DDIM next step, diffusers' `DDIMScheduler.step`
+for the previous step, its own prompt encoding, a fresh Adam per timestep and `.item()` early
+stopping, all in fp32 on the CPU. The tests hold the package to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+
+class ReferenceNullInversion:
+    """The reference loop (ε-prediction only, like the authors' code)."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, num_ddim_steps: int = 50, guidance_scale: float = 7.5):
+        self.pipe = pipe
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+        self.scheduler.set_timesteps(num_ddim_steps)
+        self.num_ddim_steps = num_ddim_steps
+        self.guidance_scale = guidance_scale
+
+    # --- DDIM, as in the notebook
+    def next_step(self, model_output, timestep: int, sample):
+        timestep, next_timestep = (
+            min(timestep - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps, 999),
+            timestep,
+        )
+        alpha_prod_t = self.scheduler.alphas_cumprod[timestep] if timestep >= 0 else self.scheduler.final_alpha_cumprod
+        alpha_prod_t_next = self.scheduler.alphas_cumprod[next_timestep]
+        beta_prod_t = 1 - alpha_prod_t
+        next_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+        next_sample_direction = (1 - alpha_prod_t_next) ** 0.5 * model_output
+        return alpha_prod_t_next**0.5 * next_original_sample + next_sample_direction
+
+    def prev_step(self, model_output, timestep: int, sample):
+        return self.scheduler.step(model_output, timestep, sample, eta=0.0).prev_sample
+
+    def noise(self, latents, t, context):
+        return self.pipe.unet(latents, t, encoder_hidden_states=context).sample
+
+    @torch.no_grad()
+    def context(self, prompt: str):
+        tok = self.pipe.tokenizer
+        ids = lambda text: tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                               return_tensors="pt").input_ids
+        uncond = self.pipe.text_encoder(ids(""))[0]
+        cond = self.pipe.text_encoder(ids(prompt))[0]
+        return uncond, cond
+
+    @torch.no_grad()
+    def image2latent(self, pixels):
+        """pixels: [1, 3, H, W] in [-1, 1]."""
+        return self.pipe.vae.encode(pixels).latent_dist.mean * self.pipe.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def ddim_loop(self, latent, cond):
+        all_latent = [latent]
+        latent = latent.clone().detach()
+        for i in range(self.num_ddim_steps):
+            t = self.scheduler.timesteps[len(self.scheduler.timesteps) - i - 1]
+            latent = self.next_step(self.noise(latent, t, cond), int(t), latent)
+            all_latent.append(latent)
+        return all_latent
+
+    def null_optimization(self, latents, uncond, cond, num_inner_steps: int, epsilon: float):
+        uncond_list, iterations, final_losses = [], [], []
+        latent_cur = latents[-1]
+        for i in range(self.num_ddim_steps):
+            uncond = uncond.clone().detach()
+            uncond.requires_grad = True
+            optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+            latent_prev = latents[len(latents) - i - 2]
+            t = self.scheduler.timesteps[i]
+            with torch.no_grad():
+                noise_pred_cond = self.noise(latent_cur, t, cond)
+            for j in range(num_inner_steps):
+                noise_pred_uncond = self.noise(latent_cur, t, uncond)
+                noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_cond - noise_pred_uncond)
+                latents_prev_rec = self.prev_step(noise_pred, t, latent_cur)
+                loss = F.mse_loss(latents_prev_rec, latent_prev)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss_item = loss.item()
+                if loss_item < epsilon + i * 2e-5:
+                    break
+            iterations.append(j + 1)
+            final_losses.append(loss_item)
+            uncond_list.append(uncond[:1].detach())
+            with torch.no_grad():
+                noise = self.noise(torch.cat([latent_cur] * 2), t, torch.cat([uncond, cond]))
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise_pred = noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
+                latent_cur = self.prev_step(noise_pred, t, latent_cur)
+        return uncond_list, iterations, final_losses, latent_cur
+
+    def invert(self, pixels, prompt: str, num_inner_steps: int = 10, epsilon: float = 1e-5) -> dict:
+        for part in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            part.requires_grad_(False)
+        uncond, cond = self.context(prompt)
+        latent = self.image2latent(pixels)
+        ddim_latents = self.ddim_loop(latent, cond)
+        embeddings, iterations, losses, reconstruction = self.null_optimization(
+            ddim_latents, uncond, cond, num_inner_steps, epsilon
+        )
+        return {
+            "z_T": ddim_latents[-1][0],
+            "source_latent": latent[0],
+            "null_embeddings": torch.cat(embeddings),
+            "inner_iterations": iterations,
+            "final_losses": losses,
+            "reconstruction": reconstruction,
+            "pivot": torch.cat(ddim_latents),
+        }
+
+    @torch.no_grad()
+    def reconstruct(self, z_T, null_embeddings, prompt: str, guidance_scale: float | None = None):
+        """The notebook's text2image_ldm_stable with per-step null embeddings, no controller."""
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        _, cond = self.context(prompt)
+        latents = z_T[None]
+        for i, t in enumerate(self.scheduler.timesteps):
+            context = torch.cat([null_embeddings[i : i + 1], cond])
+            noise = self.noise(torch.cat([latents] * 2), t, context)
+            noise_uncond, noise_cond = noise.chunk(2)
+            latents = self.prev_step(noise_uncond + w * (noise_cond - noise_uncond), t, latents)
+        return latents
