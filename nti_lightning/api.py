@@ -94,7 +94,12 @@ def invert(
         num_sanity_val_steps=0,
         max_epochs=-1,  # the walk sets its own length
     )
-    trainer.fit(module, datamodule=data)
+    device = pipeline.unet.device
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        # Lightning moves the module to the CPU when fit ends; give the pipeline back where it was.
+        pipeline.to(device)
     return module.results
 
 
