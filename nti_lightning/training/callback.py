@@ -23,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 
 from nti_lightning.data.images import to_pil
 from nti_lightning.inversion.null_text import step_learning_rate
@@ -109,7 +110,7 @@ class NullTextWalkCallback(pl.Callback):
             if output_dir is not None:
                 inversion.save(output_dir / f"{inversion.metadata['id']}.safetensors")
                 if hparams.save_grids:
-                    to_pil(grid).save(output_dir / f"{inversion.metadata['id']}.png")
+                    _grid_picture(grid).save(output_dir / f"{inversion.metadata['id']}.png")
             self._log_image(trainer, inversion.metadata["id"], row, grid if hparams.save_grids else None)
         if hparams.keep_results:
             module.results.extend(inversions)
@@ -138,6 +139,13 @@ class NullTextWalkCallback(pl.Callback):
             if grid is not None and isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(f"grid/{image_id}", grid, self.images_done)
         self.images_done += 1
+
+
+def _grid_picture(grid: torch.Tensor, min_side: int = 128) -> Image.Image:
+    """The grid as a PNG-ready image, enlarged (nearest neighbour) when the model is small."""
+    picture = to_pil(grid)
+    scale = -(-min_side // picture.height)
+    return picture if scale <= 1 else picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
 def _metadata(module: Any) -> dict[str, Any]:

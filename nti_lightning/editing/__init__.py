@@ -1,0 +1,29 @@
+"""Prompt-to-Prompt editing of inverted images: attention control, controllers, `edit`, the predict CLI."""
+
+from nti_lightning.editing.attention import (
+    AttentionLayer,
+    AttentionStore,
+    ControlledAttnProcessor,
+    controlled_attention,
+)
+from nti_lightning.editing.blend import LocalBlend
+from nti_lightning.editing.controllers import AttentionController, Refine, Replace, Reweight
+from nti_lightning.editing.edit import check_compatible, edit, edit_latents
+from nti_lightning.editing.pictures import cross_attention_picture, token_attention_maps
+
+__all__ = [
+    "AttentionController",
+    "AttentionLayer",
+    "AttentionStore",
+    "ControlledAttnProcessor",
+    "LocalBlend",
+    "Refine",
+    "Replace",
+    "Reweight",
+    "check_compatible",
+    "controlled_attention",
+    "cross_attention_picture",
+    "edit",
+    "edit_latents",
+    "token_attention_maps",
+]

@@ -1,0 +1,291 @@
+"""Prompt-to-Prompt controllers: how the edit prompts' attention maps are taken from the source's.
+
+A controller sees the conditional attention maps `[P, heads, queries, keys]` of the P prompts of
+one batch (prompt 0 is the source) at every attention layer and step, and returns them with the
+edit prompts' maps (1..P-1) changed:
+
+* cross-attention: `edit = alpha_t * replace_cross(source, edit) + (1 - alpha_t) * edit`, where
+  `alpha_t` is 1 on the steps of `cross_replace_steps` (per token, so per word if asked) and
+  `replace_cross` is the controller's own: `Replace`, `Refine` or `Reweight`;
+* self-attention: the edit prompts take the source's maps on the steps of `self_replace_steps`,
+  in layers with at most 32x32 query positions.
+
+Semantics follow the authors' `AttentionControlEdit` and its subclasses (google/prompt-to-prompt,
+`prompt-to-prompt_stable.ipynb`), including their step windows: a cross-attention window
+`(start, end)` covers steps `int(start * (T + 1)) <= i < int(end * (T + 1))`, a self-attention
+window `int(start * T) <= i < int(end * T)`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from nti_lightning.editing.alignment import refinement_mapper, replacement_mapper, word_positions
+from nti_lightning.editing.attention import MAX_QUERIES, AttentionLayer, AttentionStore
+from nti_lightning.editing.blend import LocalBlend
+
+#: A fraction f of the steps (from the start: (0, f)) or a (start, end) pair of fractions.
+StepsWindow = Union[float, tuple[float, float]]
+#: One window for every token, or per word: {"default_": window, "word": window, ...}.
+CrossReplaceSteps = Union[StepsWindow, Mapping[str, StepsWindow]]
+
+DEFAULT_KEY = "default_"
+
+
+def steps_window(value: StepsWindow, what: str) -> tuple[float, float]:
+    """`(start, end)` fractions of the sampling steps from a float f (= (0, f)) or a pair."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        window = (0.0, float(value))
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        window = (float(value[0]), float(value[1]))
+    else:
+        raise ValueError(f"{what} must be a fraction or a (start, end) pair of fractions, got {value!r}")
+    if not 0.0 <= window[0] <= window[1] <= 1.0:
+        raise ValueError(f"{what} must satisfy 0 <= start <= end <= 1, got {value!r}")
+    return window
+
+
+def cross_replace_windows(
+    prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase, cross_replace_steps: CrossReplaceSteps
+) -> torch.Tensor:
+    """`[P-1, K, 2]` float64 (start, end) step fractions for every token of every edit prompt.
+
+    Per-word entries override the default for that word's tokens in each edit prompt holding it;
+    a word found in none of them is an error (a typo would otherwise be silently ignored).
+    """
+    if isinstance(cross_replace_steps, Mapping):
+        per_word = dict(cross_replace_steps)
+        default = steps_window(per_word.pop(DEFAULT_KEY, (0.0, 1.0)), "cross_replace_steps['default_']")
+    else:
+        per_word, default = {}, steps_window(cross_replace_steps, "cross_replace_steps")
+    windows = torch.tensor(default, dtype=torch.float64).repeat(len(prompts) - 1, tokenizer.model_max_length, 1)
+    for word, value in per_word.items():
+        window = torch.tensor(steps_window(value, f"cross_replace_steps[{word!r}]"), dtype=torch.float64)
+        found = False
+        for index, prompt in enumerate(prompts[1:]):
+            try:
+                positions = word_positions(prompt, word, tokenizer)
+            except ValueError:
+                continue
+            windows[index, positions] = window
+            found = True
+        if not found:
+            raise ValueError(f"cross_replace_steps word {word!r} is in none of the edit prompts {list(prompts[1:])}")
+    return windows
+
+
+class AttentionController:
+    """Base of the Prompt-to-Prompt controllers (the authors' `AttentionControlEdit`).
+
+    Subclasses define `replace_cross`. `edit` calls `begin` before sampling, passes the
+    controller to the attention processors, and calls `end_step` after every step.
+
+    Args:
+        prompts (`Sequence[str]`): the source prompt, then one or more edit prompts.
+        tokenizer (`PreTrainedTokenizerBase`): the pipeline's tokenizer (`pipeline.tokenizer`).
+        cross_replace_steps (`float`, `(float, float)` or `dict`, defaults to 0.8): steps during
+            which the edit prompts' cross-attention is replaced: a fraction f from the start, a
+            (start, end) pair, or per word `{"default_": 0.8, "dog": 0.3}`.
+        self_replace_steps (`float` or `(float, float)`, defaults to 0.4): steps during which the
+            edit prompts take the source's self-attention (layers with <= 32x32 queries only).
+        local_blend (`LocalBlend`, *optional*): keep the source outside the edited words' region.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+        cross_replace_steps: CrossReplaceSteps = 0.8,
+        self_replace_steps: StepsWindow = 0.4,
+        local_blend: Optional[LocalBlend] = None,
+    ) -> None:
+        if isinstance(prompts, str) or len(prompts) < 2:
+            raise ValueError(f"a controller needs the source prompt and at least one edit prompt, got {prompts!r}")
+        self.prompts = list(prompts)
+        self.cross_replace_steps = cross_replace_steps
+        self.self_replace_steps = self_replace_steps
+        self.cross_windows = cross_replace_windows(self.prompts, tokenizer, cross_replace_steps)
+        self.self_window = steps_window(self_replace_steps, "self_replace_steps")
+        if local_blend is not None and local_blend.prompts != self.prompts:
+            raise ValueError(f"local_blend was built for prompts {local_blend.prompts}, not {self.prompts}")
+        self.local_blend = local_blend
+        self.store = AttentionStore()
+        self.num_steps = 0
+        self.step = 0
+        self.cross_alpha = torch.zeros(0)
+        self.self_steps = (0, 0)
+        self._on_device: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def begin(self, num_steps: int, store: Optional[AttentionStore] = None) -> "AttentionController":
+        """Prepares a sampling run of `num_steps` steps (the controller can be reused)."""
+        self.num_steps, self.step = num_steps, 0
+        self.store = store if store is not None else AttentionStore()
+        self.store.reset()
+        # The authors' cross-attention windows are cut on T + 1 rows, self-attention ones on T.
+        bounds = (self.cross_windows * (num_steps + 1)).long()
+        steps = torch.arange(num_steps)[:, None, None]
+        self.cross_alpha = ((steps >= bounds[..., 0]) & (steps < bounds[..., 1])).float()  # [T, P-1, K]
+        self.self_steps = (int(num_steps * self.self_window[0]), int(num_steps * self.self_window[1]))
+        self._on_device.clear()
+        return self
+
+    def __call__(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
+        """Edits `[P, heads, queries, keys]` conditional maps of one layer at the current step."""
+        if probs.shape[0] != len(self.prompts):
+            raise RuntimeError(f"controller built for {len(self.prompts)} prompts got a batch of {probs.shape[0]}")
+        if self.step >= self.num_steps:
+            raise RuntimeError(f"step {self.step} past the {self.num_steps} steps given to begin()")
+        if layer.is_cross:
+            base, edits = probs[0], probs[1:]
+            alpha = self.on_device("cross_alpha", self.cross_alpha, probs)[self.step][:, None, None, :]
+            edits = self.replace_cross(base, edits) * alpha + (1 - alpha) * edits
+            probs = torch.cat([probs[:1], edits.to(probs.dtype)])
+        elif self.self_steps[0] <= self.step < self.self_steps[1] and probs.shape[2] <= MAX_QUERIES:
+            probs = probs[:1].expand_as(probs)
+        self.store.record(probs, layer)
+        return probs
+
+    def end_step(self, step: int, timestep: int, latents: torch.Tensor) -> torch.Tensor:
+        """After sampling step `step`: applies LocalBlend and moves on (the sampler's `on_step`)."""
+        self.store.end_step()
+        if self.local_blend is not None:
+            latents = self.local_blend(latents, self.store, step, self.num_steps)
+        self.step = step + 1
+        return latents
+
+    def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+        """`[P-1, heads, queries, keys]` maps for the edit prompts from the source's `[heads, queries, keys]`."""
+        raise NotImplementedError
+
+    def on_device(self, name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`tensor` on `like`'s device (and dtype, unless it holds indices), converted once per run."""
+        dtype = tensor.dtype if not tensor.is_floating_point() else like.dtype
+        key = (name, like.device, dtype)
+        if key not in self._on_device:
+            self._on_device[key] = tensor.to(device=like.device, dtype=dtype)
+        return self._on_device[key]
+
+
+class Replace(AttentionController):
+    """Word swap: the edit's cross-attention maps are the source's, mapped word to word.
+
+    The prompts must have the same number of words ("a cat riding a bicycle" -> "a cat riding a
+    car"); a word split into k tokens gets 1/k of the source word's maps on each token.
+
+    Args:
+        prompts (`Sequence[str]`): the source prompt, then the edit prompts.
+        tokenizer (`PreTrainedTokenizerBase`): the pipeline's tokenizer.
+        cross_replace_steps (`float`, `(float, float)` or `dict`, defaults to 0.8): see `AttentionController`.
+        self_replace_steps (`float` or `(float, float)`, defaults to 0.4): see `AttentionController`.
+        local_blend (`LocalBlend`, *optional*): see `AttentionController`.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+        cross_replace_steps: CrossReplaceSteps = 0.8,
+        self_replace_steps: StepsWindow = 0.4,
+        local_blend: Optional[LocalBlend] = None,
+    ) -> None:
+        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend)
+        self.mappers = torch.stack([replacement_mapper(self.prompts[0], p, tokenizer) for p in self.prompts[1:]])
+
+    def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+        mappers = self.on_device("mappers", self.mappers, base)
+        return torch.einsum("hqw,pwn->phqn", base, mappers)
+
+
+class Refine(AttentionController):
+    """Added words: tokens aligned with the source's take its maps, inserted tokens keep their own.
+
+    ("a cat" -> "a fluffy cat"). The alignment is a global alignment of the token ids.
+
+    Args:
+        prompts (`Sequence[str]`): the source prompt, then the edit prompts.
+        tokenizer (`PreTrainedTokenizerBase`): the pipeline's tokenizer.
+        cross_replace_steps (`float`, `(float, float)` or `dict`, defaults to 0.8): see `AttentionController`.
+        self_replace_steps (`float` or `(float, float)`, defaults to 0.4): see `AttentionController`.
+        local_blend (`LocalBlend`, *optional*): see `AttentionController`.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+        cross_replace_steps: CrossReplaceSteps = 0.8,
+        self_replace_steps: StepsWindow = 0.4,
+        local_blend: Optional[LocalBlend] = None,
+    ) -> None:
+        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend)
+        pairs = [refinement_mapper(self.prompts[0], p, tokenizer) for p in self.prompts[1:]]
+        self.mappers = torch.stack([mapper for mapper, _ in pairs])  # [P-1, K] source position
+        self.aligned = torch.stack([weights for _, weights in pairs])  # [P-1, K] 1 aligned, 0 inserted
+
+    def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+        mapped = base[:, :, self.on_device("mappers", self.mappers, base)].permute(2, 0, 1, 3)
+        aligned = self.on_device("aligned", self.aligned, base)[:, None, None, :]
+        return mapped * aligned + edits * (1 - aligned)
+
+
+class Reweight(AttentionController):
+    """Scales the cross-attention of chosen words ("fluffy": 2 makes the edit fluffier).
+
+    Alone, the edit prompts get the source's maps with the words' columns scaled (use the source
+    prompt again, or a variant with the same words). With `base`, the base controller's maps
+    (Replace or Refine) are scaled instead.
+
+    Args:
+        prompts (`Sequence[str]`): the source prompt, then the edit prompts.
+        tokenizer (`PreTrainedTokenizerBase`): the pipeline's tokenizer.
+        words (`Mapping[str, float]`): factor per word; each word must be in every edit prompt.
+        base (`AttentionController`, *optional*): controller (same prompts) whose maps are scaled.
+        cross_replace_steps (`float`, `(float, float)` or `dict`, *optional*): defaults to the
+            base's, or 0.8 without a base; see `AttentionController`.
+        self_replace_steps (`float` or `(float, float)`, *optional*): defaults to the base's, or
+            0.4 without a base.
+        local_blend (`LocalBlend`, *optional*): defaults to the base's.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+        words: Mapping[str, float],
+        base: Optional[AttentionController] = None,
+        cross_replace_steps: Optional[CrossReplaceSteps] = None,
+        self_replace_steps: Optional[StepsWindow] = None,
+        local_blend: Optional[LocalBlend] = None,
+    ) -> None:
+        if base is not None and list(base.prompts) != list(prompts):
+            raise ValueError(f"Reweight's base was built for prompts {base.prompts}, not {list(prompts)}")
+        if cross_replace_steps is None:
+            cross_replace_steps = base.cross_replace_steps if base is not None else 0.8
+        if self_replace_steps is None:
+            self_replace_steps = base.self_replace_steps if base is not None else 0.4
+        if local_blend is None and base is not None:
+            local_blend = base.local_blend
+        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend)
+        if not words:
+            raise ValueError("Reweight needs at least one word and its factor")
+        self.base = base
+        self.words = dict(words)
+        self.factors = torch.ones(len(self.prompts) - 1, tokenizer.model_max_length)  # [P-1, K]
+        for word, factor in self.words.items():
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+                raise ValueError(f"Reweight factor of {word!r} must be a number, got {factor!r}")
+            for index, prompt in enumerate(self.prompts[1:]):
+                self.factors[index, word_positions(prompt, word, tokenizer)] = float(factor)
+
+    def begin(self, num_steps: int, store: Optional[AttentionStore] = None) -> "Reweight":
+        super().begin(num_steps, store)
+        if self.base is not None:
+            self.base._on_device.clear()
+        return self
+
+    def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+        maps = self.base.replace_cross(base, edits) if self.base is not None else base[None]
+        return maps * self.on_device("factors", self.factors, base)[:, None, None, :]

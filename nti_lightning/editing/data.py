@@ -1,0 +1,91 @@
+"""`EditDataModule`: the edit specs of a predict run, inline or from a JSONL file.
+
+Specs are checked when they are edited, not when they are read, so that one bad spec (or one
+unreadable line of the file) becomes a reported failure instead of stopping the whole run. Each
+item carries a unique id, fixed here, that names its output files and its failure record.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+#: Characters kept in ids (they become file names).
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class EditDataModule(pl.LightningDataModule):
+    """Edit specs (see `nti_lightning.editing.specs`) served one per predict step.
+
+    Give `edits`, `edits_file`, or both (inline specs come first). Relative artifact paths are
+    relative to the working directory.
+
+    Args:
+        edits (`list[dict]`, *optional*): specs written inline in the config.
+        edits_file (`str`, *optional*): a JSONL file with one spec per line (blank lines and lines
+            starting with "#" are skipped).
+    """
+
+    def __init__(self, edits: Optional[list[dict[str, Any]]] = None, edits_file: Optional[str] = None) -> None:
+        super().__init__()
+        if not edits and not edits_file:
+            raise ValueError("no edits: set `edits` (a list of specs) or `edits_file` (a JSONL file)")
+        self.edits = list(edits or [])
+        self.edits_file = edits_file
+        self.items: list[dict[str, Any]] = []
+
+    def setup(self, stage: str) -> None:
+        self.items = edit_items(self.edits, self.edits_file)
+
+    def predict_dataloader(self) -> DataLoader:
+        # One spec per step; Lightning shards the specs across devices with its unpadded predict sampler.
+        return DataLoader(self.items, batch_size=1, shuffle=False, collate_fn=_only_item)
+
+
+def _only_item(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batches of one spec, passed on as the spec itself (no tensor collation of its fields)."""
+    return batch[0]
+
+
+def edit_items(edits: list[Any], edits_file: Optional[str]) -> list[dict[str, Any]]:
+    """`{"id", "where", "spec", "error"}` per spec; `error` is set for a line that is not JSON."""
+    # (where, name to fall back on, spec, error)
+    raw: list[tuple[str, str, Any, Optional[str]]] = [
+        (f"edits[{i}]", f"edit{i}", spec, None) for i, spec in enumerate(edits)
+    ]
+    if edits_file:
+        path = Path(edits_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: edits file not found")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            where, fallback = f"{path}:{number}", f"{path.stem}-line{number}"
+            try:
+                raw.append((where, fallback, json.loads(line), None))
+            except json.JSONDecodeError as error:
+                raw.append((where, fallback, None, f"{where}: not valid JSON ({error.msg} at column {error.colno})"))
+    seen: dict[str, int] = {}
+    items = []
+    for where, fallback, spec, error in raw:
+        name = _base_id(spec, fallback)
+        seen[name] = seen.get(name, 0) + 1
+        unique = name if seen[name] == 1 else f"{name}-{seen[name]}"
+        items.append({"id": unique, "where": where, "spec": spec, "error": error})
+    return items
+
+
+def _base_id(spec: Any, fallback: str) -> str:
+    """The spec's own id, else `<artifact stem>_<kind>`, else `fallback`; made file-name safe."""
+    name = fallback
+    if isinstance(spec, dict):
+        if isinstance(spec.get("id"), (str, int)) and str(spec["id"]).strip():
+            name = str(spec["id"])
+        elif isinstance(spec.get("artifact"), str):
+            name = f"{Path(spec['artifact']).stem}_{spec.get('kind', 'replace')}"
+    return _UNSAFE.sub("_", name).strip("._") or "edit"

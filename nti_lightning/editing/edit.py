@@ -1,0 +1,153 @@
+"""`edit`: sampling an inverted image with other prompts, under Prompt-to-Prompt control or not.
+
+The source and edit prompts run as one batch from the same `z_T`, with the inversion's null
+embedding of step i as the unconditional input of every prompt at step i, through the same
+sampler as the reconstruction (`nti_lightning.inversion.sampling.sample`). Without a controller
+(and without an attention store) nothing is hooked, so editing with the source prompt alone is
+exactly `nti_lightning.reconstruct`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from nti_lightning.data.images import to_pil
+from nti_lightning.diffusion.ddim import DDIMSchedule
+from nti_lightning.editing.attention import AttentionStore, controlled_attention
+from nti_lightning.editing.controllers import AttentionController
+from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.sampling import sample
+from nti_lightning.models import vae as vae_codec
+from nti_lightning.models.text import encode_prompts
+
+
+def edit(
+    pipeline: StableDiffusionPipeline,
+    inversion: Inversion,
+    prompts: Union[str, Sequence[str]],
+    *,
+    controller: Optional[AttentionController] = None,
+    guidance_scale: float = 7.5,
+    attention_store: Optional[AttentionStore] = None,
+) -> list[Image.Image]:
+    """Edits an inverted image: one image per prompt, sampled together from the inversion's `z_T`.
+
+    Args:
+        pipeline (`StableDiffusionPipeline`): the pipeline the inversion was made with.
+        inversion (`Inversion`): the result of `invert` (or `Inversion.load`).
+        prompts (`str` or sequence of `str`): with a controller, the controller's prompts, the
+            first being the inversion's source prompt; without one, any prompts (a plain prompt
+            swap; the source prompt alone reconstructs the image exactly as `reconstruct`).
+        controller (`AttentionController`, *optional*): `Replace`, `Refine` or `Reweight`.
+        guidance_scale (`float`, defaults to 7.5): w; the inversion's own w reconstructs best.
+        attention_store (`AttentionStore`, *optional*): records the cross-attention maps of the
+            run (for `cross_attention_picture`); emptied first.
+
+    Returns:
+        One `PIL.Image` per prompt, in order (index 0 is the source prompt's when a controller is used).
+
+    Raises:
+        `ValueError` when the inversion does not fit the pipeline, or the prompts the controller.
+    """
+    latents = edit_latents(
+        pipeline,
+        inversion,
+        prompts,
+        controller=controller,
+        guidance_scale=guidance_scale,
+        attention_store=attention_store,
+    )
+    return [to_pil(image) for image in vae_codec.decode(pipeline.vae, latents)]
+
+
+@torch.no_grad()
+def edit_latents(
+    pipeline: StableDiffusionPipeline,
+    inversion: Inversion,
+    prompts: Union[str, Sequence[str]],
+    *,
+    controller: Optional[AttentionController] = None,
+    guidance_scale: float = 7.5,
+    attention_store: Optional[AttentionStore] = None,
+) -> torch.Tensor:
+    """`[P, C, h, w]` latents at t = 0 of `edit` (same arguments), before decoding."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("edit needs at least one prompt")
+    check_compatible(pipeline, inversion)
+    if controller is not None:
+        if prompts != controller.prompts:
+            raise ValueError(f"the controller was built for prompts {controller.prompts}, but edit got {prompts}")
+        if prompts[0] != inversion.prompt:
+            raise ValueError(
+                f"the first prompt {prompts[0]!r} must be the inversion's source prompt {inversion.prompt!r}: "
+                "Prompt-to-Prompt takes the edits' attention from the source"
+            )
+    unet = pipeline.unet
+    device = unet.device
+    schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, inversion.num_inference_steps)
+    cond = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts).to(device)
+    z_T = inversion.z_T.unsqueeze(0).to(device)
+    null = inversion.null_embeddings.unsqueeze(1).to(device)  # [T, 1, 77, D]: broadcast to every prompt
+    if controller is None and attention_store is None:
+        return sample(unet, schedule, z_T, null, cond, guidance_scale)
+
+    store = attention_store if attention_store is not None else AttentionStore()
+    store.reset()
+    if controller is not None:
+        hook, on_step = controller.begin(schedule.num_inference_steps, store), controller.end_step
+    else:
+
+        def on_step(step: int, timestep: int, latents: torch.Tensor) -> None:
+            store.end_step()
+
+        hook = store
+    with controlled_attention(unet, hook):
+        return sample(unet, schedule, z_T, null, cond, guidance_scale, on_step=on_step)
+
+
+def check_compatible(pipeline: StableDiffusionPipeline, inversion: Inversion, name: Optional[str] = None) -> None:
+    """Raises `ValueError` naming the inversion when it was not made with a model like `pipeline`'s.
+
+    Checks the latent shape against the UNet's, the null embeddings' token count and width against
+    the tokenizer and text encoder, their number against the recorded T, and the prediction type.
+
+    Args:
+        pipeline (`StableDiffusionPipeline`): the pipeline to edit with.
+        inversion (`Inversion`): the inversion to check.
+        name (`str`, *optional*): how to name the inversion in errors (e.g. its file); defaults to
+            its id or source prompt.
+    """
+    name = name or str(inversion.metadata.get("id") or f"inversion of {inversion.prompt!r}")
+    made_with = f" (made with {inversion.metadata['model']!r})" if "model" in inversion.metadata else ""
+    config = pipeline.unet.config
+    size = config.sample_size
+    expected = (config.in_channels, *((size, size) if isinstance(size, int) else tuple(size)))
+    if tuple(inversion.z_T.shape) != expected:
+        raise ValueError(
+            f"{name}: latent z_T {tuple(inversion.z_T.shape)} does not match this model's {expected}{made_with}; "
+            "edit with the model the image was inverted with"
+        )
+    if tuple(inversion.source_latent.shape) != expected:
+        raise ValueError(f"{name}: source_latent {tuple(inversion.source_latent.shape)} should be {expected}")
+    null = inversion.null_embeddings
+    tokens, width = pipeline.tokenizer.model_max_length, config.cross_attention_dim
+    if null.dim() != 3 or tuple(null.shape[1:]) != (tokens, width):
+        raise ValueError(
+            f"{name}: null embeddings {tuple(null.shape)} should be [T, {tokens}, {width}] for this model{made_with}; "
+            "edit with the model the image was inverted with"
+        )
+    steps = inversion.metadata.get("num_inference_steps", null.shape[0])
+    if null.shape[0] != steps or steps < 1:
+        raise ValueError(f"{name}: {null.shape[0]} null embeddings for num_inference_steps={steps}")
+    scheduler_config = inversion.metadata.get("scheduler_config")
+    recorded = scheduler_config.get("prediction_type") if isinstance(scheduler_config, dict) else None
+    current = pipeline.scheduler.config.get("prediction_type")
+    if recorded is not None and current is not None and recorded != current:
+        raise ValueError(
+            f"{name}: inverted with a {recorded!r} model{made_with}, but this model predicts {current!r}"
+        )

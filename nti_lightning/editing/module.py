@@ -1,0 +1,116 @@
+"""`EditModule`: Prompt-to-Prompt editing of inversion files as a LightningModule (`nti predict`).
+
+Each predict step takes one edit spec (`nti_lightning.editing.data`), loads its inversion,
+builds its controller and returns the pictures: the input (the VAE decoding of the stored source
+latent), the reconstruction (the source prompt without control), the edits, and the source
+prompt's cross-attention maps. A spec that cannot be edited (unreadable or mismatched file, bad
+prompts or words) comes back as a failure record instead, so the run goes on; `EditWriter`
+writes both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nti_lightning.editing.attention import AttentionStore
+from nti_lightning.editing.edit import check_compatible, edit_latents
+from nti_lightning.editing.pictures import cross_attention_picture
+from nti_lightning.editing.specs import EditSpec, EditSpecError
+from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.models import vae as vae_codec
+from nti_lightning.models.loading import load_pipeline
+
+
+class EditModule(pl.LightningModule):
+    """Edits inverted images with Prompt-to-Prompt, one edit spec per predict step.
+
+    Args:
+        pretrained (`str`, defaults to "tiny"): the Stable Diffusion model the images were inverted
+            with: a hub id, a diffusers folder, a single-file `.safetensors` checkpoint, or a
+            built-in name ("tiny", "tiny-v").
+        guidance_scale (`float`, defaults to 7.5): w, classifier-free guidance scale.
+        cross_replace_steps (`float`, defaults to 0.8): fraction of the steps with cross-attention
+            replaced, for specs that do not set it.
+        self_replace_steps (`float`, defaults to 0.4): fraction of the steps with self-attention
+            replaced, for specs that do not set it.
+        attention_maps (`bool`, defaults to True): also draw the source prompt's cross-attention maps.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "tiny",
+        guidance_scale: float = 7.5,
+        cross_replace_steps: float = 0.8,
+        self_replace_steps: float = 0.4,
+        attention_maps: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.pipeline: Optional[StableDiffusionPipeline] = None
+        self.unet: Any = None
+        self.vae: Any = None
+        self.text_encoder: Any = None
+
+    def attach_pipeline(self, pipeline: StableDiffusionPipeline) -> "EditModule":
+        """Uses an already loaded pipeline (its networks become this module's, frozen)."""
+        for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+            part.requires_grad_(False).eval()
+        self.pipeline = pipeline
+        # Registered as submodules so that Lightning moves them to the device.
+        self.unet, self.vae, self.text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+        return self
+
+    def configure_model(self) -> None:
+        if self.pipeline is None:
+            self.attach_pipeline(load_pipeline(self.hparams.pretrained))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        try:
+            if batch["error"] is not None:
+                raise EditSpecError(batch["error"])
+            spec = EditSpec.from_dict(batch["spec"], batch["id"])
+            return {"id": batch["id"], "where": batch["where"], **self.edit_spec(spec)}
+        except (ValueError, OSError) as error:  # ArtifactError and EditSpecError are ValueErrors
+            return {"id": batch["id"], "where": batch["where"], "spec": batch["spec"], "error": str(error)}
+
+    @torch.no_grad()
+    def edit_spec(self, spec: EditSpec) -> dict[str, Any]:
+        """The pictures of one spec: `images` `[N, 3, H, W]` in [0, 1] with their `labels`, and `attention`."""
+        pipeline = self.pipeline
+        inversion = Inversion.load(spec.artifact)
+        check_compatible(pipeline, inversion, name=spec.artifact)
+        prompts = spec.all_prompts(inversion.prompt)
+        hparams = self.hparams
+        controller = spec.controller(
+            prompts, pipeline.tokenizer, hparams.cross_replace_steps, hparams.self_replace_steps
+        )
+        store = AttentionStore()
+        edited = edit_latents(
+            pipeline,
+            inversion,
+            prompts,
+            controller=controller,
+            guidance_scale=hparams.guidance_scale,
+            attention_store=store,
+        )
+        # Without control or store the source prompt reproduces `reconstruct` exactly.
+        reconstruction = edit_latents(pipeline, inversion, [inversion.prompt], guidance_scale=hparams.guidance_scale)
+        source = inversion.source_latent.unsqueeze(0).to(edited.device)
+        images = vae_codec.decode(pipeline.vae, torch.cat([source, reconstruction, edited[1:]])).cpu()
+        attention = cross_attention_picture(store, pipeline.tokenizer, prompts[0]) if hparams.attention_maps else None
+        labels = list(prompts[1:])
+        if spec.kind == "reweight":  # the prompt alone would not say what changed
+            factors = ", ".join(f"{word} x{factor:g}" for word, factor in spec.options["words"].items())
+            labels = [f"{label} [{factors}]" for label in labels]
+        return {
+            "prompts": prompts,
+            "kind": spec.kind,
+            "artifact": spec.artifact,
+            "images": images,
+            "labels": ["input (VAE)", "reconstruction", *labels],
+            "attention": attention,
+        }

@@ -1,0 +1,147 @@
+"""Edit specs: what the predict command edits, and the controller each one asks for.
+
+One spec edits one inversion file:
+
+    {"artifact": "inversions/cat.safetensors",
+     "prompts": ["a cat sitting on a sofa", "a dog sitting on a sofa"],
+     "kind": "replace",                       # "replace" | "refine" | "reweight" | "swap"
+     "options": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4,
+                 "blend_words": [["cat"], ["dog"]]},
+     "id": "cat-to-dog"}                      # optional; names the output files
+
+`prompts` are the edit prompts; the artifact's source prompt is put first, unless the list
+already starts with it and goes on (the authors' style: source, then edits).
+Options by kind:
+
+* every kind but "swap": `cross_replace_steps` (fraction, [start, end], or per word with a
+  "default_" key), `self_replace_steps` (fraction or [start, end]), `blend_words` (one word or
+  list of words per prompt, source first: turns LocalBlend on), `blend_threshold` (0.3),
+  `blend_start` (0.2);
+* "reweight": also `words` ({"word": factor}, required) and `base` ("replace", "refine" or
+  null: the controller whose maps are scaled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from transformers import PreTrainedTokenizerBase
+
+from nti_lightning.editing.blend import LocalBlend
+from nti_lightning.editing.controllers import AttentionController, Refine, Replace, Reweight
+
+KINDS = ("replace", "refine", "reweight", "swap")
+_CONTROL_OPTIONS = {"cross_replace_steps", "self_replace_steps", "blend_words", "blend_threshold", "blend_start"}
+OPTIONS = {
+    "replace": _CONTROL_OPTIONS,
+    "refine": _CONTROL_OPTIONS,
+    "reweight": _CONTROL_OPTIONS | {"words", "base"},
+    "swap": set(),
+}
+FIELDS = {"artifact", "prompts", "kind", "options", "id"}
+
+
+class EditSpecError(ValueError):
+    """An edit spec is malformed; the message names the spec."""
+
+
+@dataclass
+class EditSpec:
+    """One edit of one inversion file.
+
+    Args:
+        id (`str`): names the output files.
+        artifact (`str`): path of the `.safetensors` inversion.
+        prompts (`list[str]`): edit prompts (the source prompt may come first).
+        kind (`str`, defaults to "replace"): "replace", "refine", "reweight" or "swap" (no control).
+        options (`dict`, defaults to {}): controller options, see the module's documentation.
+    """
+
+    id: str
+    artifact: str
+    prompts: list[str]
+    kind: str = "replace"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: Any, spec_id: str) -> "EditSpec":
+        """Validates a spec read from YAML or JSON; raises `EditSpecError` naming the faulty field."""
+        if not isinstance(raw, dict):
+            raise EditSpecError(f"a spec must be an object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - FIELDS)
+        if unknown:
+            raise EditSpecError(f"unknown field(s) {unknown}; expected some of {sorted(FIELDS)}")
+        artifact, prompts = raw.get("artifact"), raw.get("prompts")
+        if not isinstance(artifact, str) or not artifact:
+            raise EditSpecError(f"'artifact' must be the path of an inversion file")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise EditSpecError(f"'prompts' must be a non-empty list of prompts, got {prompts!r}")
+        kind = raw.get("kind", "replace")
+        if kind not in KINDS:
+            raise EditSpecError(f"unknown kind {kind!r}; expected one of {KINDS}")
+        options = raw.get("options") or {}
+        if not isinstance(options, dict):
+            raise EditSpecError(f"'options' must be an object, got {options!r}")
+        unknown = sorted(set(options) - OPTIONS[kind])
+        if unknown:
+            raise EditSpecError(
+                f"option(s) {unknown} do not apply to kind {kind!r}; allowed: {sorted(OPTIONS[kind])}"
+            )
+        if kind == "reweight" and not isinstance(options.get("words"), dict):
+            raise EditSpecError(f"kind 'reweight' needs options.words, e.g. {{\"fluffy\": 2.0}}")
+        if options.get("base") not in (None, "replace", "refine"):
+            raise EditSpecError(f"options.base must be 'replace', 'refine' or null")
+        return cls(id=spec_id, artifact=artifact, prompts=list(prompts), kind=kind, options=dict(options))
+
+    def all_prompts(self, source: str) -> list[str]:
+        """The source prompt followed by the edit prompts.
+
+        A list that already starts with the source and goes on is taken as it is; otherwise the
+        source is put first (so `["a cat"]` with source "a cat" reweights "a cat" itself).
+        """
+        if len(self.prompts) > 1 and self.prompts[0] == source:
+            return list(self.prompts)
+        return [source, *self.prompts]
+
+    def controller(
+        self,
+        prompts: list[str],
+        tokenizer: PreTrainedTokenizerBase,
+        cross_replace_steps: Any = 0.8,
+        self_replace_steps: Any = 0.4,
+    ) -> Optional[AttentionController]:
+        """The spec's controller for `prompts` (None for "swap"); the defaults apply unless the spec sets them.
+
+        Raises:
+            `EditSpecError` naming the prompt or word the controller cannot use.
+        """
+        if self.kind == "swap":
+            return None
+        options = self.options
+        steps = {
+            "cross_replace_steps": options.get("cross_replace_steps", cross_replace_steps),
+            "self_replace_steps": options.get("self_replace_steps", self_replace_steps),
+        }
+        try:
+            blend = None
+            if options.get("blend_words") is not None:
+                blend = LocalBlend(
+                    prompts,
+                    tokenizer,
+                    options["blend_words"],
+                    threshold=float(options.get("blend_threshold", 0.3)),
+                    start=float(options.get("blend_start", 0.2)),
+                )
+            if self.kind == "reweight":
+                base_kind = options.get("base")
+                base = None
+                if base_kind is not None:
+                    base_class = Replace if base_kind == "replace" else Refine
+                    base = base_class(prompts, tokenizer, local_blend=blend, **steps)
+                return Reweight(prompts, tokenizer, words=options["words"], base=base, local_blend=blend, **steps)
+            return (Replace if self.kind == "replace" else Refine)(prompts, tokenizer, local_blend=blend, **steps)
+        except (ValueError, TypeError) as error:
+            raise EditSpecError(str(error)) from error

@@ -1,0 +1,154 @@
+"""`nti predict` (the editing LightningCLI) on the tiny model, and the edit specs it reads."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nti_lightning import Inversion, load_pipeline
+from nti_lightning.editing.cli import main
+from nti_lightning.editing.data import edit_items
+from nti_lightning.editing.specs import EditSpec, EditSpecError
+from nti_lightning.models.text import encode_prompts
+
+CONFIG = str(Path(__file__).parent / "configs" / "edit_tiny.yaml")
+SOURCE = "a cat sitting on a sofa"
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    """A good inversion file for the tiny model, one of another model's width, and a truncated one."""
+    folder = tmp_path_factory.mktemp("inversions")
+    pipe = load_pipeline("tiny")
+    generator = torch.Generator().manual_seed(0)
+    empty = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    metadata = {"num_inference_steps": STEPS, "guidance_scale": 7.5, "model": "tiny"}
+    good = Inversion(
+        z_T=torch.randn(4, 8, 8, generator=generator),
+        null_embeddings=empty.expand(STEPS, -1, -1) + 0.1 * torch.randn(STEPS, 77, 32, generator=generator),
+        source_latent=torch.randn(4, 8, 8, generator=generator),
+        prompt=SOURCE,
+        metadata=metadata,
+    )
+    good.save(folder / "cat.safetensors")
+    wide = Inversion(good.z_T, torch.zeros(STEPS, 77, 768), good.source_latent, SOURCE, {**metadata, "model": "sd-1.5"})
+    wide.save(folder / "wide.safetensors")
+    truncated = good.save(folder / "truncated.safetensors")
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    return folder
+
+
+def specs(folder: Path) -> list[dict]:
+    cat = str(folder / "cat.safetensors")
+    return [
+        {"artifact": cat, "prompts": ["a dog sitting on a sofa"], "kind": "replace", "id": "dog",
+         "options": {"cross_replace_steps": {"default_": 0.8, "dog": 0.4}, "blend_words": [["cat"], ["dog"]]}},
+        {"artifact": cat, "prompts": [SOURCE, "a fluffy cat sitting on a sofa", "a cat sitting on a red sofa"],
+         "kind": "refine"},
+        {"artifact": cat, "prompts": [SOURCE], "kind": "reweight", "options": {"words": {"cat": 3.0}}},
+        {"artifact": cat, "prompts": ["a big dog sitting on a sofa"], "kind": "replace", "id": "word-count"},
+        {"artifact": cat, "prompts": ["a dog sitting on a sofa"], "kind": "reweight", "id": "missing-word",
+         "options": {"words": {"tiger": 2.0}, "base": "replace"}},
+        {"artifact": str(folder / "wide.safetensors"), "prompts": ["a dog"], "kind": "swap", "id": "other-model"},
+        {"artifact": str(folder / "truncated.safetensors"), "prompts": ["a dog"], "kind": "swap", "id": "truncated"},
+        {"artifact": cat, "prompts": ["a dog on a sofa"], "kind": "swap"},
+    ]
+
+
+@pytest.fixture(autouse=True)
+def no_command_line(monkeypatch):
+    """LightningCLI reads sys.argv too when given args; keep pytest's own arguments out of it."""
+    monkeypatch.setattr(sys, "argv", ["nti"])
+
+
+def test_predict_writes_every_good_edit_and_reports_the_bad_ones(artifacts, tmp_path):
+    edits_file = tmp_path / "edits.jsonl"
+    lines = [json.dumps(spec) for spec in specs(artifacts)]
+    lines.insert(3, "{not json")
+    edits_file.write_text("\n".join(lines) + "\n")
+    out, runs = tmp_path / "edits", tmp_path / "runs"
+    main(["predict", "--config", CONFIG, "--data.edits_file", str(edits_file),
+          "--writer.output_dir", str(out), "--trainer.default_root_dir", str(runs)])
+
+    for name, edits in (("dog", 1), ("cat_refine", 2), ("cat_reweight", 1), ("cat_swap", 1)):
+        grid = Image.open(out / f"{name}.png")
+        assert grid.width > (2 + edits) * 128 and grid.height > 128, name  # input | reconstruction | edits
+        assert [Image.open(out / f"{name}_edit{k}.png").size for k in range(1, edits + 1)] == [(32, 32)] * edits
+        assert Image.open(out / f"{name}_attention.png").width >= 6 * 128
+    assert not (out / "cat_refine_edit3.png").exists()
+
+    failures = {record["id"]: record for record in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert sorted(failures) == ["edits-line4", "missing-word", "other-model", "truncated", "word-count"]
+    assert "not valid JSON" in failures["edits-line4"]["error"]
+    assert "'a big dog sitting on a sofa' has 7" in failures["word-count"]["error"]
+    assert "word 'tiger' is not in prompt 'a dog sitting on a sofa'" in failures["missing-word"]["error"]
+    assert "wide.safetensors: null embeddings (5, 77, 768)" in failures["other-model"]["error"]
+    assert "truncated.safetensors" in failures["truncated"]["error"]
+    assert failures["truncated"]["where"].endswith("edits.jsonl:8")
+
+    assert list(runs.rglob("config.yaml"))
+    (events,) = runs.rglob("events.out.tfevents.*")
+    logged = EventAccumulator(str(events)).Reload().Tags()["images"]
+    assert {"edit/dog", "attention/dog", "edit/cat_refine"} <= set(logged) and "edit/truncated" not in logged
+
+
+def test_inline_edits_and_a_clean_run_clears_old_failures(artifacts, tmp_path):
+    out = tmp_path / "edits"
+    out.mkdir()
+    (out / "failures.jsonl").write_text('{"id": "from an earlier run"}\n')
+    inline = [{"artifact": str(artifacts / "cat.safetensors"), "prompts": ["a dog sitting on a sofa"], "id": "dog"}]
+    main(["predict", "--config", CONFIG, "--data.edits", json.dumps(inline), "--writer.output_dir", str(out),
+          "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false", "--model.attention_maps",
+          "false"])
+    assert (out / "dog.png").is_file() and (out / "dog_edit1.png").is_file()
+    assert not (out / "dog_attention.png").exists() and not (out / "failures.jsonl").exists()
+
+
+def test_the_shipped_config_parses_and_its_specs_are_valid(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(Path(__file__).parents[1] / "configs" / "edit.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["writer"]["output_dir"] == "edits"
+    kinds = [EditSpec.from_dict(spec, str(i)).kind for i, spec in enumerate(config["data"]["edits"])]
+    assert kinds == ["replace", "refine", "reweight", "swap"]
+
+
+def test_specs_are_validated_with_the_field_named():
+    good = {"artifact": "x.safetensors", "prompts": ["a dog"]}
+    assert EditSpec.from_dict(good, "a").kind == "replace"
+    for raw, message in [
+        ({**good, "kind": "morph"}, "unknown kind 'morph'"),
+        ({**good, "kind": "swap", "options": {"blend_words": [["cat"]]}}, r"\['blend_words'\] do not apply"),
+        ({**good, "kind": "reweight"}, "needs options.words"),
+        ({**good, "prompts": []}, "'prompts' must be a non-empty list"),
+        ({"prompts": ["a dog"]}, "'artifact' must be the path"),
+        ({**good, "colour": "red"}, r"unknown field\(s\) \['colour'\]"),
+        (["a dog"], "must be an object"),
+    ]:
+        with pytest.raises(EditSpecError, match=message):
+            EditSpec.from_dict(raw, "a")
+
+
+def test_source_prompt_goes_first_unless_the_spec_already_starts_with_it():
+    spec = EditSpec("a", "x.safetensors", ["a cat"])
+    assert spec.all_prompts("a cat") == ["a cat", "a cat"]  # reweight the source itself
+    assert EditSpec("a", "x", ["a dog"]).all_prompts("a cat") == ["a cat", "a dog"]
+    assert EditSpec("a", "x", ["a cat", "a dog"]).all_prompts("a cat") == ["a cat", "a dog"]
+
+
+def test_ids_are_unique_and_file_name_safe(tmp_path):
+    edits = [{"artifact": "in/cat.safetensors", "prompts": ["a"]}, {"artifact": "cat.safetensors", "prompts": ["b"]},
+             {"id": "../up/../x y", "artifact": "z", "prompts": ["c"]}, "not a spec"]
+    items = edit_items(edits, None)
+    assert [item["id"] for item in items] == ["cat_replace", "cat_replace-2", "up_.._x_y", "edit3"]
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        edit_items([], str(tmp_path / "missing.jsonl"))
