@@ -15,11 +15,9 @@ from PIL import Image
 
 from nti_lightning.data.datamodule import InversionDataModule
 from nti_lightning.data.images import to_pil
-from nti_lightning.diffusion.ddim import DDIMSchedule
+from nti_lightning.editing.edit import edit_latents
 from nti_lightning.inversion.artifact import Inversion
-from nti_lightning.inversion.sampling import sample
 from nti_lightning.models import vae as vae_codec
-from nti_lightning.models.text import encode_prompts
 from nti_lightning.training.module import NullTextInversion
 
 ImageInput = Union[Image.Image, str]
@@ -103,7 +101,6 @@ def invert(
     return module.results
 
 
-@torch.no_grad()
 def reconstruction_latents(
     pipeline: StableDiffusionPipeline,
     inversion: Inversion,
@@ -111,16 +108,12 @@ def reconstruction_latents(
     guidance_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """`[1, C, h, w]` latent at t = 0 sampled from `inversion` (see `reconstruct`)."""
-    device = pipeline.unet.device
-    schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, inversion.num_inference_steps)
-    cond = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [prompt or inversion.prompt]).to(device)
-    return sample(
-        pipeline.unet,
-        schedule,
-        inversion.z_T.unsqueeze(0).to(device),
-        inversion.null_embeddings.unsqueeze(1).to(device),
-        cond,
-        inversion.guidance_scale if guidance_scale is None else guidance_scale,
+    # A reconstruction is an edit with the source prompt and no attention control.
+    return edit_latents(
+        pipeline,
+        inversion,
+        [prompt or inversion.prompt],
+        guidance_scale=inversion.guidance_scale if guidance_scale is None else guidance_scale,
     )
 
 
