@@ -39,6 +39,12 @@ def invert(
     output_dir: Optional[str] = None,
     ids: Optional[Sequence[str]] = None,
     progress_bar: bool = False,
+    method: str = "null_text",
+    reuse_cond_output: bool = False,
+    early_exit: bool = True,
+    channels_last: bool = False,
+    compile: bool = False,
+    compile_mode: Optional[str] = None,
 ) -> list[Inversion]:
     """Null-text inversion of `images` with their source `prompts`.
 
@@ -58,7 +64,15 @@ def invert(
         accelerator (`str`, defaults to "auto"): Lightning accelerator (one device is used).
         output_dir (`str`, *optional*): also write `<id>.safetensors` and grid PNGs there.
         ids (sequence of `str`, *optional*): names of the images (default: file stems or image_<i>).
-        progress_bar (`bool`, defaults to False): show Lightning's progress bar.
+        progress_bar (`bool`, defaults to False): show the progress bar.
+        method (`str`, defaults to "null_text"): or "negative_prompt" / "ddim", the baselines.
+        reuse_cond_output (`bool`, defaults to False): advance with the step's conditional
+            output instead of a fresh two-branch UNet call (faster; float-level differences).
+        early_exit (`bool`, defaults to True): end a step once all images stopped; False never
+            reads the stop mask on the host (same results).
+        channels_last (`bool`, defaults to False): channels-last UNet weights (GPU speed).
+        compile (`bool`, defaults to False): `torch.compile` the UNet for this run.
+        compile_mode (`str`, *optional*): `torch.compile` mode ("reduce-overhead": CUDA graphs).
 
     Returns:
         One `Inversion` per image, in input order.
@@ -66,7 +80,7 @@ def invert(
     images = [images] if isinstance(images, (Image.Image, str)) else list(images)
     prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     data = InversionDataModule(
-        images=images, prompts=prompt_list, ids=list(ids) if ids else None, batch_size=batch_size
+        images=images, prompts=prompt_list, ids=list(ids) if ids else None, batch_size=batch_size, strict=True
     )
     module = NullTextInversion(
         pretrained=_model_reference(pipeline),
@@ -79,7 +93,16 @@ def invert(
         save_grids=output_dir is not None,
         ddim_baseline=output_dir is not None,
         keep_results=True,
+        method=method,
+        reuse_cond_output=reuse_cond_output,
+        early_exit=early_exit,
+        channels_last=channels_last,
+        compile=compile,
+        compile_mode=compile_mode,
     ).attach_pipeline(pipeline)
+    # Lightning moves the module to the CPU when fit ends: gigabytes each way per call for SD on
+    # a GPU. The module lets go of the pipeline's networks first instead.
+    module.release_after_fit = True
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -96,9 +119,10 @@ def invert(
     try:
         trainer.fit(module, datamodule=data)
     finally:
-        # Lightning moves the module to the CPU when fit ends; give the pipeline back where it was.
+        # Should fit fail before its end, Lightning may still have moved the networks to the CPU.
         pipeline.to(device)
     return module.results
+
 
 
 def reconstruction_latents(

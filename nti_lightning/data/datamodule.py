@@ -1,4 +1,4 @@
-"""`InversionDataModule`: which images to invert with which prompts, in batches of B."""
+"""`InversionDataModule`: which images to invert with which prompts, in batches of B, on which rank."""
 
 from __future__ import annotations
 
@@ -8,15 +8,23 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from nti_lightning.data.dataset import DatasetError, Failure, read_folder, read_manifest
 from nti_lightning.data.images import ImageError
+from nti_lightning.data.plan import InversionPlan, make_plan
 from nti_lightning.data.walk import ImageSample, PivotWalk, WalkSampler
 
 
 class InversionDataModule(pl.LightningDataModule):
     """Images and their source prompts, served as walks over their pivot trajectories.
 
-    Give either one `image` with its `prompt`, or lists `images` and `prompts` of equal length
-    (one prompt is used for every image). From Python, images may also be PIL images.
+    Give one of: an `image` with its `prompt`; lists `images` and `prompts` (or one `prompt` for
+    all); a `manifest` (JSONL or CSV, see `nti_lightning.data.dataset`); or a `folder` of images
+    with `.txt` prompt sidecars. From Python, `images` may also be PIL images.
+
+    Images are inverted in batches of B, each rank taking its own share (see
+    `nti_lightning.data.plan`). Images whose artifact already exists in the module's
+    `output_dir` are skipped, so rerunning a killed run finishes it; entries that cannot be
+    read are recorded in `failures.jsonl` next to the artifacts and the rest go on.
 
     Args:
         image (`str`, *optional*): path of a single image.
@@ -24,9 +32,15 @@ class InversionDataModule(pl.LightningDataModule):
             when `prompts` is not given).
         images (`list[str]`, *optional*): paths of several images.
         prompts (`list[str]`, *optional*): one source prompt per image of `images`.
-        ids (`list[str]`, *optional*): artifact names; default: the file stems (made unique).
+        ids (`list[str]`, *optional*): artifact names for `images`; default: the file stems (made unique).
+        manifest (`str`, *optional*): a `.jsonl` or `.csv` manifest of the dataset.
+        folder (`str`, *optional*): a folder of images with `<stem>.txt` prompts.
         batch_size (`int`, defaults to 1): B, images optimised together in one batch; results do
-            not depend on it.
+            not depend on it beyond float rounding.
+        overwrite (`bool`, defaults to False): invert every image again even when its artifact
+            exists and is valid.
+        strict (`bool`, defaults to False): raise on the first unreadable image instead of
+            recording it and going on (the Python API's behaviour).
     """
 
     def __init__(
@@ -36,26 +50,70 @@ class InversionDataModule(pl.LightningDataModule):
         images: Optional[list[str]] = None,
         prompts: Optional[list[str]] = None,
         ids: Optional[list[str]] = None,
+        manifest: Optional[str] = None,
+        folder: Optional[str] = None,
         batch_size: int = 1,
+        overwrite: bool = False,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.samples = _samples(image, prompt, images, prompts, ids)
+        sources = [name for name, value in (("image/images", image or images), ("manifest", manifest), ("folder", folder)) if value]
+        if len(sources) > 1:
+            raise ValueError(f"give one source of images, not {' and '.join(sources)}")
+        self.failures: list[Failure] = []
+        if manifest:
+            self.samples, self.failures = read_manifest(manifest)
+        elif folder:
+            self.samples, self.failures = read_folder(folder)
+        else:
+            self.samples = _samples(image, prompt, images, prompts, ids)
+        repeated = _repeated([sample.id for sample in self.samples])
+        if repeated:
+            raise DatasetError(f"{manifest or folder}: ids must be unique (artifact names), repeated: {repeated[:5]}")
         self.batch_size = batch_size
+        self.overwrite = overwrite
+        self.strict = strict
+        self.plan: Optional[InversionPlan] = None
 
-    @property
-    def batches(self) -> list[list[ImageSample]]:
-        return [self.samples[i : i + self.batch_size] for i in range(0, len(self.samples), self.batch_size)]
+    def setup(self, stage: str) -> None:
+        # Rank 0 decides and broadcasts: every rank must agree on the batches even while another
+        # rank is already writing artifacts. An error is broadcast too, or the other ranks would
+        # wait for the plan forever.
+        trainer, module = self.trainer, self.trainer.lightning_module
+        outcome: Any = None
+        if trainer.is_global_zero:
+            try:
+                outcome = make_plan(
+                    self.samples,
+                    self.failures,
+                    self.batch_size,
+                    world_size=trainer.world_size,
+                    output_dir=module.hparams.output_dir,
+                    settings=module.run_settings(),
+                    overwrite=self.overwrite,
+                )
+            except Exception as error:  # noqa: BLE001 - re-raised on every rank below
+                outcome = error
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        if self.strict and outcome.failures:
+            raise ImageError(outcome.failures[0].reason)
+        self.plan = outcome
+        module.batch_slots = outcome.slots  # the embedding's shape, fixed before DDP wraps it
 
     def train_dataloader(self) -> DataLoader:
         # The walk's length (T, N) and the image size are the model's.
         module: Any = self.trainer.lightning_module
         walk = PivotWalk(
-            self.batches,
+            self.plan.rank_batches(self.trainer.global_rank),
             num_inference_steps=module.hparams.num_inference_steps,
-            num_inner_steps=module.hparams.num_inner_steps,
+            num_inner_steps=module.inner_iterations,
             resolution=module.resolution,
+            slots=self.plan.slots,
+            strict=self.strict,
         )
         # batch_size=None: items are already whole batches; no collation.
         return DataLoader(walk, batch_size=None, sampler=WalkSampler(walk))
@@ -94,3 +152,8 @@ def _unique(ids: list[str]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return unique
+
+
+def _repeated(ids: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return [name for name in ids if name in seen or seen.add(name)]

@@ -13,6 +13,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+#: Smallest image side accepted: anything smaller is a thumbnail or a broken file, not a photo.
+MIN_SIDE = 8
+
+
 class ImageError(ValueError):
     """An input image is missing, unreadable or unusable; the message names the file."""
 
@@ -28,8 +32,8 @@ def open_image(path: str | Path) -> Image.Image:
             image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{path}: not a readable image ({error})") from error
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"{path}: image has no pixels ({image.width}x{image.height})")
+    if min(image.width, image.height) < MIN_SIDE:
+        raise ImageError(f"{path}: degenerate image ({image.width}x{image.height} px; at least {MIN_SIDE} px a side)")
     return to_rgb(image)
 
 

@@ -4,39 +4,50 @@ Lightning sees one timestep of one image batch as one epoch, and one inner Adam 
 one training batch. `PivotWalk` enumerates (image batch, step, iteration) triples; `WalkSampler`
 serves the N iterations of the epoch's step, so the walk of batch b, step i is epoch `b·T + i`.
 The first item of each image batch carries its pixels and prompts, from which the pivot
-trajectory (the targets of the walk) is computed on the model's device.
+trajectory (the targets of the walk) is computed on the model's device. An empty batch (a rank
+with fewer batches than the others) walks its epochs without doing anything.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from nti_lightning.data.images import prepare
+from nti_lightning.data.images import ImageError, prepare
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning rebuilds dataclasses in a batch when moving it to the device
 class ImageSample:
-    """One image to invert: its id (artifact name), source prompt and file path or PIL image."""
+    """One image to invert: its id (artifact name), source prompt, file path or PIL image, and
+    the edits a manifest lists for it (kept in the artifact's metadata)."""
 
     id: str
     prompt: str
     image: str | Path | Image.Image
+    edits: Any = None
 
 
 class PivotWalk(Dataset):
     """All (batch, step, iteration) items of the walks of `batches`.
+
+    Every batch fills `slots` places: images past the end of a short batch, and images that
+    turn out unreadable when decoded, leave their place empty (zero pixels, `valid` False), so
+    the null embedding keeps one shape for the whole run (DDP, CUDA graphs) and no image is
+    ever added twice to fill a batch.
 
     Args:
         batches (`Sequence[Sequence[ImageSample]]`): the image batches, inverted one after the other.
         num_inference_steps (`int`): T.
         num_inner_steps (`int`): N, the most inner iterations per step.
         resolution (`int`): the model's image side in pixels.
+        slots (`int`, *optional*): places per batch; defaults to the longest batch.
+        strict (`bool`, defaults to False): raise on an unreadable image instead of reporting it
+            in the item's "failed" list.
     """
 
     def __init__(
@@ -45,11 +56,15 @@ class PivotWalk(Dataset):
         num_inference_steps: int,
         num_inner_steps: int,
         resolution: int,
+        slots: Optional[int] = None,
+        strict: bool = False,
     ) -> None:
         self.batches = [list(batch) for batch in batches]
         self.num_inference_steps = num_inference_steps
         self.num_inner_steps = num_inner_steps
         self.resolution = resolution
+        self.slots = slots or max((len(batch) for batch in self.batches), default=1)
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.batches) * self.num_inference_steps * self.num_inner_steps
@@ -59,11 +74,24 @@ class PivotWalk(Dataset):
         batch, step = divmod(rest, self.num_inference_steps)
         item: dict[str, Any] = {"batch": batch, "step": step, "iteration": iteration}
         if step == 0 and iteration == 0:
-            samples = self.batches[batch]
-            item["ids"] = [sample.id for sample in samples]
-            item["prompts"] = [sample.prompt for sample in samples]
-            item["pixels"] = torch.stack([prepare(sample.image, self.resolution) for sample in samples])
+            item.update(self.load(self.batches[batch]))
         return item
+
+    def load(self, samples: Sequence[ImageSample]) -> dict[str, Any]:
+        """Pixels `[slots, 3, H, W]`, the `valid` mask, and the samples that failed to decode."""
+        pixels = torch.zeros(self.slots, 3, self.resolution, self.resolution)
+        valid = torch.zeros(self.slots, dtype=torch.bool)
+        failed: list[tuple[ImageSample, str]] = []
+        for slot, sample in enumerate(samples):
+            try:
+                pixels[slot] = prepare(sample.image, self.resolution)
+            except ImageError as error:
+                if self.strict:
+                    raise
+                failed.append((sample, str(error)))
+                continue
+            valid[slot] = True
+        return {"samples": list(samples), "pixels": pixels, "valid": valid, "failed": failed}
 
 
 class WalkSampler(Sampler[int]):

@@ -8,8 +8,6 @@ safetensors header under the key `nti`, so reading a file never unpickles anythi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from nti_lightning.inversion.atomic import atomic_path
 from nti_lightning.version import __version__
 
 FORMAT = "nti-lightning/inversion"
@@ -60,21 +59,14 @@ class Inversion:
     def save(self, path: str | Path) -> Path:
         """Writes the inversion to `path` atomically (a temporary file, then a rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.metadata, "prompt": self.prompt}
         tensors = {
             "z_T": self.z_T.detach().float().contiguous().cpu(),
             "null_embeddings": self.null_embeddings.detach().float().contiguous().cpu(),
             "source_latent": self.source_latent.detach().float().contiguous().cpu(),
         }
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(descriptor)
-        try:
+        with atomic_path(path) as temporary:
             save_file(tensors, temporary, metadata={"nti": json.dumps(metadata)})
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
@@ -85,37 +77,63 @@ class Inversion:
             raise ArtifactError(f"{path}: inversion file not found")
         try:
             tensors = load_file(path)
-            with safe_open(path, framework="pt") as handle:
-                metadata = json.loads((handle.metadata() or {}).get("nti", "null"))
         except (SafetensorError, OSError, ValueError) as error:
             raise ArtifactError(f"{path}: not a readable inversion file (truncated or corrupt: {error})") from error
-        return cls._validated(path, tensors, metadata)
-
-    @classmethod
-    def _validated(cls, path: Path, tensors: dict[str, torch.Tensor], metadata: Any) -> "Inversion":
-        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-            raise ArtifactError(f"{path}: not an nti-lightning inversion (no '{FORMAT}' metadata)")
-        if metadata.get("format_version", 0) > FORMAT_VERSION:
-            raise ArtifactError(
-                f"{path}: written by a newer nti-lightning (format {metadata['format_version']}); upgrade to read it"
-            )
-        missing = [key for key in ("z_T", "null_embeddings", "source_latent") if key not in tensors]
-        missing += [key for key in REQUIRED_METADATA if key not in metadata]
-        if missing:
-            raise ArtifactError(f"{path}: missing {', '.join(missing)}")
-        z_T, null_embeddings, source = tensors["z_T"], tensors["null_embeddings"], tensors["source_latent"]
-        if z_T.dim() != 3 or source.shape != z_T.shape:
-            raise ArtifactError(
-                f"{path}: z_T {tuple(z_T.shape)} and source_latent {tuple(source.shape)} must both be [C, h, w]"
-            )
-        steps = metadata["num_inference_steps"]
-        if null_embeddings.dim() != 3 or null_embeddings.shape[0] != steps:
-            raise ArtifactError(
-                f"{path}: null_embeddings {tuple(null_embeddings.shape)} should be [{steps}, tokens, width] "
-                f"for num_inference_steps={steps}"
-            )
-        if null_embeddings.dtype != torch.float32:
-            raise ArtifactError(f"{path}: null_embeddings are {null_embeddings.dtype}, expected float32")
-        metadata = {k: v for k, v in metadata.items() if k not in ("format", "format_version")}
+        metadata = cls.read_metadata(path)
         prompt = metadata.pop("prompt")
-        return cls(z_T=z_T, null_embeddings=null_embeddings, source_latent=source, prompt=prompt, metadata=metadata)
+        return cls(
+            z_T=tensors["z_T"],
+            null_embeddings=tensors["null_embeddings"],
+            source_latent=tensors["source_latent"],
+            prompt=prompt,
+            metadata=metadata,
+        )
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict[str, Any]:
+        """Validates a file's header (format, metadata, tensor shapes and dtypes) without reading
+        its tensors, and returns its metadata (with "prompt"); raises `ArtifactError` naming the file.
+
+        Files are written atomically, so a valid header means a complete file: this is what a
+        resumed dataset run checks for each existing artifact.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: inversion file not found")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = json.loads((handle.metadata() or {}).get("nti", "null"))
+                layout = {
+                    key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
+                    for key in handle.keys()
+                }
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ArtifactError(f"{path}: not a readable inversion file (truncated or corrupt: {error})") from error
+        return _validated(path, layout, metadata)
+
+
+def _validated(path: Path, layout: dict[str, tuple[tuple[int, ...], str]], metadata: Any) -> dict[str, Any]:
+    """Checks a file's tensor `layout` (name: (shape, dtype)) and `metadata`; returns the metadata."""
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not an nti-lightning inversion (no '{FORMAT}' metadata)")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: written by a newer nti-lightning (format {metadata['format_version']}); upgrade to read it"
+        )
+    missing = [key for key in ("z_T", "null_embeddings", "source_latent") if key not in layout]
+    missing += [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ArtifactError(f"{path}: missing {', '.join(missing)}")
+    (z_T, _), (source, _) = layout["z_T"], layout["source_latent"]
+    null_embeddings, null_dtype = layout["null_embeddings"]
+    if len(z_T) != 3 or source != z_T:
+        raise ArtifactError(f"{path}: z_T {z_T} and source_latent {source} must both be [C, h, w]")
+    steps = metadata["num_inference_steps"]
+    if len(null_embeddings) != 3 or null_embeddings[0] != steps:
+        raise ArtifactError(
+            f"{path}: null_embeddings {null_embeddings} should be [{steps}, tokens, width] "
+            f"for num_inference_steps={steps}"
+        )
+    if null_dtype not in ("F32", "float32"):
+        raise ArtifactError(f"{path}: null_embeddings are {null_dtype}, expected float32")
+    return {k: v for k, v in metadata.items() if k not in ("format", "format_version")}

@@ -77,9 +77,16 @@ class TimestepProblem:
         target: torch.Tensor,
         cond_embeddings: torch.Tensor,
         epsilon: float,
+        active: torch.Tensor | None = None,
     ) -> "TimestepProblem":
-        """Sets up step `step`: evaluates the conditional branch once (no grad)."""
+        """Sets up step `step`: evaluates the conditional branch once (no grad).
+
+        `active` (`[B]` bool, default all) marks the images to optimise; the others (empty slots,
+        methods without optimisation) keep their embedding and count no iteration.
+        """
         batch = latent.shape[0]
+        if active is None:
+            active = torch.ones(batch, dtype=torch.bool, device=latent.device)
         return cls(
             step=step,
             timestep=timestep,
@@ -87,7 +94,7 @@ class TimestepProblem:
             target=target.float(),
             cond_output=predict(unet, latent, timestep, cond_embeddings),
             threshold=early_stop_threshold(step, epsilon),
-            active=torch.ones(batch, dtype=torch.bool, device=latent.device),
+            active=active.to(latent.device).clone(),
             iterations=torch.zeros(batch, dtype=torch.long, device=latent.device),
             loss=torch.full((batch,), float("nan"), device=latent.device),
         )

@@ -24,6 +24,13 @@ def image_metrics(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch
     return psnr.reshape(-1), ssim.reshape(-1)
 
 
+def latent_error(latents: torch.Tensor, source_latents: torch.Tensor) -> torch.Tensor:
+    """Per-image relative L2 error `‖ẑ0 - z0‖ / ‖z0‖` of reconstructed latents: what the inversion
+    itself controls, independent of how good the VAE's decoder is."""
+    difference = (latents.float() - source_latents.float()).flatten(1).norm(dim=1)
+    return difference / source_latents.float().flatten(1).norm(dim=1)
+
+
 @torch.no_grad()
 def ddim_reconstruction(
     unet: UNet2DConditionModel,
@@ -64,9 +71,11 @@ def reconstruction_report(
     metrics["vae_psnr"], metrics["vae_ssim"] = image_metrics(vae_images, target)
     metrics["psnr"], metrics["ssim"] = image_metrics(null_text_images, target)
     metrics["psnr_vs_vae"], metrics["ssim_vs_vae"] = image_metrics(null_text_images, vae_images)
+    metrics["latent_error"] = latent_error(null_text_latents, source_latents)
     if ddim_latents is not None:
         ddim_images = vae_codec.decode(vae, ddim_latents)
         metrics["ddim_psnr"], metrics["ddim_ssim"] = image_metrics(ddim_images, target)
+        metrics["ddim_latent_error"] = latent_error(ddim_latents, source_latents)
         columns.append(ddim_images)
     columns.append(null_text_images)
     grids = torch.cat(columns, dim=3).cpu()

@@ -9,7 +9,7 @@ The Lightning callback calls these at epoch boundaries; nothing here knows about
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -26,8 +26,8 @@ class NullTextTrajectory:
     """Null-text inversion of B images, one timestep at a time.
 
     Args:
-        ids (`list[str]`): image ids.
-        prompts (`list[str]`): source prompts.
+        ids (`list[str]`): image ids, one per slot ("" for an empty slot).
+        prompts (`list[str]`): source prompts, one per slot.
         pixels (`torch.Tensor`): `[B, 3, H, W]` inputs in [-1, 1].
         cond_embeddings (`torch.Tensor`): `[B, 77, D]` source-prompt embeddings C.
         pivot (`PivotTrajectory`): the w = 1 DDIM inversion of the images.
@@ -35,6 +35,8 @@ class NullTextTrajectory:
         null_embeddings (`list[torch.Tensor]`): frozen `[B, 77, D]` embedding of each finished step.
         iterations (`list[torch.Tensor]`): `[B]` inner iterations used at each finished step.
         losses (`list[torch.Tensor]`): `[B]` last loss of each finished step.
+        valid (`torch.Tensor`, *optional*): `[B]` bool, slots that hold an image; an empty slot
+            (the end of a short batch) is carried along but never optimised nor returned.
     """
 
     ids: list[str]
@@ -46,6 +48,7 @@ class NullTextTrajectory:
     null_embeddings: list[torch.Tensor] = field(default_factory=list)
     iterations: list[torch.Tensor] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)
+    valid: Optional[torch.Tensor] = None
 
     @classmethod
     @torch.no_grad()
@@ -58,10 +61,14 @@ class NullTextTrajectory:
         cond_embeddings: torch.Tensor,
         ids: list[str],
         prompts: list[str],
+        valid: Optional[torch.Tensor] = None,
     ) -> "NullTextTrajectory":
         """Computes the pivot of images `pixels` with VAE latents `z0` (step 1 of docs/ALGORITHM.md)."""
         pivot = ddim_invert(unet, schedule, z0, cond_embeddings)
-        return cls(ids, prompts, pixels, cond_embeddings, pivot, latent=pivot.z_T.clone())
+        if valid is None:
+            valid = torch.ones(len(ids), dtype=torch.bool)
+        valid = valid.to(z0.device)
+        return cls(ids, prompts, pixels, cond_embeddings, pivot, latent=pivot.z_T.clone(), valid=valid)
 
     @property
     def step(self) -> int:
@@ -72,11 +79,16 @@ class NullTextTrajectory:
     def done(self) -> bool:
         return self.step == len(self.pivot)
 
-    def problem(self, unet: UNet2DConditionModel, epsilon: float) -> TimestepProblem:
-        """The null-text problem of the next step, starting from the current latent."""
+    def problem(self, unet: UNet2DConditionModel, epsilon: float, optimise: bool = True) -> TimestepProblem:
+        """The null-text problem of the next step, starting from the current latent.
+
+        With `optimise` False (the negative-prompt and DDIM-only methods) no image is active:
+        the step is only frozen and advanced.
+        """
         item = self.pivot[self.step]
+        active = self.valid if optimise else torch.zeros_like(self.valid)
         return TimestepProblem.start(
-            unet, item["step"], item["timestep"], self.latent, item["target"], self.cond_embeddings, epsilon
+            unet, item["step"], item["timestep"], self.latent, item["target"], self.cond_embeddings, epsilon, active
         )
 
     @torch.no_grad()
@@ -111,8 +123,14 @@ class NullTextTrajectory:
         self.iterations.append(problem.iterations.clone())
         self.losses.append(problem.loss.clone())
 
+    @property
+    def slots(self) -> list[int]:
+        """Indices of the slots that hold an image."""
+        return self.valid.nonzero().flatten().tolist()
+
     def inversions(self, metadata: dict[str, Any]) -> list[Inversion]:
-        """One `Inversion` per image (on CPU), with `metadata` and the per-step statistics."""
+        """One `Inversion` per image (on CPU, empty slots left out), with `metadata` and the
+        per-step statistics."""
         embeddings = torch.stack(self.null_embeddings, dim=1).cpu()  # [B, T, 77, D]
         iterations = torch.stack(self.iterations, dim=1).cpu().tolist()
         losses = torch.stack(self.losses, dim=1).cpu().tolist()
@@ -125,5 +143,5 @@ class NullTextTrajectory:
                 prompt=self.prompts[b],
                 metadata={**metadata, "id": self.ids[b], "inner_iterations": iterations[b], "final_losses": losses[b]},
             )
-            for b in range(len(self.ids))
+            for b in self.slots
         ]

@@ -7,7 +7,10 @@ timesteps is here:
 * at the start of each timestep: a fresh Adam (state cleared) at `lr·(1 - i/100)`, and the
   conditional UNet output computed once;
 * at the end of each timestep: freeze the embedding, advance the latent with guided DDIM;
-* after the last timestep: write the `.safetensors` artifacts, metrics, grids, TensorBoard.
+* after the last timestep: write the `.safetensors` artifacts, metrics, grids, TensorBoard;
+* when fit ends: gather every rank's report rows on rank 0 and write the dataset report.
+
+Empty batches (a rank with fewer images than the others) walk their epochs doing nothing.
 
 Hooks outside `training_step` are not under Lightning's autocast, so the UNet calls here enter
 the precision plugin's context themselves; the embedding, Adam, loss and DDIM arithmetic stay
@@ -17,6 +20,7 @@ fp32 under every supported precision.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from nti_lightning.data.images import to_pil
+from nti_lightning.data.walk import ImageSample
+from nti_lightning.inversion.artifact import ArtifactError, Inversion
+from nti_lightning.inversion.dataset_report import image_row, summarize, summary_table, write_report
 from nti_lightning.inversion.null_text import step_learning_rate
 from nti_lightning.inversion.report import ddim_reconstruction, reconstruction_report
 from nti_lightning.inversion.trajectory import NullTextTrajectory
@@ -41,6 +48,10 @@ class NullTextWalkCallback(pl.Callback):
 
     def __init__(self) -> None:
         self.images_done = 0
+        self.batches_done = 0
+        self.rows: list[dict[str, Any]] = []  # this rank's report rows
+        self.failures: list[dict[str, str]] = []  # this rank's images that failed to decode
+        self.started = 0.0
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         precision = str(trainer.precision)
@@ -59,8 +70,13 @@ class NullTextWalkCallback(pl.Callback):
             return
         if batch["step"] == 0:
             self._start_trajectory(trainer, pl_module, batch)
+        if pl_module.trajectory is None:  # an empty batch: nothing to walk
+            pl_module.problem = None
+            return
         with trainer.precision_plugin.forward_context():
-            pl_module.problem = pl_module.trajectory.problem(pl_module.unet, pl_module.hparams.early_stop_epsilon)
+            pl_module.problem = pl_module.trajectory.problem(
+                pl_module.denoiser, pl_module.hparams.early_stop_epsilon, optimise=pl_module.optimises
+            )
         assert pl_module.problem.step == batch["step"], "walk and trajectory are out of step"
         optimizer = trainer.optimizers[0]
         optimizer.state.clear()
@@ -68,50 +84,77 @@ class NullTextWalkCallback(pl.Callback):
             group["lr"] = step_learning_rate(batch["step"], pl_module.hparams.learning_rate)
 
     def _start_trajectory(self, trainer: pl.Trainer, pl_module: Any, batch: dict[str, Any]) -> None:
+        self.started = time.perf_counter()
+        self.samples: list[ImageSample] = batch["samples"]
+        for sample, reason in batch["failed"]:
+            self.failures.append({"id": sample.id, "image": str(sample.image), "reason": reason})
+        pl_module.trajectory = None
+        valid = batch["valid"]
+        if not bool(valid.any()):
+            return
+        slots = len(valid)
+        ids = [sample.id for sample in self.samples] + [""] * (slots - len(self.samples))
+        prompts = [sample.prompt for sample in self.samples] + [""] * (slots - len(self.samples))
         # Text encoder and VAE are cheap next to the UNet: they run in their own dtype, not autocast.
-        cond = pl_module.encode(batch["prompts"])
-        pl_module.reset_null_embedding(len(batch["ids"]))
+        cond = pl_module.encode(prompts)
+        pl_module.reset_null_embedding(cond)
         pixels = batch["pixels"].to(pl_module.device)
         z0 = vae_codec.encode(pl_module.vae, pixels)
         with trainer.precision_plugin.forward_context():
             pl_module.trajectory = NullTextTrajectory.start(
-                pl_module.unet, pl_module.schedule, pixels, z0, cond, batch["ids"], batch["prompts"]
+                pl_module.denoiser, pl_module.schedule, pixels, z0, cond, ids, prompts, valid
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         trajectory, problem = pl_module.trajectory, pl_module.problem
+        if trajectory is None:
+            self._count_empty_batch(trainer, pl_module)
+            return
         with trainer.precision_plugin.forward_context():
             trajectory.advance(
                 pl_module.schedule,
-                pl_module.unet,
+                pl_module.denoiser,
                 problem,
                 pl_module.null_embedding,
                 pl_module.hparams.guidance_scale,
                 reuse_cond_output=pl_module.hparams.reuse_cond_output,
             )
+        slots = trajectory.valid
         step_metrics = {
-            "timestep/loss": float(problem.loss.mean()),
-            "timestep/inner_iterations": float(problem.iterations.float().mean()),
+            "timestep/loss": float(problem.loss[slots].mean()),
+            "timestep/inner_iterations": float(problem.iterations[slots].float().mean()),
         }
         for logger in trainer.loggers:
             logger.log_metrics(step_metrics, step=trainer.current_epoch)
         if trajectory.done:
             self._finish_trajectory(trainer, pl_module)
             pl_module.trajectory = pl_module.problem = None
+            self.batches_done += 1
+
+    def _count_empty_batch(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if (trainer.current_epoch + 1) % pl_module.hparams.num_inference_steps == 0:
+            self.batches_done += 1
 
     def _finish_trajectory(self, trainer: pl.Trainer, module: Any) -> None:
         hparams = module.hparams
         trajectory: NullTextTrajectory = module.trajectory
-        inversions = trajectory.inversions(_metadata(module))
         rows, grids = self._report(module, trajectory)
+        slots = trajectory.slots
+        inversions = trajectory.inversions(_metadata(module))
+        seconds = (time.perf_counter() - self.started) / len(slots)
         output_dir = Path(hparams.output_dir) if hparams.output_dir is not None else None
-        for inversion, row, grid in zip(inversions, rows, grids):
-            inversion.metadata["metrics"] = row
+        for inversion, slot in zip(inversions, slots):
+            sample = self.samples[slot]
+            inversion.metadata.update(metrics=rows[slot], seconds=seconds, image=str(sample.image) if not isinstance(sample.image, Image.Image) else None)
+            if sample.edits is not None:
+                inversion.metadata["edits"] = sample.edits
+            artifact = None
             if output_dir is not None:
-                inversion.save(output_dir / f"{inversion.metadata['id']}.safetensors")
+                artifact = str(inversion.save(output_dir / f"{sample.id}.safetensors"))
                 if hparams.save_grids:
-                    _grid_picture(grid).save(output_dir / f"{inversion.metadata['id']}.png")
-            self._log_image(trainer, inversion.metadata["id"], row, grid if hparams.save_grids else None)
+                    _grid_picture(grids[slot]).save(output_dir / f"{sample.id}.png")
+            self._log_image(trainer, sample.id, rows[slot], grids[slot] if hparams.save_grids else None)
+            self.rows.append(image_row({**inversion.metadata, "prompt": inversion.prompt}, "done", artifact))
         if hparams.keep_results:
             module.results.extend(inversions)
 
@@ -121,15 +164,15 @@ class NullTextWalkCallback(pl.Callback):
         if module.hparams.ddim_baseline:
             with module.trainer.precision_plugin.forward_context():
                 ddim = ddim_reconstruction(
-                    module.unet,
+                    module.denoiser,
                     module.schedule,
                     trajectory.pivot.z_T,
                     module.empty_embedding,
                     trajectory.cond_embeddings,
                     module.hparams.guidance_scale,
                 )
-        # The final latent of the walk is the null-text reconstruction: sampling from z_T with
-        # the frozen embeddings is exactly the sequence of guided steps the walk just took.
+        # The final latent of the walk is the reconstruction: sampling from z_T with the frozen
+        # embeddings is exactly the sequence of guided steps the walk just took.
         return reconstruction_report(module.vae, trajectory.pixels, trajectory.pivot.z0, trajectory.latent, ddim)
 
     def _log_image(self, trainer: pl.Trainer, image_id: str, row: dict[str, float], grid: torch.Tensor | None) -> None:
@@ -139,6 +182,55 @@ class NullTextWalkCallback(pl.Callback):
             if grid is not None and isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(f"grid/{image_id}", grid, self.images_done)
         self.images_done += 1
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        # Every rank gets here after the same number of epochs, whatever work it did, so the
+        # gather cannot hang on a rank that finished early.
+        rows, failures = _gather(trainer, (self.rows, self.failures))
+        if not trainer.is_global_zero:
+            return
+        plan = trainer.datamodule.plan if getattr(trainer, "datamodule", None) is not None else None
+        if plan is not None:
+            failures = [failure.to_json() for failure in plan.failures] + failures
+            rows = rows + [_skipped_row(sample, artifact) for sample, artifact in plan.skipped]
+        output_dir = pl_module.hparams.output_dir
+        summary = write_report(output_dir, rows, failures) if output_dir is not None else summarize(rows)
+        skipped = sum(row["status"] == "skipped" for row in rows)
+        print(
+            f"nti: {len(rows) - skipped} inverted, {skipped} skipped (already done), {len(failures)} failed"
+            + (f"; report and failures in {output_dir}" if output_dir is not None else "")
+        )
+        for failure in failures[:10]:
+            print(f"  failed: {failure['reason']}")
+        if summary:
+            table = summary_table(summary)
+            print(table)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("report/summary", table, 0)
+                    for method, values in summary.items():
+                        for name, value in values.items():
+                            logger.experiment.add_scalar(f"report/{method}/{name}", value, 0)
+
+
+def _gather(trainer: pl.Trainer, local: Any) -> Any:
+    """Rank 0 gets every rank's `(rows, failures)` concatenated; other ranks get their own."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return local
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, local)
+    rows = [row for rank_rows, _ in gathered for row in rank_rows]
+    failures = [failure for _, rank_failures in gathered for failure in rank_failures]
+    return rows, failures
+
+
+def _skipped_row(sample: ImageSample, artifact: str) -> dict[str, Any]:
+    """The report row of an image a previous run inverted, from its artifact's header."""
+    try:
+        metadata = Inversion.read_metadata(artifact)
+    except ArtifactError:  # removed or replaced since the run started: report it without numbers
+        metadata = {"id": sample.id, "prompt": sample.prompt}
+    return image_row(metadata, "skipped", artifact)
 
 
 def _grid_picture(grid: torch.Tensor, min_side: int = 128) -> Image.Image:
@@ -152,6 +244,7 @@ def _metadata(module: Any) -> dict[str, Any]:
     hparams = module.hparams
     return {
         "model": hparams.pretrained,
+        "method": hparams.method,
         "scheduler_config": json.loads(json.dumps(module.scheduler_config, default=str)),
         "num_inference_steps": hparams.num_inference_steps,
         "guidance_scale": hparams.guidance_scale,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -24,6 +24,9 @@ from nti_lightning.inversion.trajectory import NullTextTrajectory
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.loading import load_pipeline
 from nti_lightning.models.text import encode_prompts
+
+#: Inversion methods: the paper's, and the two baselines it is compared with.
+METHODS = ("null_text", "negative_prompt", "ddim")
 
 # The UNet, VAE and text encoder are frozen on purpose; Lightning would warn about them each fit.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -52,6 +55,21 @@ class NullTextInversion(pl.LightningModule):
         reuse_cond_output (`bool`, defaults to False): advance each step with the conditional
             output computed at its start instead of a fresh two-branch UNet call; one UNet
             forward less per step, equal maths, but no longer bit-identical to the reference.
+        method (`str`, defaults to "null_text"): "null_text" (the paper); "negative_prompt" (the
+            source prompt's embedding as the unconditional one at every step, no optimisation,
+            Miyake et al. 2023); "ddim" (the pivot alone, sampled back with ∅). All three write
+            the same artifacts and report, so they can be compared on one dataset.
+        early_exit (`bool`, defaults to True): end a timestep's inner loop once every image of
+            the batch has stopped (one device-to-host read of the stop mask per iteration).
+            False runs all N iterations, masked per image, with no host synchronisation inside
+            the loop (for CUDA graphs); the results are the same either way.
+        channels_last (`bool`, defaults to False): keep the UNet's weights in channels-last
+            memory format (faster convolutions on recent GPUs; changes the pipeline in place).
+        compile (`bool`, defaults to False): run the UNet through `torch.compile` (shapes are
+            fixed for a whole run: the batch is always `slots` images). The pipeline itself is
+            left uncompiled.
+        compile_mode (`str`, *optional*): `torch.compile` mode, e.g. "reduce-overhead" for CUDA
+            graphs (use with `early_exit=False`: a graph replays best without host reads).
     """
 
     def __init__(
@@ -67,10 +85,17 @@ class NullTextInversion(pl.LightningModule):
         ddim_baseline: bool = True,
         keep_results: bool = False,
         reuse_cond_output: bool = False,
+        method: Literal["null_text", "negative_prompt", "ddim"] = "null_text",
+        early_exit: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: Optional[str] = None,
     ) -> None:
         super().__init__()
         if num_inference_steps < 1 or num_inner_steps < 1:
             raise ValueError("num_inference_steps and num_inner_steps must be positive")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.unet: Any = None
@@ -84,6 +109,12 @@ class NullTextInversion(pl.LightningModule):
         self.problem: Optional[TimestepProblem] = None
         self.empty_embedding: Optional[torch.Tensor] = None
         self.results: list[Inversion] = []
+        #: Images per trajectory: the embedding's batch dimension, set by the data module before
+        #: the model is configured so that it never changes shape during a run (DDP wraps it).
+        self.batch_slots = 1
+        self.idle = False  # this rank has nothing to optimise in the current iteration
+        self._compiled_unet: Any = None
+        self.release_after_fit = False  # set by the Python API, which keeps the pipeline itself
 
     # ----------------------------------------------------------------------------- the model
     def attach_pipeline(self, pipeline: StableDiffusionPipeline) -> "NullTextInversion":
@@ -94,13 +125,59 @@ class NullTextInversion(pl.LightningModule):
         self.tokenizer = pipeline.tokenizer
         self.scheduler_config = dict(pipeline.scheduler.config)
         self.schedule = DDIMSchedule.from_scheduler_config(self.scheduler_config, self.hparams.num_inference_steps)
-        width = self.unet.config.cross_attention_dim
-        self.null_embedding = torch.nn.Parameter(torch.zeros(1, self.tokenizer.model_max_length, width))
+        # The frozen networks are the same on every rank: DDP need not broadcast nor watch them.
+        self._ddp_params_and_buffers_to_ignore = [
+            f"{prefix}.{name}"
+            for prefix in ("unet", "vae", "text_encoder")
+            for name, _ in [*getattr(self, prefix).named_parameters(), *getattr(self, prefix).named_buffers()]
+        ]
         return self
 
     def configure_model(self) -> None:
         if self.unet is None:
             self.attach_pipeline(load_pipeline(self.hparams.pretrained))
+        if self.hparams.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if self.hparams.compile and self._compiled_unet is None:
+            # Kept off the module tree (plain attribute): the parameters stay registered once.
+            object.__setattr__(self, "_compiled_unet", torch.compile(self.unet, mode=self.hparams.compile_mode))
+        shape = (self.batch_slots, self.tokenizer.model_max_length, self.unet.config.cross_attention_dim)
+        if self.null_embedding is None or tuple(self.null_embedding.shape) != shape:
+            self.null_embedding = torch.nn.Parameter(torch.zeros(shape, device=self.device))
+
+    @property
+    def denoiser(self) -> Any:
+        """The UNet every step calls: compiled when `compile` is set."""
+        return self._compiled_unet if self._compiled_unet is not None else self.unet
+
+    def on_train_end(self) -> None:
+        # Runs after the callbacks' on_train_end (the report) and before Lightning's teardown.
+        if self.release_after_fit:
+            self.unet = self.vae = self.text_encoder = None
+            object.__setattr__(self, "_compiled_unet", None)
+
+    @property
+    def optimises(self) -> bool:
+        """Whether the method tunes the null embedding (only "null_text" does)."""
+        return self.hparams.method == "null_text"
+
+    @property
+    def inner_iterations(self) -> int:
+        """Training batches per timestep: N, or 1 for the methods without optimisation."""
+        return self.hparams.num_inner_steps if self.optimises else 1
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings an existing artifact must share to count as this run's result."""
+        hparams = self.hparams
+        return {
+            "model": hparams.pretrained,
+            "method": hparams.method,
+            "num_inference_steps": hparams.num_inference_steps,
+            "guidance_scale": hparams.guidance_scale,
+            "num_inner_steps": hparams.num_inner_steps,
+            "early_stop_epsilon": hparams.early_stop_epsilon,
+            "learning_rate": hparams.learning_rate,
+        }
 
     @property
     def resolution(self) -> int:
@@ -118,8 +195,12 @@ class NullTextInversion(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         from nti_lightning.training.callback import NullTextWalkCallback
+        from nti_lightning.training.progress import InversionProgressBar
 
-        return [NullTextWalkCallback()]
+        callbacks: list[pl.Callback] = [NullTextWalkCallback()]
+        if self._trainer is not None and self.trainer.progress_bar_callback is not None:
+            callbacks.append(InversionProgressBar())
+        return callbacks
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # One Adam, emptied and re-rated at every timestep: the reference's fresh Adam per step.
@@ -130,25 +211,34 @@ class NullTextInversion(pl.LightningModule):
         """`[len(prompts), 77, D]` text embeddings on the module's device."""
         return encode_prompts(self.tokenizer, self.text_encoder, prompts).to(self.device)
 
-    def reset_null_embedding(self, batch_size: int) -> None:
-        """Sets the parameter to ∅ for a new batch (its shape follows the batch)."""
+    def reset_null_embedding(self, cond_embeddings: torch.Tensor) -> None:
+        """Sets the parameter for a new batch, in place: ∅, or the prompts' own embeddings `C`
+        for the negative-prompt method."""
         if self.empty_embedding is None:
             self.empty_embedding = self.encode([""])
+        start = cond_embeddings if self.hparams.method == "negative_prompt" else self.empty_embedding
         with torch.no_grad():
-            self.null_embedding.data = self.empty_embedding.expand(batch_size, -1, -1).clone().float()
+            self.null_embedding.copy_(start.expand_as(self.null_embedding))
 
     # ------------------------------------------------------------------ one inner iteration
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> Optional[int]:
-        # -1 ends the epoch (this timestep) once every image of the batch has stopped early.
-        if not bool(self.problem.active.any()):
-            return -1
+        # The early stop itself is the device-side mask of each image (exact per image); this
+        # only saves the compute once a whole batch has stopped, at once for the methods without
+        # optimisation, and for an empty batch (no problem at all).
+        self.idle = self.problem is None or (self.hparams.early_exit and not bool(self.problem.active.any()))
+        if self.idle and self.trainer.world_size == 1:
+            return -1  # ends the epoch: this timestep is done
+        # Under DDP Lightning broadcasts at every batch: a rank that ended its epoch early would
+        # leave the others waiting. An idle rank walks the same batches without computing.
         return None
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Optional[torch.Tensor]:
+        if self.idle:
+            return None
         problem = self.problem
         optimizer = self.optimizers()
         updated = problem.active.clone()
-        losses = problem.losses(self.schedule, self.unet, self.null_embedding, self.hparams.guidance_scale)
+        losses = problem.losses(self.schedule, self.denoiser, self.null_embedding, self.hparams.guidance_scale)
         loss = objective(losses, updated)
         # Every rank inverts its own images: gradients must not be averaged across ranks.
         sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
