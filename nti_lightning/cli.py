@@ -1,6 +1,7 @@
-"""The `nti` command: `nti fit` inverts images, `nti predict` edits inversions.
+"""The `nti` command: `nti fit` inverts images, `nti predict` edits inversions, `nti report`
+puts the reports of several runs in one table.
 
-Both are `LightningCLI`s, so every argument of the module, the data module and the Trainer
+`fit` and `predict` are `LightningCLI`s, so every argument of the module, the data module and the Trainer
 can come from YAML (`--config`), the command line, or both; `--print_config` shows the result.
 """
 
@@ -49,8 +50,15 @@ def main(args: Optional[list[str]] = None) -> None:
 
         edit_main(args)
         return
+    if args and args[0] == "report":
+        from nti_lightning.inversion.dataset_report import main as report_main
+
+        report_main(args[1:])
+        return
     if args and args[0] not in ("fit", "-h", "--help") and not args[0].startswith("--"):
-        raise SystemExit(f"nti: unknown command {args[0]!r}; use `nti fit ...` or `nti predict ...`")
+        raise SystemExit(
+            f"nti: unknown command {args[0]!r}; use `nti fit`, `nti predict` or `nti report`"
+        )
     fit_cli(args)
 
 

@@ -139,3 +139,23 @@ def test_v_prediction_pivot_round_trip():
     plain = nti.Inversion(result.z_T, empty.expand(T, -1, -1).clone(), result.source_latent, prompt, result.metadata)
     ddim = float((reconstruction_latents(pipe, plain) - target).pow(2).mean())
     assert null_text < 0.8 * ddim
+
+
+def test_speed_options_keep_the_results(independent_pipeline, stopping_epsilon):
+    """The speed options change where time goes, not what comes out."""
+    images, prompts = [random_image(s) for s in (0, 1, 2)], ["a red circle", "a blue square", "a cat"]
+    options = dict(num_inference_steps=T, num_inner_steps=N, early_stop_epsilon=stopping_epsilon, batch_size=3)
+    default = nti.invert(independent_pipeline, images, prompts, **options)
+    # All N iterations masked per image, no host read of the stop mask: exactly the same.
+    sync_free = nti.invert(independent_pipeline, images, prompts, early_exit=False, **options)
+    assert any(1 in r.metadata["inner_iterations"] for r in default)  # some steps did stop early
+    for a, b in zip(default, sync_free):
+        assert a.metadata["inner_iterations"] == b.metadata["inner_iterations"]
+        assert torch.equal(a.null_embeddings, b.null_embeddings) and torch.equal(a.z_T, b.z_T)
+    # The step's conditional output reused for the advance, and channels-last weights: same
+    # maths, float-level differences.
+    fast = nti.invert(independent_pipeline, images, prompts, reuse_cond_output=True, channels_last=True, **options)
+    independent_pipeline.unet.to(memory_format=torch.contiguous_format)
+    for a, b in zip(default, fast):
+        assert relative(b.z_T, a.z_T) < 1e-5
+        assert relative(b.null_embeddings, a.null_embeddings) < 1e-2

@@ -17,7 +17,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nti_lightning.inversion.atomic import atomic_path
-from nti_lightning.version import __version__
 
 FORMAT = "nti-lightning/inversion"
 FORMAT_VERSION = 1

@@ -9,12 +9,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from nti_lightning.diffusion.ddim import ddim_scheduler
+from nti_lightning.models.sd15 import sd15_random_pipeline
 from nti_lightning.models.tiny import tiny_pipeline
 
 #: Names resolved without any download.
 BUILTIN_MODELS = {
     "tiny": lambda: tiny_pipeline(seed=0),
     "tiny-v": lambda: tiny_pipeline(seed=0, prediction_type="v_prediction"),
+    "sd15-random": lambda: sd15_random_pipeline(seed=0),
 }
 
 
@@ -24,7 +26,8 @@ def load_pipeline(pretrained: str, torch_dtype: torch.dtype | None = None) -> St
     Args:
         pretrained (`str`): one of
             - a built-in name: "tiny" (seeded random SD-shaped model) or "tiny-v" (its
-              v-prediction twin);
+              v-prediction twin); "sd15-random" (Stable Diffusion 1.5's architecture with
+              seeded random weights, for benchmarks);
             - a local diffusers folder (`model_index.json` inside);
             - a single-file `.safetensors` checkpoint (original SD layout);
             - a hub id such as "CompVis/stable-diffusion-v1-4" (needs network or a warm cache).

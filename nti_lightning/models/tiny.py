@@ -81,13 +81,30 @@ def tiny_pipeline(
         )
     finally:
         torch.random.set_rng_state(generator_state)
-    scheduler = DDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type})
+    return assemble_pipeline(vae, unet, text_encoder, prediction_type)
+
+
+def assemble_pipeline(
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    prediction_type: str = "epsilon",
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline from its three networks (put in eval mode), with CLIP's
+    tokenizer (built offline) and SD 1.x's scheduler config; no safety checker.
+
+    Args:
+        vae (`AutoencoderKL`): the autoencoder.
+        unet (`UNet2DConditionModel`): the denoiser.
+        text_encoder (`CLIPTextModel`): the text encoder.
+        prediction_type (`str`, defaults to "epsilon"): "epsilon" or "v_prediction".
+    """
     pipeline = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=clip_tokenizer(),
         unet=unet.eval(),
-        scheduler=scheduler,
+        scheduler=DDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

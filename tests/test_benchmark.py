@@ -1,0 +1,75 @@
+"""The inversion benchmark script runs end to end on the tiny model and reports every row."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_inversion.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("benchmark_inversion", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # Registered first: its dataclasses resolve their annotations through sys.modules.
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """The cells of the Markdown table whose header line starts with `header`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def number(cell: str) -> float:
+    return float(cell.split()[0].rstrip("x"))
+
+
+def test_tiny_run_prints_every_row_and_appends_a_json_line(script, tmp_path, capsys, monkeypatch):
+    # An option `invert` does not take is skipped with a note, not passed through.
+    monkeypatch.setitem(script.CONFIGURATIONS, "unknown-option", {"no_such_option": True})
+    output = tmp_path / "results.jsonl"
+    # One thread: this checks the mechanics, and a single thread is not stalled by other work on the cores.
+    argv = ["--model", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "3", "--inner-steps", "2",
+            "--baseline-images", "1", "--threads", "1", "--configs", "fp32", "bf16", "unknown-option",
+            "--output", str(output)]
+    record = script.main(argv)
+    printed = capsys.readouterr().out
+
+    assert "skipping unknown-option: invert() takes no no_such_option" in printed
+    rows = table_rows(printed, "| configuration | mode |")
+    expected = {(name, mode) for name in ("baseline", "fp32", "bf16") for mode in ("full", "early-stop")}
+    assert {(row[0], row[1]) for row in rows} == expected and len(rows) == len(expected)
+    for row in rows:
+        images, seconds, per_image, rate, speedup, peak, per_image_memory, iterations = row[2:]
+        assert images == ("1 of 2" if row[0] == "baseline" else "2")
+        assert all(number(cell) > 0 for cell in (seconds, per_image, rate, speedup, peak, iterations)), row
+        assert number(per_image_memory) >= 0
+        assert number(iterations) == 3 * 2  # T·N: a random model's loss never reaches ε = 1e-5
+    fidelity = table_rows(printed, "| configuration vs fp32")
+    assert [row[0] for row in fidelity] == ["bf16"]
+
+    [line] = output.read_text().splitlines()
+    saved = json.loads(line)
+    assert saved["rows"] == json.loads(json.dumps(record["rows"]))
+    assert saved["torch"] and saved["device"] and saved["date"] and "git_commit" in saved
+    assert saved["skipped"] == {"unknown-option": "invert() takes no no_such_option"}
+    assert len(saved["rows"]) == 6 and all(row["images_per_second"] > 0 for row in saved["rows"])
+    bf16 = saved["fidelity"]["bf16"]
+    assert all(math.isfinite(value) for value in bf16.values())
+    assert 0 < bf16["embedding_relative_error_max"] < 0.5 and bf16["displacement_cosine_min"] > 0.5
