@@ -1,5 +1,5 @@
 """The `nti` command: `nti fit` inverts images, `nti predict` edits inversions, `nti report`
-puts the reports of several runs in one table.
+puts the reports of several runs in one table, `nti train-demo` trains the built-in demo model.
 
 `fit` and `predict` are `LightningCLI`s, so every argument of the module, the data module and the Trainer
 can come from YAML (`--config`), the command line, or both; `--print_config` shows the result.
@@ -50,6 +50,11 @@ def main(args: Optional[list[str]] = None) -> None:
 
         edit_main(args)
         return
+    if args and args[0] == "train-demo":
+        from nti_lightning.demo.train import main as train_demo_main
+
+        train_demo_main(args[1:])
+        return
     if args and args[0] == "report":
         from nti_lightning.inversion.dataset_report import main as report_main
 
@@ -57,7 +62,7 @@ def main(args: Optional[list[str]] = None) -> None:
         return
     if args and args[0] not in ("fit", "-h", "--help") and not args[0].startswith("--"):
         raise SystemExit(
-            f"nti: unknown command {args[0]!r}; use `nti fit`, `nti predict` or `nti report`"
+            f"nti: unknown command {args[0]!r}; use `nti fit`, `nti predict`, `nti report` or `nti train-demo`"
         )
     fit_cli(args)
 

@@ -74,7 +74,7 @@ class EditSpec:
             raise EditSpecError(f"unknown field(s) {unknown}; expected some of {sorted(FIELDS)}")
         artifact, prompts = raw.get("artifact"), raw.get("prompts")
         if not isinstance(artifact, str) or not artifact:
-            raise EditSpecError(f"'artifact' must be the path of an inversion file")
+            raise EditSpecError("'artifact' must be the path of an inversion file")
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -91,9 +91,9 @@ class EditSpec:
                 f"option(s) {unknown} do not apply to kind {kind!r}; allowed: {sorted(OPTIONS[kind])}"
             )
         if kind == "reweight" and not isinstance(options.get("words"), dict):
-            raise EditSpecError(f"kind 'reweight' needs options.words, e.g. {{\"fluffy\": 2.0}}")
+            raise EditSpecError('kind "reweight" needs options.words, e.g. {"fluffy": 2.0}')
         if options.get("base") not in (None, "replace", "refine"):
-            raise EditSpecError(f"options.base must be 'replace', 'refine' or null")
+            raise EditSpecError("options.base must be 'replace', 'refine' or null")
         return cls(id=spec_id, artifact=artifact, prompts=list(prompts), kind=kind, options=dict(options))
 
     def all_prompts(self, source: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -11,11 +12,39 @@ from diffusers import StableDiffusionPipeline
 from nti_lightning.diffusion.ddim import ddim_scheduler
 from nti_lightning.models.sd15 import sd15_random_pipeline
 from nti_lightning.models.tiny import tiny_pipeline
+from nti_lightning.models.tokenizer import clip_tokenizer
+
+
+def shapes_pipeline(torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """The trained `shapes` model shipped in the package (32 px coloured shapes; see docs/SHAPES_MODEL.md).
+
+    Its weights are stored in fp16 and upcast to `torch_dtype`. The folder holds no tokenizer
+    files: CLIP's tokenizer is rebuilt offline by `clip_tokenizer()`.
+
+    Args:
+        torch_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the loaded weights.
+    """
+    with resources.as_file(resources.files("nti_lightning.assets") / "shapes") as folder:
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder}: the shipped 'shapes' model is missing (no model_index.json)")
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            folder,
+            tokenizer=clip_tokenizer(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            torch_dtype=torch_dtype,
+        )
+    # Artifacts record the model by this name rather than by an install path.
+    pipeline.register_to_config(_name_or_path="shapes")
+    return pipeline
+
 
 #: Names resolved without any download.
 BUILTIN_MODELS = {
     "tiny": lambda: tiny_pipeline(seed=0),
     "tiny-v": lambda: tiny_pipeline(seed=0, prediction_type="v_prediction"),
+    "shapes": shapes_pipeline,
     "sd15-random": lambda: sd15_random_pipeline(seed=0),
 }
 
@@ -27,7 +56,8 @@ def load_pipeline(pretrained: str, torch_dtype: torch.dtype | None = None) -> St
         pretrained (`str`): one of
             - a built-in name: "tiny" (seeded random SD-shaped model) or "tiny-v" (its
               v-prediction twin); "sd15-random" (Stable Diffusion 1.5's architecture with
-              seeded random weights, for benchmarks);
+              seeded random weights, for benchmarks); "shapes" (a small model trained on
+              coloured shapes, shipped in the package, see docs/SHAPES_MODEL.md);
             - a local diffusers folder (`model_index.json` inside);
             - a single-file `.safetensors` checkpoint (original SD layout);
             - a hub id such as "CompVis/stable-diffusion-v1-4" (needs network or a warm cache).
@@ -36,7 +66,7 @@ def load_pipeline(pretrained: str, torch_dtype: torch.dtype | None = None) -> St
     if pretrained in BUILTIN_MODELS:
         pipeline = BUILTIN_MODELS[pretrained]()
         if torch_dtype is not None:
-            pipeline = pipeline.to(torch_dtype=torch_dtype)
+            pipeline = pipeline.to(dtype=torch_dtype)  # DiffusionPipeline.to ignores a `torch_dtype` keyword
     else:
         pipeline = _load_external(pretrained, torch_dtype)
     pipeline.scheduler = ddim_scheduler(pipeline.scheduler.config)

@@ -48,7 +48,6 @@ class NullTextWalkCallback(pl.Callback):
 
     def __init__(self) -> None:
         self.images_done = 0
-        self.batches_done = 0
         self.rows: list[dict[str, Any]] = []  # this rank's report rows
         self.failures: list[dict[str, str]] = []  # this rank's images that failed to decode
         self.started = 0.0
@@ -107,8 +106,7 @@ class NullTextWalkCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         trajectory, problem = pl_module.trajectory, pl_module.problem
-        if trajectory is None:
-            self._count_empty_batch(trainer, pl_module)
+        if trajectory is None:  # an empty padding batch (see InversionPlan.rank_batches)
             return
         with trainer.precision_plugin.forward_context():
             trajectory.advance(
@@ -129,11 +127,6 @@ class NullTextWalkCallback(pl.Callback):
         if trajectory.done:
             self._finish_trajectory(trainer, pl_module)
             pl_module.trajectory = pl_module.problem = None
-            self.batches_done += 1
-
-    def _count_empty_batch(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if (trainer.current_epoch + 1) % pl_module.hparams.num_inference_steps == 0:
-            self.batches_done += 1
 
     def _finish_trajectory(self, trainer: pl.Trainer, module: Any) -> None:
         hparams = module.hparams
