@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 import nti_lightning as nti
 from nti_lightning.cli import main
@@ -44,7 +44,7 @@ from nti_lightning.demo.shapes import (
 )
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.inversion import dataset_report
-from nti_lightning.inversion.report import ddim_reconstruction
+from nti_lightning.inversion.report import ddim_reconstruction, image_metrics
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.text import encode_prompts
 from nti_lightning.models.tokenizer import clip_tokenizer
@@ -67,7 +67,7 @@ def edit_sources(count: int = INVERTED) -> list:
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of `[B, 3, H, W]` images in [0, 1]."""
-    return peak_signal_noise_ratio(prediction, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return image_metrics(prediction, target)[0]
 
 
 def pixels01(images) -> torch.Tensor:

@@ -23,6 +23,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from nti_lightning.data.images import to_tensor
+
 #: Nominal RGB of the shape colours (each sample is jittered around them).
 SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -243,15 +245,11 @@ class ShapesDataset(Dataset):
         other_rgb = _jitter(SHAPE_COLORS[others[rng.integers(len(others))]], rng)
         recoloured, _ = render(sample.shape, other_rgb, sample.background_rgb, sample.box, self.resolution)
         return {
-            "pixels": _to_tensor(sample.image),
+            "pixels": to_tensor(sample.image),
             "coverage": torch.from_numpy(sample.coverage)[None],
-            "recoloured": _to_tensor(recoloured),
+            "recoloured": to_tensor(recoloured),
             "caption": sample.caption,
         }
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
 @dataclass(frozen=True)

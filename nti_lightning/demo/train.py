@@ -38,6 +38,7 @@ from diffusers.models.attention_processor import Attention
 from torch.utils.data import DataLoader
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from nti_lightning.data.images import to_tensor
 from nti_lightning.demo.shapes import (
     BACKGROUND_COLORS,
     BACKGROUND_WORDS,
@@ -45,7 +46,11 @@ from nti_lightning.demo.shapes import (
     SHAPES,
     ShapesDataset,
     caption_for,
+    heldout_samples,
+    make_sample,
 )
+from nti_lightning.inversion.report import image_metrics
+from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.tiny import SD_SCHEDULER_CONFIG, assemble_pipeline
 from nti_lightning.models.tokenizer import VOCAB_SIZE, clip_tokenizer
 
@@ -591,7 +596,7 @@ def latent_scaling_factor(vae: AutoencoderKL, config: DemoConfig, seed: int, cou
         seed (`int`): the training stream.
         count (`int`, defaults to 512): images measured.
     """
-    pixels = torch.stack([ShapesDataset(count, seed=seed, resolution=config.resolution)[i]["pixels"] for i in range(count)])
+    pixels = torch.stack([to_tensor(make_sample(i, "train", seed, config.resolution).image) for i in range(count)])
     latents = torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(128)])
     return float(1.0 / latents.std())
 
@@ -601,15 +606,14 @@ def heldout_vae_psnr(vae: AutoencoderKL, config: DemoConfig, count: int = 64) ->
     """Mean PSNR (dB, [0, 1] images) of the VAE round trip (posterior mean) of held-out images.
 
     Args:
-        vae (`AutoencoderKL`): the VAE.
+        vae (`AutoencoderKL`): the VAE, with its `scaling_factor` set.
         config (`DemoConfig`): the settings (resolution).
         count (`int`, defaults to 64): held-out images measured.
     """
-    dataset = ShapesDataset(count, split="heldout", resolution=config.resolution)
-    pixels = torch.stack([dataset[i]["pixels"] for i in range(count)])
-    decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
-    mse = ((decoded.clamp(-1, 1) - pixels) / 2).square().mean(dim=(1, 2, 3))
-    return float((-10 * torch.log10(mse.clamp_min(1e-10))).mean())
+    pixels = torch.stack([to_tensor(sample.image) for sample in heldout_samples(count, resolution=config.resolution)])
+    decoded = vae_codec.decode(vae, vae_codec.encode(vae, pixels))
+    psnr, _ = image_metrics(decoded, pixels / 2 + 0.5)
+    return float(psnr.mean())
 
 
 def save_fp16(pipeline: StableDiffusionPipeline, output: str | Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -27,18 +28,7 @@ def shapes_pipeline(torch_dtype: torch.dtype = torch.float32) -> StableDiffusion
     with resources.as_file(resources.files("nti_lightning.assets") / "shapes") as folder:
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(f"{folder}: the shipped 'shapes' model is missing (no model_index.json)")
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            folder,
-            tokenizer=clip_tokenizer(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            torch_dtype=torch_dtype,
-        )
-    # Artifacts record the model by this name rather than by an install path.
-    pipeline.register_to_config(_name_or_path="shapes")
-    return pipeline
-
+        return _load_external(str(folder), torch_dtype, tokenizer=clip_tokenizer())
 
 #: Names resolved without any download.
 BUILTIN_MODELS = {
@@ -67,6 +57,8 @@ def load_pipeline(pretrained: str, torch_dtype: torch.dtype | None = None) -> St
         pipeline = BUILTIN_MODELS[pretrained]()
         if torch_dtype is not None:
             pipeline = pipeline.to(dtype=torch_dtype)  # DiffusionPipeline.to ignores a `torch_dtype` keyword
+        # Artifacts record a built-in model by its name rather than "in-memory" or an install path.
+        pipeline.register_to_config(_name_or_path=pretrained)
     else:
         pipeline = _load_external(pretrained, torch_dtype)
     pipeline.scheduler = ddim_scheduler(pipeline.scheduler.config)
@@ -74,8 +66,10 @@ def load_pipeline(pretrained: str, torch_dtype: torch.dtype | None = None) -> St
     return pipeline
 
 
-def _load_external(pretrained: str, torch_dtype: torch.dtype | None) -> StableDiffusionPipeline:
-    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+def _load_external(pretrained: str, torch_dtype: torch.dtype | None, **components: Any) -> StableDiffusionPipeline:
+    """`load_pipeline` for anything but a built-in name; `components` (e.g. `tokenizer=`) replace
+    the pipeline's own when loading a folder or hub id."""
+    kwargs = {"safety_checker": None, "requires_safety_checker": False, **components}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     path = Path(os.path.expanduser(pretrained))
