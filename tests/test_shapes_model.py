@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -145,8 +144,10 @@ def test_training_code_runs_both_stages(tmp_path):
         assert all(torch.equal(weights[name], again[name]) for name in weights), part
         assert not all(torch.equal(weights[name], other[name]) for name in weights), part
     assert not (tmp_path / "model" / "tokenizer").exists()
-    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "model", tokenizer=clip_tokenizer())
+    # The folder loads by its path (`model.pretrained: <folder>`), with CLIP's tokenizer rebuilt.
+    loaded = nti.load_pipeline(str(tmp_path / "model"))
     assert loaded.vae.config.scaling_factor == pytest.approx(summary["latent_scaling_factor"])
+    assert loaded.tokenizer.model_max_length == 77 and loaded.tokenizer("a red circle").input_ids == clip_tokenizer()("a red circle").input_ids
 
 
 # --------------------------------------------------------------------------------- quality

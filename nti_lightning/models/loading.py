@@ -48,7 +48,8 @@ def load_pipeline(pretrained: str, torch_dtype: torch.dtype | None = None) -> St
               v-prediction twin); "sd15-random" (Stable Diffusion 1.5's architecture with
               seeded random weights, for benchmarks); "shapes" (a small model trained on
               coloured shapes, shipped in the package, see docs/SHAPES_MODEL.md);
-            - a local diffusers folder (`model_index.json` inside);
+            - a local diffusers folder (`model_index.json` inside; one without a `tokenizer`
+              folder, as `nti train-demo` writes, gets CLIP's tokenizer);
             - a single-file `.safetensors` checkpoint (original SD layout);
             - a hub id such as "CompVis/stable-diffusion-v1-4" (needs network or a warm cache).
         torch_dtype (`torch.dtype`, *optional*): dtype for the weights; defaults to fp32.
@@ -76,6 +77,10 @@ def _load_external(pretrained: str, torch_dtype: torch.dtype | None, **component
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+        if "tokenizer" not in kwargs and not (path / "tokenizer").is_dir():
+            # Folders written by `nti train-demo` leave CLIP's tokenizer out (it is rebuilt
+            # offline); without this, transformers builds one with no length limit.
+            kwargs["tokenizer"] = clip_tokenizer()
         return StableDiffusionPipeline.from_pretrained(path, **kwargs)
     if path.suffix in {".ckpt", ".pt", ".pth", ".bin"}:
         # These are pickles: loading one runs arbitrary code from whoever made it.
