@@ -101,6 +101,10 @@ def test_generator_is_deterministic_and_captions_match_pixels():
     assert not np.array_equal(np.asarray(make_sample(7, "train").image), np.asarray(a.image))
     assert not np.array_equal(np.asarray(make_sample(7, "train", seed=1).image), np.asarray(make_sample(7, "train").image))
     assert ShapesDataset(8, "heldout")[7]["caption"] == a.caption
+    # Without the recoloured picture (the diffusion stage's items), the rest is the same.
+    full, plain = ShapesDataset(8, "heldout")[7], ShapesDataset(8, "heldout", recoloured=False)[7]
+    assert "recoloured" in full and set(plain) == set(full) - {"recoloured"}
+    assert torch.equal(plain["pixels"], full["pixels"]) and torch.equal(plain["coverage"], full["coverage"])
 
     samples = heldout_samples(60)
     assert {s.shape for s in samples} == set(SHAPES) and {s.color for s in samples} == set(SHAPE_COLORS)

@@ -216,21 +216,26 @@ class ShapesDataset(Dataset):
 
     Items are `{"pixels": [3, H, W] float32 in [-1, 1], "coverage": [1, H, W] float32 shape
     coverage in [0, 1], "recoloured": [3, H, W] the same picture with the shape in another shape
-    colour, "caption": str}`.
+    colour (only with `recoloured=True`), "caption": str}`.
 
     Args:
         length (`int`): number of samples (the images are generated on the fly, none are stored).
         split (`str`, defaults to "train"): "train" or "heldout".
         seed (`int`, defaults to 0): the split's stream.
         resolution (`int`, defaults to 32): image side in pixels.
+        recoloured (`bool`, defaults to True): also render the recoloured picture (the VAE's
+            locality loss needs it; it doubles the cost of an item).
     """
 
-    def __init__(self, length: int, split: str = "train", seed: int = 0, resolution: int = RESOLUTION) -> None:
+    def __init__(
+        self, length: int, split: str = "train", seed: int = 0, resolution: int = RESOLUTION, recoloured: bool = True
+    ) -> None:
         _rng(split, 0, seed)  # validates split and seed now rather than in a worker
         self.length = length
         self.split = split
         self.seed = seed
         self.resolution = resolution
+        self.recoloured = recoloured
 
     def __len__(self) -> int:
         return self.length
@@ -239,17 +244,19 @@ class ShapesDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         sample = make_sample(index, self.split, self.seed, self.resolution)
-        # The recolouring draws from a stream of its own, so the samples stay those of make_sample.
-        rng = np.random.default_rng([SPLITS[self.split], self.seed, index, 1])
-        others = [name for name in SHAPE_COLORS if name != sample.color]
-        other_rgb = _jitter(SHAPE_COLORS[others[rng.integers(len(others))]], rng)
-        recoloured, _ = render(sample.shape, other_rgb, sample.background_rgb, sample.box, self.resolution)
-        return {
+        item = {
             "pixels": to_tensor(sample.image),
             "coverage": torch.from_numpy(sample.coverage)[None],
-            "recoloured": to_tensor(recoloured),
             "caption": sample.caption,
         }
+        if self.recoloured:
+            # The recolouring draws from a stream of its own, so the samples stay those of make_sample.
+            rng = np.random.default_rng([SPLITS[self.split], self.seed, index, 1])
+            others = [name for name in SHAPE_COLORS if name != sample.color]
+            other_rgb = _jitter(SHAPE_COLORS[others[rng.integers(len(others))]], rng)
+            recoloured, _ = render(sample.shape, other_rgb, sample.background_rgb, sample.box, self.resolution)
+            item["recoloured"] = to_tensor(recoloured)
+        return item
 
 
 @dataclass(frozen=True)

@@ -580,9 +580,9 @@ def _trainer(name: str, steps: int, max_seconds: float, config: DemoConfig, log_
     )
 
 
-def _loader(steps: int, batch_size: int, config: DemoConfig, seed: int) -> DataLoader:
+def _loader(steps: int, batch_size: int, config: DemoConfig, seed: int, recoloured: bool) -> DataLoader:
     # In index order: the samples are already random, and an ordered stream is reproducible.
-    dataset = ShapesDataset(steps * batch_size, split="train", seed=seed, resolution=config.resolution)
+    dataset = ShapesDataset(steps * batch_size, "train", seed, config.resolution, recoloured)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, drop_last=True)
 
 
@@ -680,7 +680,7 @@ def train_demo(
         config.locality_weight, config.locality_start,
     )
     trainer = _trainer("vae", config.vae_steps, budget * vae_share, config, log_dir, quiet)
-    trainer.fit(vae_stage, train_dataloaders=_loader(config.vae_steps, config.vae_batch_size, config, seed))
+    trainer.fit(vae_stage, train_dataloaders=_loader(config.vae_steps, config.vae_batch_size, config, seed, recoloured=config.locality_weight > 0))
     vae_steps_done = trainer.global_step
     vae_seconds = time.monotonic() - started
     vae = vae.eval().requires_grad_(False)
@@ -697,7 +697,7 @@ def train_demo(
     )
     remaining = budget - (time.monotonic() - started)
     trainer = _trainer("diffusion", config.diffusion_steps, remaining, config, log_dir, quiet)
-    trainer.fit(diffusion_stage, train_dataloaders=_loader(config.diffusion_steps, config.diffusion_batch_size, config, seed))
+    trainer.fit(diffusion_stage, train_dataloaders=_loader(config.diffusion_steps, config.diffusion_batch_size, config, seed, recoloured=False))
     diffusion_steps_done = trainer.global_step
     diffusion_stage.finish()
     total_seconds = time.monotonic() - started

@@ -20,7 +20,7 @@ def shapes_pipeline(torch_dtype: torch.dtype = torch.float32) -> StableDiffusion
     """The trained `shapes` model shipped in the package (32 px coloured shapes; see docs/SHAPES_MODEL.md).
 
     Its weights are stored in fp16 and upcast to `torch_dtype`. The folder holds no tokenizer
-    files: CLIP's tokenizer is rebuilt offline by `clip_tokenizer()`.
+    files: like any such folder, it gets CLIP's tokenizer, rebuilt offline by `clip_tokenizer()`.
 
     Args:
         torch_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the loaded weights.
@@ -28,7 +28,7 @@ def shapes_pipeline(torch_dtype: torch.dtype = torch.float32) -> StableDiffusion
     with resources.as_file(resources.files("nti_lightning.assets") / "shapes") as folder:
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(f"{folder}: the shipped 'shapes' model is missing (no model_index.json)")
-        return _load_external(str(folder), torch_dtype, tokenizer=clip_tokenizer())
+        return _load_external(str(folder), torch_dtype)
 
 #: Names resolved without any download.
 BUILTIN_MODELS = {
@@ -67,17 +67,16 @@ def load_pipeline(pretrained: str, torch_dtype: torch.dtype | None = None) -> St
     return pipeline
 
 
-def _load_external(pretrained: str, torch_dtype: torch.dtype | None, **components: Any) -> StableDiffusionPipeline:
-    """`load_pipeline` for anything but a built-in name; `components` (e.g. `tokenizer=`) replace
-    the pipeline's own when loading a folder or hub id."""
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, **components}
+def _load_external(pretrained: str, torch_dtype: torch.dtype | None) -> StableDiffusionPipeline:
+    """`load_pipeline` for anything but a built-in name."""
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     path = Path(os.path.expanduser(pretrained))
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
-        if "tokenizer" not in kwargs and not (path / "tokenizer").is_dir():
+        if not (path / "tokenizer").is_dir():
             # Folders written by `nti train-demo` leave CLIP's tokenizer out (it is rebuilt
             # offline); without this, transformers builds one with no length limit.
             kwargs["tokenizer"] = clip_tokenizer()
