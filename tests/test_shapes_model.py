@@ -101,6 +101,8 @@ def test_generator_is_deterministic_and_captions_match_pixels():
     assert not np.array_equal(np.asarray(make_sample(7, "train").image), np.asarray(a.image))
     assert not np.array_equal(np.asarray(make_sample(7, "train", seed=1).image), np.asarray(make_sample(7, "train").image))
     assert ShapesDataset(8, "heldout")[7]["caption"] == a.caption
+    # A later stage goes on with the stream where an earlier one stopped.
+    assert torch.equal(ShapesDataset(3, "heldout", start=5, recoloured=False)[2]["pixels"], ShapesDataset(8, "heldout")[7]["pixels"])
     # Without the recoloured picture (the diffusion stage's items), the rest is the same.
     full, plain = ShapesDataset(8, "heldout")[7], ShapesDataset(8, "heldout", recoloured=False)[7]
     assert "recoloured" in full and set(plain) == set(full) - {"recoloured"}
@@ -132,10 +134,11 @@ def test_training_code_runs_both_stages(tmp_path):
 
     config = DemoConfig(
         vae_channels=(8, 16, 16), unet_channels=(16, 16), attention_heads=2, text_width=16, text_heads=2,
-        text_layers=1, norm_groups=8, vae_steps=3, vae_batch_size=4, diffusion_steps=3, diffusion_batch_size=4, warmup_steps=1,
+        text_layers=1, norm_groups=8, vae_steps=3, vae_batch_size=4, diffusion_steps=3, diffusion_batch_size=4, refine_steps=2,
+        warmup_steps=1,
     )
     summary = train_demo(tmp_path / "model", seed=0, max_minutes=5, config=config, log_dir=None, quiet=True)
-    assert summary["vae_steps_done"] == 3 and summary["diffusion_steps_done"] == 3
+    assert (summary["vae_steps_done"], summary["diffusion_steps_done"], summary["refine_steps_done"]) == (3, 3, 2)
     assert summary["latent_scaling_factor"] > 0
     # Reproducible from the seed: a second run gives the same weights, another seed others.
     train_demo(tmp_path / "again", seed=0, max_minutes=5, config=config, log_dir=None, quiet=True)
@@ -152,6 +155,42 @@ def test_training_code_runs_both_stages(tmp_path):
     loaded = nti.load_pipeline(str(tmp_path / "model"))
     assert loaded.vae.config.scaling_factor == pytest.approx(summary["latent_scaling_factor"])
     assert loaded.tokenizer.model_max_length == 77 and loaded.tokenizer("a red circle").input_ids == clip_tokenizer()("a red circle").input_ids
+
+
+def test_grounding_loss_keeps_the_shape_words_on_the_shape():
+    """0 for maps that keep every word in its region; the shape words' attention one cell off the
+    shape counts unless `grounding_growth` allows that cell."""
+    from nti_lightning.demo.train import DemoConfig, DiffusionStage, build_text_encoder, build_unet, build_vae
+
+    config = DemoConfig(vae_channels=(8, 16), unet_channels=(16, 16), attention_heads=2, text_width=16, norm_groups=8)
+    stages = [
+        DiffusionStage(build_unet(config), build_text_encoder(config), build_vae(config), clip_tokenizer(), grounding_growth=growth)
+        for growth in (0, 1)
+    ]
+    side, heads = 8, 2
+    coverage = torch.zeros(1, 1, side, side)
+    coverage[..., 2:4, 2:4] = 1  # the shape: 2x2 cells at the layer's resolution
+    shape_cell, beside_cell, far_cell = 2 * side + 2, 2 * side + 4, 7 * side + 7
+    shape_tokens, background_tokens = stages[0].shape_tokens, stages[0].background_tokens
+
+    def attention(shape_query: int) -> torch.Tensor:
+        probs = torch.zeros(1, heads, side * side, 77)
+        probs[:, :, shape_query, shape_tokens] = 1.0
+        probs[:, :, far_cell, background_tokens] = 1.0
+        return probs
+
+    grounded = torch.tensor([True])
+    losses = {}
+    for stage in stages:
+        for name, query in (("on", shape_cell), ("beside", beside_cell)):
+            stage.cross_attention_maps[:] = [attention(query)]
+            losses[stage.grounding_growth, name] = float(stage.grounding_loss(coverage, grounded))
+    words = len(shape_tokens) + len(background_tokens)
+    assert losses[0, "on"] == pytest.approx(0.0) and losses[1, "on"] == pytest.approx(0.0)
+    # Beside the shape the shape words miss their region entirely: 1 per shape word.
+    assert losses[0, "beside"] == pytest.approx(len(shape_tokens) / words)
+    assert losses[1, "beside"] == pytest.approx(0.0)
+    assert float(stages[0].grounding_loss(coverage, torch.tensor([False]))) == 0.0
 
 
 # --------------------------------------------------------------------------------- quality
@@ -211,12 +250,11 @@ def test_null_text_inversion_reaches_the_vae_bound_and_ddim_does_not(pipe, inver
     assert ddim_psnr.mean() <= vae_psnr.mean() - 5.0
 
 
-#: Self-attention injection of the colour swap: the paper's 0.4 lets this small model redraw the
-#: shape's outline a little wider (0.81 background SSIM on six held-out images, against 0.88 at 0.7).
+#: Self-attention injection of the colour swap: with the paper's 0.4 this small model redraws the
+#: square's outline (76% of its pixels blue, against 95% at 0.7; docs/SHAPES_MODEL.md).
 SELF_REPLACE_STEPS = 0.7
-#: Regression floor of the background SSIM. The issue's target is 0.9; docs/SHAPES_MODEL.md
-#: records the measured values and what is left.
-BACKGROUND_SSIM_FLOOR = 0.8
+#: The background kept by the colour swap: mean SSIM outside the shape on the six images.
+BACKGROUND_SSIM_FLOOR = 0.9
 
 
 def colour_swap(pipe, sample, inversion) -> dict[str, float]:

@@ -212,7 +212,7 @@ def heldout_samples(count: int, start: int = 0, resolution: int = RESOLUTION) ->
 
 
 class ShapesDataset(Dataset):
-    """A map-style dataset over a split: item i is `make_sample(i, split, seed)` as tensors.
+    """A map-style dataset over a split: item i is `make_sample(start + i, split, seed)` as tensors.
 
     Items are `{"pixels": [3, H, W] float32 in [-1, 1], "coverage": [1, H, W] float32 shape
     coverage in [0, 1], "recoloured": [3, H, W] the same picture with the shape in another shape
@@ -225,10 +225,18 @@ class ShapesDataset(Dataset):
         resolution (`int`, defaults to 32): image side in pixels.
         recoloured (`bool`, defaults to True): also render the recoloured picture (the VAE's
             locality loss needs it; it doubles the cost of an item).
+        start (`int`, defaults to 0): index in the stream of item 0 (a later stage of training
+            goes on where an earlier one stopped).
     """
 
     def __init__(
-        self, length: int, split: str = "train", seed: int = 0, resolution: int = RESOLUTION, recoloured: bool = True
+        self,
+        length: int,
+        split: str = "train",
+        seed: int = 0,
+        resolution: int = RESOLUTION,
+        recoloured: bool = True,
+        start: int = 0,
     ) -> None:
         _rng(split, 0, seed)  # validates split and seed now rather than in a worker
         self.length = length
@@ -236,6 +244,7 @@ class ShapesDataset(Dataset):
         self.seed = seed
         self.resolution = resolution
         self.recoloured = recoloured
+        self.start = start
 
     def __len__(self) -> int:
         return self.length
@@ -243,6 +252,7 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, object]:
         if not 0 <= index < self.length:
             raise IndexError(index)
+        index += self.start
         sample = make_sample(index, self.split, self.seed, self.resolution)
         item = {
             "pixels": to_tensor(sample.image),

@@ -102,6 +102,19 @@ class DemoConfig:
             `DiffusionStage`); 0 turns it off.
         grounding_max_timestep (`int`, defaults to 750): the grounding loss is applied to samples
             noised to timesteps below this (above it the layout cannot be read off the latent yet).
+        grounding_growth (`int`, defaults to 1): cells by which the shape words' region is grown at
+            each cross-attention layer's resolution, so that while the model learns to draw, the
+            cells along the outline, which decide where the shape ends, may read the shape words.
+        refine_steps (`int`, defaults to 1500): steps of the grounding refinement that follows the
+            diffusion stage (0 for none): the same training from the averaged weights, with the
+            shape words held to the shape itself. The growth above lets them leak into the
+            background around the shape, and a Prompt-to-Prompt word swap keeps the source's maps,
+            so that leak becomes a halo of the new colour, multiplied by the guidance scale.
+            Trained without growth from the start, the model draws the shapes of edits too small.
+        refine_learning_rate (`float`, defaults to 3e-4): peak AdamW rate of the refinement
+            (warm-up of half `warmup_steps`, then cosine).
+        refine_grounding_weight (`float`, defaults to 0.05): grounding weight of the refinement.
+        refine_grounding_growth (`int`, defaults to 0): grounding growth of the refinement.
         ema_decay (`float`, defaults to 0.999): decay of the weights' moving average.
         warmup_steps (`int`, defaults to 200): linear warm-up of both stages' rates (then cosine).
         gradient_clip (`float`, defaults to 1.0): gradient-norm clipping of both stages.
@@ -130,6 +143,11 @@ class DemoConfig:
     uncond_probability: float = 0.1
     grounding_weight: float = 0.01
     grounding_max_timestep: int = 750
+    grounding_growth: int = 1
+    refine_steps: int = 1500
+    refine_learning_rate: float = 3e-4
+    refine_grounding_weight: float = 0.05
+    refine_grounding_growth: int = 0
     ema_decay: float = 0.999
     warmup_steps: int = 200
     gradient_clip: float = 1.0
@@ -398,6 +416,10 @@ class DiffusionStage(pl.LightningModule):
         total_steps (`int`, defaults to 4000): steps of the stage (cosine decay length).
         grounding_weight (`float`, defaults to 0.01): weight of the grounding loss; 0 turns it off.
         grounding_max_timestep (`int`, defaults to 750): grounding applies to timesteps below this.
+        grounding_growth (`int`, defaults to 1): cells by which the shape words' region is grown.
+        ema_warmup (`bool`, defaults to True): let the moving average follow the weights closely
+            over the first steps (for weights trained from scratch); off, it starts from the
+            given weights at the full decay (for a stage that goes on from averaged weights).
     """
 
     def __init__(
@@ -413,6 +435,8 @@ class DiffusionStage(pl.LightningModule):
         total_steps: int = 4000,
         grounding_weight: float = 0.01,
         grounding_max_timestep: int = 750,
+        grounding_growth: int = 1,
+        ema_warmup: bool = True,
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -427,6 +451,8 @@ class DiffusionStage(pl.LightningModule):
         self.total_steps = total_steps
         self.grounding_weight = grounding_weight
         self.grounding_max_timestep = grounding_max_timestep
+        self.grounding_growth = grounding_growth
+        self.ema_warmup = ema_warmup
         self.shape_tokens, self.background_tokens = grounded_token_positions(tokenizer)
         self.ema: list[torch.Tensor] = [p.detach().clone() for p in self.trained_parameters()]
         self._token_ids: dict[str, torch.Tensor] = {}
@@ -467,8 +493,10 @@ class DiffusionStage(pl.LightningModule):
         For every grounded word, 1 - the share of its attention map (averaged over heads) that
         falls inside its region, averaged over words, layers and samples. At each layer's
         resolution the background words' region is the part of each cell the shape leaves
-        uncovered; the shape words' region is the shape's coverage grown by one cell, so that the
-        cells along the outline, which decide where the shape ends, may still read them.
+        uncovered, and the shape words' region the part it covers (grown by `grounding_growth`
+        cells). The shape words must stay off the background: a Prompt-to-Prompt word swap keeps
+        the source's attention maps, so whatever attention "red" spends around the shape becomes
+        "blue" there in the edit, multiplied by the guidance scale.
 
         Args:
             coverage (`torch.Tensor`): `[B, 1, H, W]` shape coverage of the images.
@@ -482,7 +510,11 @@ class DiffusionStage(pl.LightningModule):
             maps = probs[grounded].mean(dim=1)[..., tokens]  # [b, queries, tokens]
             side = math.isqrt(maps.shape[1])
             inside = F.interpolate(coverage[grounded], size=(side, side), mode="area")
-            shape_region = F.max_pool2d(inside, 3, stride=1, padding=1).flatten(1)[..., None]
+            shape_region = inside
+            if self.grounding_growth > 0:
+                grow = self.grounding_growth
+                shape_region = F.max_pool2d(inside, 2 * grow + 1, stride=1, padding=grow)
+            shape_region = shape_region.flatten(1)[..., None]
             background_region = 1 - inside.flatten(1)[..., None]
             regions = torch.cat(
                 [shape_region.expand(-1, -1, len(self.shape_tokens)),
@@ -517,7 +549,7 @@ class DiffusionStage(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
         # Warm-up of the average: early weights are poor, so they fade out fast.
         step = self.global_step
-        decay = min(self.ema_decay, (1 + step) / (10 + step))
+        decay = min(self.ema_decay, (1 + step) / (10 + step)) if self.ema_warmup else self.ema_decay
         for average, parameter in zip(self.ema, self.trained_parameters()):
             average.lerp_(parameter.detach(), 1 - decay)
 
@@ -551,7 +583,7 @@ class ProgressPrinter(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_index: int) -> None:
         step = trainer.global_step
         if step % self.every == 0 or step == trainer.max_steps:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.name)}
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
             shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
             print(f"[{self.name}] step {step}/{trainer.max_steps} {shown} ({time.monotonic() - self.start:.0f} s)", flush=True)
 
@@ -580,9 +612,9 @@ def _trainer(name: str, steps: int, max_seconds: float, config: DemoConfig, log_
     )
 
 
-def _loader(steps: int, batch_size: int, config: DemoConfig, seed: int, recoloured: bool) -> DataLoader:
+def _loader(steps: int, batch_size: int, config: DemoConfig, seed: int, recoloured: bool, start: int = 0) -> DataLoader:
     # In index order: the samples are already random, and an ordered stream is reproducible.
-    dataset = ShapesDataset(steps * batch_size, "train", seed, config.resolution, recoloured)
+    dataset = ShapesDataset(steps * batch_size, "train", seed, config.resolution, recoloured, start)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, drop_last=True)
 
 
@@ -652,9 +684,9 @@ def train_demo(
     Args:
         output (`str` or `Path`): the diffusers folder to write.
         seed (`int`, defaults to 0): seeds the weights, the data stream and the noise.
-        max_minutes (`float`, defaults to 60.0): wall-clock cap for both stages together; the VAE
-            stage gets its share of it by steps. A stage that hits its cap stops early (the run is
-            then no longer reproducible, and a warning says so).
+        max_minutes (`float`, defaults to 60.0): wall-clock cap for all stages together; each gets
+            its share of it by steps. A stage that hits its cap stops early (the run is then no
+            longer reproducible, and a warning says so).
         config (`DemoConfig`, *optional*): architecture and settings; defaults to `DemoConfig()`.
         log_dir (`str`, *optional*, defaults to "runs/train-demo"): TensorBoard logs; `None` for none.
         quiet (`bool`, defaults to False): no progress lines.
@@ -668,7 +700,8 @@ def train_demo(
     budget = max_minutes * 60.0
     # A VAE step costs about one diffusion step (a little more with the locality loss): its share
     # of the budget by that estimate.
-    vae_share = 1.1 * config.vae_steps / max(1, 1.1 * config.vae_steps + config.diffusion_steps)
+    diffusion_steps = config.diffusion_steps + config.refine_steps
+    vae_share = 1.1 * config.vae_steps / max(1, 1.1 * config.vae_steps + diffusion_steps)
 
     pl.seed_everything(seed, workers=True, verbose=False)
     vae = build_vae(config)
@@ -693,19 +726,40 @@ def train_demo(
     diffusion_stage = DiffusionStage(
         unet, text_encoder, vae, clip_tokenizer(), config.diffusion_learning_rate, config.uncond_probability,
         config.ema_decay, config.warmup_steps, config.diffusion_steps, config.grounding_weight,
-        config.grounding_max_timestep,
+        config.grounding_max_timestep, config.grounding_growth,
     )
     remaining = budget - (time.monotonic() - started)
-    trainer = _trainer("diffusion", config.diffusion_steps, remaining, config, log_dir, quiet)
+    share = config.diffusion_steps / max(1, diffusion_steps)
+    trainer = _trainer("diffusion", config.diffusion_steps, remaining * share, config, log_dir, quiet)
     trainer.fit(diffusion_stage, train_dataloaders=_loader(config.diffusion_steps, config.diffusion_batch_size, config, seed, recoloured=False))
     diffusion_steps_done = trainer.global_step
     diffusion_stage.finish()
+    diffusion_seconds = time.monotonic() - started - vae_seconds
+
+    refine_steps_done = 0
+    if config.refine_steps > 0:
+        # Same losses from the averaged weights, the shape words held to the shape itself, on the
+        # images after those the diffusion stage saw.
+        refine_stage = DiffusionStage(
+            unet, text_encoder, vae, clip_tokenizer(), config.refine_learning_rate, config.uncond_probability,
+            config.ema_decay, config.warmup_steps // 2, config.refine_steps, config.refine_grounding_weight,
+            config.grounding_max_timestep, config.refine_grounding_growth, ema_warmup=False,
+        )
+        remaining = budget - (time.monotonic() - started)
+        trainer = _trainer("refine", config.refine_steps, remaining, config, log_dir, quiet)
+        already_seen = config.diffusion_steps * config.diffusion_batch_size
+        loader = _loader(config.refine_steps, config.diffusion_batch_size, config, seed, recoloured=False, start=already_seen)
+        trainer.fit(refine_stage, train_dataloaders=loader)
+        refine_steps_done = trainer.global_step
+        refine_stage.finish()
     total_seconds = time.monotonic() - started
 
-    if vae_steps_done < config.vae_steps or diffusion_steps_done < config.diffusion_steps:
+    done = (vae_steps_done, diffusion_steps_done, refine_steps_done)
+    if any(steps < wanted for steps, wanted in zip(done, (config.vae_steps, config.diffusion_steps, config.refine_steps))):
         warnings.warn(
             f"the {max_minutes} min cap stopped training early (VAE {vae_steps_done}/{config.vae_steps}, "
-            f"diffusion {diffusion_steps_done}/{config.diffusion_steps} steps); the weights are not reproducible",
+            f"diffusion {diffusion_steps_done}/{config.diffusion_steps}, refinement "
+            f"{refine_steps_done}/{config.refine_steps} steps); the weights are not reproducible",
             stacklevel=2,
         )
     pipeline = assemble_pipeline(vae, unet.eval(), text_encoder.eval())
@@ -715,8 +769,10 @@ def train_demo(
         "config": dataclasses.asdict(config),
         "vae_steps_done": vae_steps_done,
         "diffusion_steps_done": diffusion_steps_done,
+        "refine_steps_done": refine_steps_done,
         "vae_seconds": round(vae_seconds, 1),
-        "diffusion_seconds": round(total_seconds - vae_seconds, 1),
+        "diffusion_seconds": round(diffusion_seconds, 1),
+        "refine_seconds": round(total_seconds - vae_seconds - diffusion_seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "latent_scaling_factor": scaling_factor,
         "heldout_vae_psnr": round(vae_psnr, 3),
@@ -743,12 +799,15 @@ def main(args: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock cap of the whole run (default 60)")
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     parser.add_argument("--diffusion-steps", type=int, default=defaults.diffusion_steps)
+    parser.add_argument("--refine-steps", type=int, default=defaults.refine_steps)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-dir", default="runs/train-demo", help="TensorBoard log folder ('' for none)")
     parsed = parser.parse_args(args)
     if parsed.threads:
         torch.set_num_threads(parsed.threads)
-    config = dataclasses.replace(defaults, vae_steps=parsed.vae_steps, diffusion_steps=parsed.diffusion_steps)
+    config = dataclasses.replace(
+        defaults, vae_steps=parsed.vae_steps, diffusion_steps=parsed.diffusion_steps, refine_steps=parsed.refine_steps
+    )
     summary = train_demo(parsed.output, parsed.seed, parsed.max_minutes, config, parsed.log_dir or None)
     print(json.dumps(summary, indent=2))
 
