@@ -700,8 +700,8 @@ def train_demo(
     budget = max_minutes * 60.0
     # A VAE step costs about one diffusion step (a little more with the locality loss): its share
     # of the budget by that estimate.
-    diffusion_steps = config.diffusion_steps + config.refine_steps
-    vae_share = 1.1 * config.vae_steps / max(1, 1.1 * config.vae_steps + diffusion_steps)
+    denoiser_steps = config.diffusion_steps + config.refine_steps  # the UNet's two stages
+    vae_share = 1.1 * config.vae_steps / max(1, 1.1 * config.vae_steps + denoiser_steps)
 
     pl.seed_everything(seed, workers=True, verbose=False)
     vae = build_vae(config)
@@ -723,13 +723,14 @@ def train_demo(
     if not quiet:
         print(f"[vae] held-out PSNR {vae_psnr:.2f} dB, latent scaling factor {scaling_factor:.4f}", flush=True)
 
+    tokenizer = clip_tokenizer()
     diffusion_stage = DiffusionStage(
-        unet, text_encoder, vae, clip_tokenizer(), config.diffusion_learning_rate, config.uncond_probability,
+        unet, text_encoder, vae, tokenizer, config.diffusion_learning_rate, config.uncond_probability,
         config.ema_decay, config.warmup_steps, config.diffusion_steps, config.grounding_weight,
         config.grounding_max_timestep, config.grounding_growth,
     )
     remaining = budget - (time.monotonic() - started)
-    share = config.diffusion_steps / max(1, diffusion_steps)
+    share = config.diffusion_steps / max(1, denoiser_steps)
     trainer = _trainer("diffusion", config.diffusion_steps, remaining * share, config, log_dir, quiet)
     trainer.fit(diffusion_stage, train_dataloaders=_loader(config.diffusion_steps, config.diffusion_batch_size, config, seed, recoloured=False))
     diffusion_steps_done = trainer.global_step
@@ -741,7 +742,7 @@ def train_demo(
         # Same losses from the averaged weights, the shape words held to the shape itself, on the
         # images after those the diffusion stage saw.
         refine_stage = DiffusionStage(
-            unet, text_encoder, vae, clip_tokenizer(), config.refine_learning_rate, config.uncond_probability,
+            unet, text_encoder, vae, tokenizer, config.refine_learning_rate, config.uncond_probability,
             config.ema_decay, config.warmup_steps // 2, config.refine_steps, config.refine_grounding_weight,
             config.grounding_max_timestep, config.refine_grounding_growth, ema_warmup=False,
         )
