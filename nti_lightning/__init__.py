@@ -1,17 +1,25 @@
 """Null-text Inversion for editing real images with Stable Diffusion, on PyTorch Lightning."""
 
-from nti_lightning.api import invert, reconstruct
-from nti_lightning.editing import LocalBlend, Refine, Replace, Reweight, edit
-from nti_lightning.inversion.artifact import ArtifactError, Inversion
-from nti_lightning.models.loading import load_pipeline
-from nti_lightning.training.module import NullTextInversion
-from nti_lightning.version import __version__
+from nti_lightning.console import silence_notices
+
+silence_notices()
+
+# Imported after the filters are in place: these imports are what emit some of the notices.
+from nti_lightning.api import invert, reconstruct  # noqa: E402
+from nti_lightning.editing import LocalBlend, Refine, Replace, Reweight, edit  # noqa: E402
+from nti_lightning.errors import NtiError, OptionError  # noqa: E402
+from nti_lightning.inversion.artifact import ArtifactError, Inversion  # noqa: E402
+from nti_lightning.models.loading import load_pipeline  # noqa: E402
+from nti_lightning.training.module import NullTextInversion  # noqa: E402
+from nti_lightning.version import __version__  # noqa: E402
 
 __all__ = [
     "ArtifactError",
     "Inversion",
     "LocalBlend",
+    "NtiError",
     "NullTextInversion",
+    "OptionError",
     "Refine",
     "Replace",
     "Reweight",

@@ -7,12 +7,16 @@ can come from YAML (`--config`), the command line, or both; `--print_config` sho
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nti_lightning.data.datamodule import InversionDataModule
+from nti_lightning.errors import NtiError, OptionError
+from nti_lightning.training.callback import NullTextWalkCallback
 from nti_lightning.training.module import NullTextInversion
 
 #: Trainer settings the walk needs: it sets its own epoch count, never mixes ranks' images, and
@@ -23,9 +27,10 @@ FIT_TRAINER_DEFAULTS = {
     "enable_checkpointing": False,
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 1,
+    "enable_model_summary": False,  # the only parameter is the null embedding; the rest is frozen
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "nti"},
+        "init_args": {"save_dir": "runs", "name": "nti", "default_hp_metric": False},
     },
 }
 
@@ -42,29 +47,74 @@ def fit_cli(args: Optional[list[str]] = None) -> LightningCLI:
     )
 
 
+#: Exit statuses of `nti` (documented in the README).
+EXIT_OK = 0  # every image inverted or skipped, every edit written
+EXIT_SOME_FAILED = 1  # the run finished, but some images or edits failed (see failures.jsonl)
+EXIT_USAGE = 2  # nothing ran: a usage or configuration error
+EXIT_SIGINT = 130  # interrupted by Ctrl-C; what was done is kept, rerun to finish
+EXIT_SIGTERM = 143  # stopped by SIGTERM (e.g. a preempted cluster job); the same
+
+
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the `nti` console script."""
-    args = list(sys.argv[1:] if args is None else args)
+    """Entry point of the `nti` console script: runs the command and exits with its status.
+
+    A user's mistake (`NtiError`) is printed as one line, `nti: error: <message>`, with exit
+    status 2; set `NTI_DEBUG=1` to see its traceback. Returns normally when every image (or edit)
+    succeeded; otherwise raises `SystemExit` with one of the statuses above.
+    """
+    try:
+        status = _run(list(sys.argv[1:] if args is None else args), args)
+    except NtiError as error:
+        if os.environ.get("NTI_DEBUG"):
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"nti: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    except SIGTERMException:
+        raise SystemExit(EXIT_SIGTERM) from None
+    except SystemExit as exit_:
+        # Lightning turns Ctrl-C inside fit/predict into `sys.exit(1)` after its clean-up.
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            raise SystemExit(EXIT_SIGINT) from None
+        raise
+    except KeyboardInterrupt:  # outside fit/predict, e.g. while the model loads
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_SIGINT) from None
+    if status != EXIT_OK:
+        raise SystemExit(status)
+
+
+def _run(args: list[str], given: Optional[list[str]]) -> int:
+    """Runs one `nti` command (`args`: the words after `nti`); returns its exit status.
+
+    The LightningCLIs get `given`, which is `None` for the command line: given both, they warn.
+    """
     if args and args[0] == "predict":
         from nti_lightning.editing.cli import main as edit_main
+        from nti_lightning.editing.writer import EditWriter
 
-        edit_main(args)
-        return
+        cli = edit_main(given)
+        return _status(cli, EditWriter)
     if args and args[0] == "train-demo":
         from nti_lightning.demo.train import main as train_demo_main
 
         train_demo_main(args[1:])
-        return
+        return EXIT_OK
     if args and args[0] == "report":
         from nti_lightning.inversion.dataset_report import main as report_main
 
         report_main(args[1:])
-        return
+        return EXIT_OK
     if args and args[0] not in ("fit", "-h", "--help") and not args[0].startswith("--"):
-        raise SystemExit(
-            f"nti: unknown command {args[0]!r}; use `nti fit`, `nti predict`, `nti report` or `nti train-demo`"
-        )
-    fit_cli(args)
+        raise OptionError(f"unknown command {args[0]!r}; use `nti fit`, `nti predict`, `nti report` or `nti train-demo`")
+    return _status(fit_cli(given), NullTextWalkCallback)
+
+
+def _status(cli: LightningCLI, counter: type) -> int:
+    """1 when the run's callback of type `counter` (it counts `failed`) saw failures, else 0."""
+    trainer = getattr(cli, "trainer", None)
+    failed = sum(getattr(callback, "failed", 0) for callback in (trainer.callbacks if trainer else []) if isinstance(callback, counter))
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

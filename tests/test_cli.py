@@ -65,8 +65,11 @@ def test_single_image_and_prompt_from_the_command_line(tmp_path, monkeypatch, im
     assert not (tmp_path / "out" / "cat.png").exists()
 
 
-def test_missing_image_is_named_before_any_work(tmp_path, monkeypatch):
+def test_missing_image_is_named_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(Exception, match="ghost.png: image file not found"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "tests/configs/tiny.yaml"),
               "--data.image", "ghost.png", "--data.prompt", "x", "--model.output_dir", "out"])
+    assert exit_info.value.code == 2
+    assert "nti: error: ghost.png: image file not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -133,7 +133,9 @@ def test_corrupt_and_missing_images_are_recorded_and_the_run_goes_on(tmp_path, m
             handle.write(json.dumps({"image": name, "prompt": "x"}) + "\n")
     arguments = ["fit", "--config", str(CONFIG), "--data.manifest", str(manifest), "--model.output_dir", "out",
                  "--trainer.logger", "false"]
-    main(arguments)
+    with pytest.raises(SystemExit) as exit_info:  # some images failed: status 1
+        main(arguments)
+    assert exit_info.value.code == 1
     out = tmp_path / "out"
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     reasons = {f["id"]: f["reason"] for f in failures}
@@ -147,7 +149,8 @@ def test_corrupt_and_missing_images_are_recorded_and_the_run_goes_on(tmp_path, m
     assert "3 inverted, 0 skipped (already done), 3 failed" in capsys.readouterr().out
 
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
-    main(arguments)  # the rerun skips everything that is done, and still reports the failures
+    with pytest.raises(SystemExit):  # the rerun skips everything that is done, and still reports the failures
+        main(arguments)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == stamps
     report = json.loads((out / "report.json").read_text())
     assert sorted(row["status"] for row in report["images"]) == ["skipped"] * 3

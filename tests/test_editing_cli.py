@@ -149,6 +149,8 @@ def test_ids_are_unique_and_file_name_safe(tmp_path):
     edits = [{"artifact": "in/cat.safetensors", "prompts": ["a"]}, {"artifact": "cat.safetensors", "prompts": ["b"]},
              {"id": "../up/../x y", "artifact": "z", "prompts": ["c"]}, "not a spec"]
     items = edit_items(edits, None)
-    assert [item["id"] for item in items] == ["cat_replace", "cat_replace-2", "up_.._x_y", "edit3"]
+    # An id of its own names output files: one that would leave the folder is refused, not rewritten.
+    assert [item["id"] for item in items] == ["cat_replace", "cat_replace-2", "z_replace", "edit3"]
+    assert "edits[2]: id '../up/../x y' holds a path separator" == items[2]["error"]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         edit_items([], str(tmp_path / "missing.jsonl"))

@@ -12,6 +12,7 @@ from nti_lightning.data.dataset import DatasetError, Failure, read_folder, read_
 from nti_lightning.data.images import ImageError
 from nti_lightning.data.plan import InversionPlan, make_plan
 from nti_lightning.data.walk import ImageSample, PivotWalk, WalkSampler
+from nti_lightning.errors import OptionError, check_id
 
 
 class InversionDataModule(pl.LightningDataModule):
@@ -58,10 +59,10 @@ class InversionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise OptionError(f"data.batch_size must be at least 1, got {batch_size}")
         sources = [name for name, value in (("image/images", image or images), ("manifest", manifest), ("folder", folder)) if value]
         if len(sources) > 1:
-            raise ValueError(f"give one source of images, not {' and '.join(sources)}")
+            raise OptionError(f"give one source of images, not {' and '.join(sources)}")
         self.failures: list[Failure] = []
         if manifest:
             self.samples, self.failures = read_manifest(manifest)
@@ -124,23 +125,25 @@ def _samples(
 ) -> list[ImageSample]:
     if image is not None:
         if images:
-            raise ValueError("give either `image` or `images`, not both")
+            raise OptionError("give either `image` or `images`, not both")
         images = [image]
     if not images:
-        raise ValueError("no input image: set `image` (and `prompt`) or `images` (and `prompts`)")
+        raise OptionError("no input image: set `image` (and `prompt`) or `images` (and `prompts`)")
     if prompts is None:
         if prompt is None:
-            raise ValueError("no source prompt: set `prompt` or `prompts`")
+            raise OptionError("no source prompt: set `prompt` or `prompts`")
         prompts = [prompt] * len(images)
     if len(prompts) != len(images):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        raise OptionError(f"{len(images)} images but {len(prompts)} prompts")
     for item in images:
         if isinstance(item, (str, Path)) and not Path(item).is_file():
             raise ImageError(f"{item}: image file not found")
     if ids is None:
         ids = [Path(item).stem if isinstance(item, (str, Path)) else f"image_{i}" for i, item in enumerate(images)]
     elif len(ids) != len(images):
-        raise ValueError(f"{len(images)} images but {len(ids)} ids")
+        raise OptionError(f"{len(images)} images but {len(ids)} ids")
+    else:
+        ids = [check_id(str(name), "ids") for name in ids]
     return [ImageSample(id=name, prompt=text, image=item) for name, text, item in zip(_unique(ids), prompts, images)]
 
 

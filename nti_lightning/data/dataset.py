@@ -11,8 +11,9 @@ source `prompt`, optionally an `id` (the artifact's name; default: the file stem
 
 A folder is every image file in it (not recursive), each with its prompt in `<stem>.txt`.
 
-Reading a dataset never stops at one bad entry: a row without an image or a prompt, an image
-that is missing or unreadable, or a prompt sidecar that is missing is returned as a `Failure`
+Reading a dataset never stops at one bad entry: a row without an image or a prompt, an id that
+is not one plain file name (see `nti_lightning.errors.unsafe_id_reason`), an image that is
+missing or unreadable, or a prompt sidecar that is missing is returned as a `Failure`
 with its reason, and the run inverts the rest.
 """
 
@@ -28,12 +29,13 @@ from PIL import Image, UnidentifiedImageError
 
 from nti_lightning.data.images import MIN_SIDE
 from nti_lightning.data.walk import ImageSample
+from nti_lightning.errors import NtiError, unsafe_id_reason
 
 #: File types taken from a folder.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-class DatasetError(ValueError):
+class DatasetError(NtiError, ValueError):
     """The dataset itself (not one of its images) cannot be read; the message names the file."""
 
 
@@ -78,6 +80,10 @@ def read_manifest(path: str | Path) -> tuple[list[ImageSample], list[Failure]]:
             continue
         image_path = Path(image) if Path(image).is_absolute() else path.parent / image
         name = str(row.get("id") or Path(image).stem)
+        unsafe = unsafe_id_reason(name)
+        if unsafe is not None:  # an id names a file in the output folder: it must stay inside it
+            failures.append(Failure(id=f"line-{line}", image=str(image_path), reason=f"{where}: {unsafe}"))
+            continue
         if not isinstance(prompt, str) or not prompt.strip():
             failures.append(Failure(id=name, image=str(image_path), reason=f"{where}: no 'prompt' for {image}"))
             continue
@@ -99,6 +105,10 @@ def read_folder(folder: str | Path) -> tuple[list[ImageSample], list[Failure]]:
         raise DatasetError(f"{folder}: image folder not found")
     samples, failures = [], []
     for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        unsafe = unsafe_id_reason(image.stem)
+        if unsafe is not None:
+            failures.append(Failure(id=image.name, image=str(image), reason=f"{image}: {unsafe}"))
+            continue
         sidecar = image.with_suffix(".txt")
         prompt = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
         if not prompt:

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from nti_lightning.errors import NtiError
+
 
 #: Smallest image side accepted: anything smaller is a thumbnail or a broken file, not a photo.
 MIN_SIDE = 8
 
 
-class ImageError(ValueError):
+class ImageError(NtiError, ValueError):
     """An input image is missing, unreadable or unusable; the message names the file."""
 
 

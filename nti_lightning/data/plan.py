@@ -23,6 +23,7 @@ from typing import Any, Optional
 from nti_lightning.data.dataset import DatasetError, Failure, check_image
 from nti_lightning.data.walk import ImageSample
 from nti_lightning.inversion.artifact import ArtifactError, Inversion
+from nti_lightning.inversion.atomic import ensure_folder
 
 #: Settings an existing artifact must share with the run to count as this run's result.
 MATCHED_SETTINGS = (
@@ -98,6 +99,8 @@ def make_plan(
             unreadable ones as failures (PIL images given from Python are not checked).
     """
     failures = list(failures)
+    if output_dir is not None:
+        ensure_folder(output_dir)  # before any work: a folder that cannot be made stops the run now
     pending, skipped, redone, conflicts = [], [], [], []
     for sample in samples:
         if check_images and isinstance(sample.image, (str, Path)):

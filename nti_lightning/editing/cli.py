@@ -36,9 +36,9 @@ class EditCLI(LightningCLI):
         self.trainer.predict(model, datamodule=datamodule, **kwargs)
 
 
-def main(args: Optional[list[str]] = None) -> None:
+def main(args: Optional[list[str]] = None) -> EditCLI:
     """Runs `nti predict` with `args` (the full list, "predict" first), or the command line."""
-    EditCLI(
+    return EditCLI(
         EditModule,
         EditDataModule,
         args=args,

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
+from nti_lightning.errors import InputNotFoundError, OptionError, unsafe_id_reason
 
 #: Characters kept in ids (they become file names).
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -34,7 +35,7 @@ class EditDataModule(pl.LightningDataModule):
     def __init__(self, edits: Optional[list[dict[str, Any]]] = None, edits_file: Optional[str] = None) -> None:
         super().__init__()
         if not edits and not edits_file:
-            raise ValueError("no edits: set `edits` (a list of specs) or `edits_file` (a JSONL file)")
+            raise OptionError("no edits: set `edits` (a list of specs) or `edits_file` (a JSONL file)")
         self.edits = list(edits or [])
         self.edits_file = edits_file
         self.items: list[dict[str, Any]] = []
@@ -61,7 +62,7 @@ def edit_items(edits: list[Any], edits_file: Optional[str]) -> list[dict[str, An
     if edits_file:
         path = Path(edits_file)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: edits file not found")
+            raise InputNotFoundError(f"{path}: edits file not found")
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
@@ -73,6 +74,10 @@ def edit_items(edits: list[Any], edits_file: Optional[str]) -> list[dict[str, An
     seen: dict[str, int] = {}
     items = []
     for where, fallback, spec, error in raw:
+        own = spec.get("id") if isinstance(spec, dict) else None
+        unsafe = unsafe_id_reason(str(own)) if isinstance(own, (str, int)) else None
+        if unsafe is not None and error is None:  # an id names output files: it must stay in the folder
+            error, spec = f"{where}: {unsafe}", {k: v for k, v in spec.items() if k != "id"}
         name = _base_id(spec, fallback)
         seen[name] = seen.get(name, 0) + 1
         unique = name if seen[name] == 1 else f"{name}-{seen[name]}"

@@ -49,7 +49,9 @@ class EditModule(pl.LightningModule):
         attention_maps: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Not logged: TensorBoard would get a meaningless `hp_metric` scalar (the run's config is saved
+        # beside its logs by LightningCLI anyway).
+        self.save_hyperparameters(logger=False)
         self.pipeline: Optional[StableDiffusionPipeline] = None
         self.unet: Any = None
         self.vae: Any = None

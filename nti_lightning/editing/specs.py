@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nti_lightning.editing.blend import LocalBlend
 from nti_lightning.editing.controllers import AttentionController, Refine, Replace, Reweight
+from nti_lightning.errors import NtiError
 
 KINDS = ("replace", "refine", "reweight", "swap")
 _CONTROL_OPTIONS = {"cross_replace_steps", "self_replace_steps", "blend_words", "blend_threshold", "blend_start"}
@@ -42,7 +43,7 @@ OPTIONS = {
 FIELDS = {"artifact", "prompts", "kind", "options", "id"}
 
 
-class EditSpecError(ValueError):
+class EditSpecError(NtiError, ValueError):
     """An edit spec is malformed; the message names the spec."""
 
 

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from nti_lightning.data.images import to_pil
 from nti_lightning.editing.pictures import labelled_grid
+from nti_lightning.inversion.atomic import ensure_folder
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class EditWriter(BasePredictionWriter):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.written = self.failed = 0
         if trainer.is_global_zero:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ensure_folder(self.output_dir)
             # Failures of an earlier run into the same folder would read as this run's.
             self.failures_path.unlink(missing_ok=True)
         trainer.strategy.barrier("edit_writer_setup")

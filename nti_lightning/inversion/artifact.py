@@ -17,13 +17,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nti_lightning.inversion.atomic import atomic_path
+from nti_lightning.errors import NtiError
 
 FORMAT = "nti-lightning/inversion"
 FORMAT_VERSION = 1
 REQUIRED_METADATA = ("prompt", "num_inference_steps", "guidance_scale")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(NtiError, ValueError):
     """An inversion file is missing, truncated or inconsistent; the message names the file."""
 
 

@@ -13,17 +13,39 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from nti_lightning.errors import OutputError
+
+
+def ensure_folder(folder: str | Path) -> Path:
+    """Creates `folder` (and its parents) if needed; `OutputError` naming it when it cannot be."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{folder}: cannot create the output folder ({error.strerror or error})") from error
+    return folder
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path next to `path`; renames it to `path` when the block succeeds."""
+    """Yields a temporary path next to `path`; renames it to `path` when the block succeeds.
+
+    A write that fails (disk full, read-only file system) raises `OutputError` naming `path`
+    and its cause, and leaves no temporary file; what was written before stays as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_folder(path.parent)
+    try:
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from error
     os.close(descriptor)
     try:
         yield Path(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from nti_lightning.errors import InputNotFoundError, OptionError
 from nti_lightning.inversion.atomic import atomic_text
 
 #: Columns of `report.csv`, in order.
@@ -113,11 +114,11 @@ def read_rows(directory: str | Path) -> list[dict[str, Any]]:
     """The image rows of the `report.json` of a finished run in `directory`."""
     path = Path(directory) / "report.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no report (run `nti fit` with this output_dir first)")
+        raise InputNotFoundError(f"{path}: no report (run `nti fit` with this output_dir first)")
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))["images"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not an nti-lightning report ({error})") from error
+        raise OptionError(f"{path}: not an nti-lightning report ({error})") from error
     return rows
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import transformers
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 
 from nti_lightning.diffusion.ddim import ddim_scheduler
 from nti_lightning.models.sd15 import sd15_random_pipeline
 from nti_lightning.models.tiny import tiny_pipeline
 from nti_lightning.models.tokenizer import clip_tokenizer
+from nti_lightning.errors import ModelError, ModelNotFoundError
 
 
 def shapes_pipeline(torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
@@ -27,7 +31,7 @@ def shapes_pipeline(torch_dtype: torch.dtype = torch.float32) -> StableDiffusion
     """
     with resources.as_file(resources.files("nti_lightning.assets") / "shapes") as folder:
         if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"{folder}: the shipped 'shapes' model is missing (no model_index.json)")
+            raise ModelNotFoundError(f"{folder}: the shipped 'shapes' model is missing (no model_index.json)")
         return _load_external(str(folder), torch_dtype)
 
 #: Names resolved without any download.
@@ -67,15 +71,35 @@ def load_pipeline(pretrained: str, torch_dtype: torch.dtype | None = None) -> St
     return pipeline
 
 
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """Hides diffusers' and transformers' per-component loading bars (a run has its own progress)."""
+    libraries = (diffusers_logging, transformers.utils.logging)
+    were_enabled = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, enabled in zip(libraries, were_enabled):
+            if enabled:
+                library.enable_progress_bar()
+
+
 def _load_external(pretrained: str, torch_dtype: torch.dtype | None) -> StableDiffusionPipeline:
     """`load_pipeline` for anything but a built-in name."""
+    with _no_loading_bars():
+        return _load_from(pretrained, torch_dtype)
+
+
+def _load_from(pretrained: str, torch_dtype: torch.dtype | None) -> StableDiffusionPipeline:
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype  # diffusers' current name; `torch_dtype` is deprecated
     path = Path(os.path.expanduser(pretrained))
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+            raise ModelNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
         if not (path / "tokenizer").is_dir():
             # Folders written by `nti train-demo` leave CLIP's tokenizer out (it is rebuilt
             # offline); without this, transformers builds one with no length limit.
@@ -83,14 +107,14 @@ def _load_external(pretrained: str, torch_dtype: torch.dtype | None) -> StableDi
         return StableDiffusionPipeline.from_pretrained(path, **kwargs)
     if path.suffix in {".ckpt", ".pt", ".pth", ".bin"}:
         # These are pickles: loading one runs arbitrary code from whoever made it.
-        raise ValueError(
+        raise ModelError(
             f"{path}: pickled checkpoints are not loaded; convert it to .safetensors "
             "(or a diffusers folder) and pass that instead"
         )
     if path.suffix == ".safetensors":
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: checkpoint file not found")
+            raise ModelNotFoundError(f"{path}: checkpoint file not found")
         return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     if path.exists() or pretrained.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{pretrained}: neither a diffusers folder nor a .safetensors checkpoint")
+        raise ModelNotFoundError(f"{pretrained}: neither a diffusers folder nor a .safetensors checkpoint")
     return StableDiffusionPipeline.from_pretrained(pretrained, **kwargs)

@@ -20,6 +20,7 @@ fp32 under every supported precision.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
 from nti_lightning.data.images import to_pil
@@ -38,6 +40,7 @@ from nti_lightning.inversion.report import ddim_reconstruction, reconstruction_r
 from nti_lightning.inversion.trajectory import NullTextTrajectory
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.version import __version__
+from nti_lightning.errors import OptionError
 
 #: Precisions under which the fp32 embedding, Adam and DDIM arithmetic are kept.
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -51,12 +54,13 @@ class NullTextWalkCallback(pl.Callback):
         self.rows: list[dict[str, Any]] = []  # this rank's report rows
         self.failures: list[dict[str, str]] = []  # this rank's images that failed to decode
         self.started = 0.0
+        self.failed = 0  # images of the whole run that failed, known on rank 0 when fit ends
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         precision = str(trainer.precision)
         if precision not in SUPPORTED_PRECISIONS:
-            raise ValueError(
-                f"precision {precision!r} is not supported: the null embedding, Adam and the DDIM "
+            raise OptionError(
+                f"trainer.precision {precision!r} is not supported: the null embedding, Adam and the DDIM "
                 f"arithmetic must stay fp32; use one of {SUPPORTED_PRECISIONS}"
             )
 
@@ -179,7 +183,18 @@ class NullTextWalkCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         # Every rank gets here after the same number of epochs, whatever work it did, so the
         # gather cannot hang on a rank that finished early.
-        rows, failures = _gather(trainer, (self.rows, self.failures))
+        self._finish_run(trainer, pl_module, _gather(trainer, (self.rows, self.failures)))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        # Ctrl-C, or SIGTERM (a cluster preempting the job; Lightning raises it between batches):
+        # every artifact finished so far is already on disk, so report them and say how to go on.
+        # No gather: the other ranks may be gone, so each rank reports only what it knows.
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            self._finish_run(trainer, pl_module, (self.rows, self.failures), interrupted=True)
+
+    def _finish_run(self, trainer: pl.Trainer, pl_module: Any, gathered: Any, interrupted: bool = False) -> None:
+        """Rank 0 writes the dataset report and prints the summary."""
+        rows, failures = gathered
         if not trainer.is_global_zero:
             return
         plan = trainer.datamodule.plan if getattr(trainer, "datamodule", None) is not None else None
@@ -189,6 +204,10 @@ class NullTextWalkCallback(pl.Callback):
         output_dir = pl_module.hparams.output_dir
         summary = write_report(output_dir, rows, failures) if output_dir is not None else summarize(rows)
         skipped = sum(row["status"] == "skipped" for row in rows)
+        self.failed = len(failures)
+        if interrupted:
+            print(f"interrupted: {len(rows) - skipped} inverted; rerun the same command to finish", file=sys.stderr)
+            return
         print(
             f"nti: {len(rows) - skipped} inverted, {skipped} skipped (already done), {len(failures)} failed"
             + (f"; report and failures in {output_dir}" if output_dir is not None else "")

@@ -24,6 +24,7 @@ from nti_lightning.inversion.trajectory import NullTextTrajectory
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.loading import load_pipeline
 from nti_lightning.models.text import encode_prompts
+from nti_lightning.errors import OptionError
 
 #: Inversion methods: the paper's, and the two baselines it is compared with.
 METHODS = ("null_text", "negative_prompt", "ddim")
@@ -93,9 +94,11 @@ class NullTextInversion(pl.LightningModule):
     ) -> None:
         super().__init__()
         if num_inference_steps < 1 or num_inner_steps < 1:
-            raise ValueError("num_inference_steps and num_inner_steps must be positive")
+            raise OptionError(
+                f"model.num_inference_steps and model.num_inner_steps must be positive, got {num_inference_steps} and {num_inner_steps}"
+            )
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+            raise OptionError(f"model.method must be one of {METHODS}, got {method!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.unet: Any = None
