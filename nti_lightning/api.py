@@ -18,6 +18,7 @@ from nti_lightning.data.images import to_pil
 from nti_lightning.editing.edit import edit_latents
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.models import vae as vae_codec
+from nti_lightning.models.fingerprint import model_reference
 from nti_lightning.training.module import NullTextInversion
 
 ImageInput = Union[Image.Image, str]
@@ -83,7 +84,7 @@ def invert(
         images=images, prompts=prompt_list, ids=list(ids) if ids else None, batch_size=batch_size, strict=True
     )
     module = NullTextInversion(
-        pretrained=_model_reference(pipeline),
+        pretrained=model_reference(pipeline),
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         num_inner_steps=num_inner_steps,
@@ -130,6 +131,7 @@ def reconstruction_latents(
     inversion: Inversion,
     prompt: Optional[str] = None,
     guidance_scale: Optional[float] = None,
+    allow_model_mismatch: bool = False,
 ) -> torch.Tensor:
     """`[1, C, h, w]` latent at t = 0 sampled from `inversion` (see `reconstruct`)."""
     # A reconstruction is an edit with the source prompt and no attention control.
@@ -138,6 +140,7 @@ def reconstruction_latents(
         inversion,
         [prompt or inversion.prompt],
         guidance_scale=inversion.guidance_scale if guidance_scale is None else guidance_scale,
+        allow_model_mismatch=allow_model_mismatch,
     )
 
 
@@ -146,6 +149,7 @@ def reconstruct(
     inversion: Inversion,
     prompt: Optional[str] = None,
     guidance_scale: float = 7.5,
+    allow_model_mismatch: bool = False,
 ) -> Image.Image:
     """Samples the image back from `z_T` with the per-step null embeddings.
 
@@ -155,11 +159,8 @@ def reconstruct(
         prompt (`str`, *optional*): defaults to the source prompt (a reconstruction); another
             prompt gives a plain prompt-swap edit.
         guidance_scale (`float`, defaults to 7.5): w; the inversion's own w reconstructs best.
+        allow_model_mismatch (`bool`, defaults to False): use an inversion made with other weights
+            than the pipeline's (refused otherwise: the result would be garbage).
     """
-    latents = reconstruction_latents(pipeline, inversion, prompt, guidance_scale)
+    latents = reconstruction_latents(pipeline, inversion, prompt, guidance_scale, allow_model_mismatch)
     return to_pil(vae_codec.decode(pipeline.vae, latents)[0])
-
-
-def _model_reference(pipeline: StableDiffusionPipeline) -> str:
-    """The name recorded in artifacts: the pipeline's source path or hub id when known."""
-    return str(getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path", "") or "in-memory")

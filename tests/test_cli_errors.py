@@ -4,16 +4,20 @@ demo commands free of other libraries' notices."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from nti_lightning import Inversion
 from nti_lightning.cli import EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED, EXIT_USAGE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +28,7 @@ COMMAND = [str(NTI)] if NTI.exists() else [sys.executable, "-c", "from nti_light
 
 def nti(*args: str, cwd: Path, debug: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "NTI_DEBUG"}
+    env["HF_HUB_OFFLINE"] = "1"  # a hub id must fail at once, not wait for a network there is none of
     if debug:
         env["NTI_DEBUG"] = "1"
     return subprocess.run([*COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -61,8 +66,9 @@ def fit(*args: str) -> list[str]:
         (["--model.output_dir", "blocker/out"], ["blocker/out", "output folder"]),
         (["--data.ids", "[../escaped]"], ["ids", "'../escaped'", "path separator"]),
         (["--model.pretrained", "./no-such-model"], ["./no-such-model"]),
+        (["--model.pretrained", "no-such-user/no-such-model"], ["no-such-user/no-such-model", "cannot load"]),
     ],
-    ids=["missing-image", "zero-inner-steps", "zero-steps", "batch-size-0", "precision", "output-dir", "bad-id", "model"],
+    ids=["missing-image", "zero-inner-steps", "zero-steps", "batch-size-0", "precision", "output-dir", "bad-id", "model", "hub-id"],
 )
 def test_a_mistake_is_one_line_and_status_2(tmp_path, photo, args, culprits):
     (tmp_path / "blocker").write_text("a file where a folder should be")
@@ -178,3 +184,100 @@ def test_the_demo_commands_print_no_warnings(tmp_path):
     for event in events:
         tags |= set(EventAccumulator(str(event)).Reload().Tags()["scalars"])
     assert "hp_metric" not in tags and "timestep/loss" in tags
+
+
+def test_a_second_run_on_a_folder_in_use_stops_at_once_and_a_stale_lock_is_taken_over(tmp_path, photo):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".nti.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # this test: alive
+    args = fit("--data.image", str(photo), "--data.prompt", "a photo", "--model.output_dir", "out")
+    assert_user_error(nti(*args, cwd=tmp_path), "out", "in use by another nti run", str(os.getpid()))
+    assert lock.exists() and not list(out.glob("*.safetensors"))
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))  # killed long ago
+    result = nti(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "photo.safetensors").exists() and not lock.exists()
+
+
+def test_a_write_failure_is_named_and_keeps_what_was_written(tmp_path, monkeypatch, capsys, images):
+    from nti_lightning.cli import main
+    from nti_lightning.inversion import atomic
+
+    monkeypatch.chdir(tmp_path)
+    for i in range(2):
+        images[i].save(tmp_path / f"p{i}.png")
+    real_replace, calls = os.replace, []
+
+    def disk_full_on_second_artifact(source, target):
+        calls.append(str(target))
+        if str(target).endswith("p1.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", disk_full_on_second_artifact)
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit("--data.images", "[p0.png,p1.png]", "--data.prompt", "a photo", "--data.batch_size", "1",
+                 "--model.output_dir", "out", "--trainer.enable_progress_bar", "false"))
+    assert exit_info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"nti: error: {Path('out') / 'p1.safetensors'}: cannot write (No space left on device)" in err
+    assert "Traceback" not in err
+    assert Inversion.load(tmp_path / "out" / "p0.safetensors").prompt == "a photo"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.png", "p0.safetensors"]  # no temp, no lock
+
+
+def test_an_inversion_is_refused_by_a_model_with_other_weights(tmp_path, images, caplog):
+    import nti_lightning as package
+    from nti_lightning.errors import ModelError
+    from nti_lightning.models.tiny import tiny_pipeline
+
+    pipeline, other = package.load_pipeline("tiny"), tiny_pipeline(seed=1)  # same shapes, other weights
+    (inversion,) = package.invert(pipeline, images[0], "a photo", num_inference_steps=3, num_inner_steps=2,
+                              output_dir=str(tmp_path / "out"))
+    assert inversion.metadata["model_fingerprint"] == package.models.fingerprint.pipeline_fingerprint(pipeline)
+    assert package.models.fingerprint.pipeline_fingerprint(pipeline.to(dtype=torch.float16)) == inversion.metadata["model_fingerprint"]
+    pipeline.to(dtype=torch.float32)
+    with pytest.raises(ModelError, match=r"made with 'tiny' \(weights fingerprint [0-9a-f]{16}\), but this model .* has other weights"):
+        package.reconstruct(other, inversion)
+    own = package.reconstruct(pipeline, inversion)  # its own model: accepted
+    assert package.reconstruct(other, inversion, allow_model_mismatch=True).size == own.size
+
+    old = Inversion.load(tmp_path / "out" / "image_0.safetensors")
+    del old.metadata["model_fingerprint"]  # as written before fingerprints existed: a warning, then accepted
+    with caplog.at_level("WARNING"):
+        package.reconstruct(other, old)
+    assert "records no model fingerprint" in caplog.text
+
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"artifact": str(tmp_path / "out" / "image_0.safetensors"), "prompts": ["a dog"]}) + "\n")
+    (tmp_path / "model").mkdir()
+    other.save_pretrained(tmp_path / "model")
+    args = ["predict", "--config", str(ROOT / "tests/configs/edit_tiny.yaml"), "--data.edits_file", str(edits),
+            "--writer.output_dir", "edits", "--trainer.logger", "false", "--model.pretrained", str(tmp_path / "model")]
+    refused = nti(*args, cwd=tmp_path)
+    assert refused.returncode == EXIT_SOME_FAILED and "has other weights" in (tmp_path / "edits" / "failures.jsonl").read_text()
+    allowed = nti(*args, "--model.allow_model_mismatch", "true", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_resume_refuses_artifacts_made_with_other_weights(tmp_path, images):
+    from nti_lightning.data.dataset import DatasetError
+    from nti_lightning.data.plan import make_plan
+    from nti_lightning.data.walk import ImageSample
+
+    import nti_lightning as package
+
+    package.invert(package.load_pipeline("tiny"), images[0], "a photo", num_inference_steps=2, num_inner_steps=1,
+                   output_dir=str(tmp_path), ids=["cat"])
+    metadata = Inversion.read_metadata(tmp_path / "cat.safetensors")
+    settings = {key: metadata[key] for key in ("model", "model_fingerprint", "method", "num_inference_steps",
+                                               "guidance_scale", "num_inner_steps", "early_stop_epsilon", "learning_rate")}
+    samples = [ImageSample(id="cat", prompt="a photo", image=tmp_path / "cat.png")]
+    assert len(make_plan(samples, [], 1, output_dir=tmp_path, settings=settings, check_images=False).skipped) == 1
+    with pytest.raises(DatasetError, match=r"cat.safetensors \(model_fingerprint: '[0-9a-f]{16}' there, '0123456789abcdef' now\)"):
+        make_plan(samples, [], 1, output_dir=tmp_path, settings={**settings, "model_fingerprint": "0123456789abcdef"}, check_images=False)
+    del settings["model_fingerprint"]  # allow_model_mismatch leaves the fingerprint out of the settings
+    assert len(make_plan(samples, [], 1, output_dir=tmp_path, settings=settings, check_images=False).skipped) == 1

@@ -12,6 +12,7 @@ from nti_lightning.data.dataset import DatasetError, Failure, read_folder, read_
 from nti_lightning.data.images import ImageError
 from nti_lightning.data.plan import InversionPlan, make_plan
 from nti_lightning.data.walk import ImageSample, PivotWalk, WalkSampler
+from nti_lightning.inversion.lock import OutputLock
 from nti_lightning.errors import OptionError, check_id
 
 
@@ -77,6 +78,7 @@ class InversionDataModule(pl.LightningDataModule):
         self.overwrite = overwrite
         self.strict = strict
         self.plan: Optional[InversionPlan] = None
+        self.lock: Optional[OutputLock] = None  # rank 0's lock on the output folder, during fit
 
     def setup(self, stage: str) -> None:
         # Rank 0 decides and broadcasts: every rank must agree on the batches even while another
@@ -86,6 +88,8 @@ class InversionDataModule(pl.LightningDataModule):
         outcome: Any = None
         if trainer.is_global_zero:
             try:
+                if module.hparams.output_dir is not None and self.lock is None:
+                    self.lock = OutputLock(module.hparams.output_dir).acquire()
                 outcome = make_plan(
                     self.samples,
                     self.failures,
@@ -104,6 +108,18 @@ class InversionDataModule(pl.LightningDataModule):
             raise ImageError(outcome.failures[0].reason)
         self.plan = outcome
         module.batch_slots = outcome.slots  # the embedding's shape, fixed before DDP wraps it
+
+    def teardown(self, stage: str) -> None:
+        self._release_lock()
+
+    def on_exception(self, exception: BaseException) -> None:
+        # A failed or interrupted run gets no teardown call: the lock must go here too.
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def train_dataloader(self) -> DataLoader:
         # The walk's length (T, N) and the image size are the model's.

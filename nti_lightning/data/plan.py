@@ -28,6 +28,7 @@ from nti_lightning.inversion.atomic import ensure_folder
 #: Settings an existing artifact must share with the run to count as this run's result.
 MATCHED_SETTINGS = (
     "model",
+    "model_fingerprint",
     "method",
     "num_inference_steps",
     "guidance_scale",
@@ -141,6 +142,8 @@ def make_plan(
 def _differences(metadata: dict[str, Any], settings: dict[str, Any]) -> str:
     found = []
     for key, wanted in settings.items():
+        if key == "model_fingerprint" and key not in metadata:
+            continue  # written before fingerprints were recorded: the model name must do
         have = metadata.get(key, "null_text" if key == "method" else None)  # older files are null-text
         if have != wanted:
             found.append(f"{key}: {have!r} there, {wanted!r} now")

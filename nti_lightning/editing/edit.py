@@ -9,6 +9,7 @@ exactly `nti_lightning.reconstruct`.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence, Union
 
 import torch
@@ -19,10 +20,14 @@ from nti_lightning.data.images import to_pil
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.editing.attention import AttentionStore, controlled_attention
 from nti_lightning.editing.controllers import AttentionController
+from nti_lightning.errors import ModelError
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.sampling import sample
 from nti_lightning.models import vae as vae_codec
+from nti_lightning.models.fingerprint import model_reference, pipeline_fingerprint
 from nti_lightning.models.text import encode_prompts
+
+log = logging.getLogger(__name__)
 
 
 def edit(
@@ -33,6 +38,7 @@ def edit(
     controller: Optional[AttentionController] = None,
     guidance_scale: float = 7.5,
     attention_store: Optional[AttentionStore] = None,
+    allow_model_mismatch: bool = False,
 ) -> list[Image.Image]:
     """Edits an inverted image: one image per prompt, sampled together from the inversion's `z_T`.
 
@@ -46,6 +52,8 @@ def edit(
         guidance_scale (`float`, defaults to 7.5): w; the inversion's own w reconstructs best.
         attention_store (`AttentionStore`, *optional*): records the cross-attention maps of the
             run (for `cross_attention_picture`); emptied first.
+        allow_model_mismatch (`bool`, defaults to False): edit an inversion made with other weights
+            than the pipeline's (refused otherwise: see `check_compatible`).
 
     Returns:
         One `PIL.Image` per prompt, in order (index 0 is the source prompt's when a controller is used).
@@ -60,6 +68,7 @@ def edit(
         controller=controller,
         guidance_scale=guidance_scale,
         attention_store=attention_store,
+        allow_model_mismatch=allow_model_mismatch,
     )
     return [to_pil(image) for image in vae_codec.decode(pipeline.vae, latents)]
 
@@ -73,12 +82,13 @@ def edit_latents(
     controller: Optional[AttentionController] = None,
     guidance_scale: float = 7.5,
     attention_store: Optional[AttentionStore] = None,
+    allow_model_mismatch: bool = False,
 ) -> torch.Tensor:
     """`[P, C, h, w]` latents at t = 0 of `edit` (same arguments), before decoding."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("edit needs at least one prompt")
-    check_compatible(pipeline, inversion)
+    check_compatible(pipeline, inversion, allow_model_mismatch=allow_model_mismatch)
     if controller is not None:
         if prompts != controller.prompts:
             raise ValueError(f"the controller was built for prompts {controller.prompts}, but edit got {prompts}")
@@ -110,17 +120,28 @@ def edit_latents(
         return sample(unet, schedule, z_T, null, cond, guidance_scale, on_step=on_step)
 
 
-def check_compatible(pipeline: StableDiffusionPipeline, inversion: Inversion, name: Optional[str] = None) -> None:
+def check_compatible(
+    pipeline: StableDiffusionPipeline,
+    inversion: Inversion,
+    name: Optional[str] = None,
+    allow_model_mismatch: bool = False,
+) -> None:
     """Raises `ValueError` naming the inversion when it was not made with a model like `pipeline`'s.
 
     Checks the latent shape against the UNet's, the null embeddings' token count and width against
-    the tokenizer and text encoder, their number against the recorded T, and the prediction type.
+    the tokenizer and text encoder, their number against the recorded T, the prediction type, and
+    the weights' fingerprint (`ModelError`, naming both models): a model of the same shape with
+    other weights passes every other check and edits into garbage. An inversion without a
+    fingerprint (written by an older version) is accepted with a warning, once per process.
 
     Args:
         pipeline (`StableDiffusionPipeline`): the pipeline to edit with.
         inversion (`Inversion`): the inversion to check.
         name (`str`, *optional*): how to name the inversion in errors (e.g. its file); defaults to
             its id or source prompt.
+        allow_model_mismatch (`bool`, defaults to False): accept an inversion whose fingerprint is
+            not the pipeline's (for experts: e.g. the same weights re-saved in another precision
+            of a different rounding).
     """
     name = name or str(inversion.metadata.get("id") or f"inversion of {inversion.prompt!r}")
     made_with = f" (made with {inversion.metadata['model']!r})" if "model" in inversion.metadata else ""
@@ -151,3 +172,21 @@ def check_compatible(pipeline: StableDiffusionPipeline, inversion: Inversion, na
         raise ValueError(
             f"{name}: inverted with a {recorded!r} model{made_with}, but this model predicts {current!r}"
         )
+    recorded_fingerprint = inversion.metadata.get("model_fingerprint")
+    if recorded_fingerprint is None:
+        global _warned_unfingerprinted
+        if not _warned_unfingerprinted:
+            _warned_unfingerprinted = True
+            log.warning("%s records no model fingerprint (an older nti-lightning wrote it): its model is not checked", name)
+        return
+    fingerprint = pipeline_fingerprint(pipeline)
+    if recorded_fingerprint != fingerprint and not allow_model_mismatch:
+        raise ModelError(
+            f"{name}: made with {inversion.metadata.get('model', 'another model')!r} (weights fingerprint "
+            f"{recorded_fingerprint}), but this model {model_reference(pipeline)!r} has other weights (fingerprint "
+            f"{fingerprint}); use the model it was inverted with, or set allow_model_mismatch"
+        )
+
+
+#: Whether the missing-fingerprint warning was given (once per process, not once per file).
+_warned_unfingerprinted = False

@@ -38,6 +38,8 @@ class EditModule(pl.LightningModule):
         self_replace_steps (`float`, defaults to 0.4): fraction of the steps with self-attention
             replaced, for specs that do not set it.
         attention_maps (`bool`, defaults to True): also draw the source prompt's cross-attention maps.
+        allow_model_mismatch (`bool`, defaults to False): edit inversions made with other weights
+            than this model's (each is refused otherwise, as a failed edit naming both models).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class EditModule(pl.LightningModule):
         cross_replace_steps: float = 0.8,
         self_replace_steps: float = 0.4,
         attention_maps: bool = True,
+        allow_model_mismatch: bool = False,
     ) -> None:
         super().__init__()
         # Not logged: TensorBoard would get a meaningless `hp_metric` scalar (the run's config is saved
@@ -84,7 +87,7 @@ class EditModule(pl.LightningModule):
         """The pictures of one spec: `images` `[N, 3, H, W]` in [0, 1] with their `labels`, and `attention`."""
         pipeline = self.pipeline
         inversion = Inversion.load(spec.artifact)
-        check_compatible(pipeline, inversion, name=spec.artifact)
+        check_compatible(pipeline, inversion, name=spec.artifact, allow_model_mismatch=self.hparams.allow_model_mismatch)
         prompts = spec.all_prompts(inversion.prompt)
         hparams = self.hparams
         controller = spec.controller(
@@ -98,9 +101,13 @@ class EditModule(pl.LightningModule):
             controller=controller,
             guidance_scale=hparams.guidance_scale,
             attention_store=store,
+            allow_model_mismatch=hparams.allow_model_mismatch,
         )
         # Without control or store the source prompt reproduces `reconstruct` exactly.
-        reconstruction = edit_latents(pipeline, inversion, [inversion.prompt], guidance_scale=hparams.guidance_scale)
+        reconstruction = edit_latents(
+            pipeline, inversion, [inversion.prompt], guidance_scale=hparams.guidance_scale,
+            allow_model_mismatch=hparams.allow_model_mismatch,
+        )
         source = inversion.source_latent.unsqueeze(0).to(edited.device)
         images = vae_codec.decode(pipeline.vae, torch.cat([source, reconstruction, edited[1:]])).cpu()
         attention = cross_attention_picture(store, pipeline.tokenizer, prompts[0]) if hparams.attention_maps else None

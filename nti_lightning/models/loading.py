@@ -89,7 +89,12 @@ def _no_loading_bars() -> Iterator[None]:
 def _load_external(pretrained: str, torch_dtype: torch.dtype | None) -> StableDiffusionPipeline:
     """`load_pipeline` for anything but a built-in name."""
     with _no_loading_bars():
-        return _load_from(pretrained, torch_dtype)
+        try:
+            return _load_from(pretrained, torch_dtype)
+        except ModelError:
+            raise
+        except (OSError, ValueError) as error:  # no such hub id, no network, a broken folder or file
+            raise ModelError(f"{pretrained}: cannot load the model ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
 
 
 def _load_from(pretrained: str, torch_dtype: torch.dtype | None) -> StableDiffusionPipeline:

@@ -256,6 +256,7 @@ def _metadata(module: Any) -> dict[str, Any]:
     hparams = module.hparams
     return {
         "model": hparams.pretrained,
+        "model_fingerprint": module.model_fingerprint,
         "method": hparams.method,
         "scheduler_config": json.loads(json.dumps(module.scheduler_config, default=str)),
         "num_inference_steps": hparams.num_inference_steps,

@@ -22,6 +22,7 @@ from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.null_text import TimestepProblem, keep_inactive, objective
 from nti_lightning.inversion.trajectory import NullTextTrajectory
 from nti_lightning.models import vae as vae_codec
+from nti_lightning.models.fingerprint import model_fingerprint
 from nti_lightning.models.loading import load_pipeline
 from nti_lightning.models.text import encode_prompts
 from nti_lightning.errors import OptionError
@@ -71,6 +72,9 @@ class NullTextInversion(pl.LightningModule):
             left uncompiled.
         compile_mode (`str`, *optional*): `torch.compile` mode, e.g. "reduce-overhead" for CUDA
             graphs (use with `early_exit=False`: a graph replays best without host reads).
+        allow_model_mismatch (`bool`, defaults to False): on a resumed run, count artifacts made
+            with other weights of the same model reference as done (refused otherwise: see
+            `nti_lightning.models.fingerprint`).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class NullTextInversion(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: Optional[str] = None,
+        allow_model_mismatch: bool = False,
     ) -> None:
         super().__init__()
         if num_inference_steps < 1 or num_inner_steps < 1:
@@ -106,6 +111,7 @@ class NullTextInversion(pl.LightningModule):
         self.text_encoder: Any = None
         self.tokenizer: Any = None
         self.schedule: Optional[DDIMSchedule] = None
+        self.model_fingerprint: Optional[str] = None  # of the attached weights, recorded in artifacts
         self.scheduler_config: dict[str, Any] = {}
         self.null_embedding: Optional[torch.nn.Parameter] = None
         self.trajectory: Optional[NullTextTrajectory] = None
@@ -126,6 +132,7 @@ class NullTextInversion(pl.LightningModule):
             part.requires_grad_(False).eval()  # backward reaches the embedding only
         self.unet, self.vae, self.text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
+        self.model_fingerprint = model_fingerprint(pipeline.unet, pipeline.text_encoder, pipeline.vae)
         self.scheduler_config = dict(pipeline.scheduler.config)
         self.schedule = DDIMSchedule.from_scheduler_config(self.scheduler_config, self.hparams.num_inference_steps)
         # The frozen networks are the same on every rank: DDP need not broadcast nor watch them.
@@ -172,7 +179,10 @@ class NullTextInversion(pl.LightningModule):
     def run_settings(self) -> dict[str, Any]:
         """The settings an existing artifact must share to count as this run's result."""
         hparams = self.hparams
+        self.configure_model()  # the weights' fingerprint needs the model
+        fingerprint = {} if hparams.allow_model_mismatch else {"model_fingerprint": self.model_fingerprint}
         return {
+            **fingerprint,
             "model": hparams.pretrained,
             "method": hparams.method,
             "num_inference_steps": hparams.num_inference_steps,
