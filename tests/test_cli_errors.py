@@ -147,7 +147,10 @@ def test_an_interrupted_run_keeps_its_work_and_the_rerun_finishes_it(tmp_path, i
     manifest = write_manifest(tmp_path / "data.jsonl", rows)
     args = fit("--data.manifest", str(manifest), "--model.output_dir", "out", "--data.batch_size", "1",
                "--model.num_inference_steps", "40", "--model.num_inner_steps", "5", "--model.early_stop_epsilon", "0")
-    process = subprocess.Popen([*COMMAND, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A job started in the background by a shell inherits SIGINT ignored (and Python then installs
+    # no Ctrl-C handler): give the run the default disposition a terminal's Ctrl-C meets.
+    process = subprocess.Popen([*COMMAND, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not list((tmp_path / "out").glob("*.safetensors")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
