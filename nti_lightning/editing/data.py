@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
+
 from nti_lightning.errors import InputNotFoundError, OptionError, unsafe_id_reason
 
 #: Characters kept in ids (they become file names).

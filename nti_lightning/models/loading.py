@@ -14,10 +14,10 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from nti_lightning.diffusion.ddim import ddim_scheduler
+from nti_lightning.errors import ModelError, ModelNotFoundError
 from nti_lightning.models.sd15 import sd15_random_pipeline
 from nti_lightning.models.tiny import tiny_pipeline
 from nti_lightning.models.tokenizer import clip_tokenizer
-from nti_lightning.errors import ModelError, ModelNotFoundError
 
 
 def shapes_pipeline(torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:

@@ -33,6 +33,7 @@ from PIL import Image
 
 from nti_lightning.data.images import to_pil
 from nti_lightning.data.walk import ImageSample
+from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import ArtifactError, Inversion
 from nti_lightning.inversion.dataset_report import image_row, summarize, summary_table, write_report
 from nti_lightning.inversion.null_text import step_learning_rate
@@ -40,7 +41,6 @@ from nti_lightning.inversion.report import ddim_reconstruction, reconstruction_r
 from nti_lightning.inversion.trajectory import NullTextTrajectory
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.version import __version__
-from nti_lightning.errors import OptionError
 
 #: Precisions under which the fp32 embedding, Adam and DDIM arithmetic are kept.
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")

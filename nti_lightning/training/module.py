@@ -18,6 +18,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from nti_lightning.diffusion.ddim import DDIMSchedule
+from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.null_text import TimestepProblem, keep_inactive, objective
 from nti_lightning.inversion.trajectory import NullTextTrajectory
@@ -25,7 +26,6 @@ from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.fingerprint import model_fingerprint
 from nti_lightning.models.loading import load_pipeline
 from nti_lightning.models.text import encode_prompts
-from nti_lightning.errors import OptionError
 
 #: Inversion methods: the paper's, and the two baselines it is compared with.
 METHODS = ("null_text", "negative_prompt", "ddim")
