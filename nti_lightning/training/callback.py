@@ -183,18 +183,19 @@ class NullTextWalkCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         # Every rank gets here after the same number of epochs, whatever work it did, so the
         # gather cannot hang on a rank that finished early.
-        self._finish_run(trainer, pl_module, _gather(trainer, (self.rows, self.failures)))
+        self._finish_run(trainer, pl_module, *_gather(trainer, (self.rows, self.failures)))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
         # Ctrl-C, or SIGTERM (a cluster preempting the job; Lightning raises it between batches):
         # every artifact finished so far is already on disk, so report them and say how to go on.
         # No gather: the other ranks may be gone, so each rank reports only what it knows.
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            self._finish_run(trainer, pl_module, (self.rows, self.failures), interrupted=True)
+            self._finish_run(trainer, pl_module, self.rows, self.failures, interrupted=True)
 
-    def _finish_run(self, trainer: pl.Trainer, pl_module: Any, gathered: Any, interrupted: bool = False) -> None:
+    def _finish_run(
+        self, trainer: pl.Trainer, pl_module: Any, rows: list[dict[str, Any]], failures: list[dict[str, str]], interrupted: bool = False
+    ) -> None:
         """Rank 0 writes the dataset report and prints the summary."""
-        rows, failures = gathered
         if not trainer.is_global_zero:
             return
         plan = trainer.datamodule.plan if getattr(trainer, "datamodule", None) is not None else None

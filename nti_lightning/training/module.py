@@ -23,7 +23,7 @@ from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.null_text import TimestepProblem, keep_inactive, objective
 from nti_lightning.inversion.trajectory import NullTextTrajectory
 from nti_lightning.models import vae as vae_codec
-from nti_lightning.models.fingerprint import model_fingerprint
+from nti_lightning.models.fingerprint import pipeline_fingerprint
 from nti_lightning.models.loading import load_pipeline
 from nti_lightning.models.text import encode_prompts
 
@@ -132,7 +132,7 @@ class NullTextInversion(pl.LightningModule):
             part.requires_grad_(False).eval()  # backward reaches the embedding only
         self.unet, self.vae, self.text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
-        self.model_fingerprint = model_fingerprint(pipeline.unet, pipeline.text_encoder, pipeline.vae)
+        self.model_fingerprint = pipeline_fingerprint(pipeline)
         self.scheduler_config = dict(pipeline.scheduler.config)
         self.schedule = DDIMSchedule.from_scheduler_config(self.scheduler_config, self.hparams.num_inference_steps)
         # The frozen networks are the same on every rank: DDP need not broadcast nor watch them.
