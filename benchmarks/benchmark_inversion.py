@@ -16,6 +16,11 @@ configuration to the fp32 one, and can append everything as one JSON line to a f
     python benchmarks/benchmark_inversion.py --model tiny --device cpu --batch-size 8
     python benchmarks/benchmark_inversion.py --model sd15-random --device cuda --batch-size 8 \
         --baseline-images 2 --output benchmarks/results.jsonl
+    python benchmarks/benchmark_inversion.py --model sdxl-random --device cuda --batch-size 1 \
+        --configs bf16 bf16+checkpointing --output benchmarks/results.jsonl
+
+SDXL models (`sdxl-random`, `tiny-xl`, an SDXL folder) are timed against the SDXL reference loop
+(`tests/reference_xl.py`); `--resolution` runs `sdxl-random` at a smaller size (a CPU smoke run).
 
 See BENCHMARKS.md for what the numbers mean.
 """
@@ -53,13 +58,17 @@ if str(REPO_ROOT) not in sys.path:
 import nti_lightning  # noqa: E402
 from nti_lightning.api import invert, reconstruction_latents  # noqa: E402
 from nti_lightning.data.images import prepare  # noqa: E402
+from nti_lightning.demo.shapes import heldout_samples  # noqa: E402
 from nti_lightning.diffusion.ddim import ddim_scheduler  # noqa: E402
 from nti_lightning.inversion.artifact import Inversion  # noqa: E402
 from nti_lightning.models import vae as vae_codec  # noqa: E402
 from nti_lightning.models.loading import load_pipeline  # noqa: E402
+from nti_lightning.models.pipelines import is_sdxl  # noqa: E402
 from nti_lightning.models.sd15 import sd15_random_pipeline  # noqa: E402
-from nti_lightning.models.text import encode_prompts  # noqa: E402
+from nti_lightning.models.sdxl import sdxl_random_pipeline  # noqa: E402
+from nti_lightning.models.text import PromptEncoder  # noqa: E402
 from tests.reference import ReferenceNullInversion  # noqa: E402
+from tests.reference_xl import ReferenceNullInversionXL  # noqa: E402
 
 #: The package configurations timed, by name: keyword arguments passed to `nti_lightning.invert`.
 #: Add a line to time a new option. A configuration with an option `invert` does not take is
@@ -73,6 +82,9 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "bf16+reuse": {"precision": "bf16-mixed", "reuse_cond_output": True},
     "fp16+reuse": {"precision": "16-mixed", "reuse_cond_output": True},
     "bf16+reuse+compile": {"precision": "bf16-mixed", "reuse_cond_output": True, "compile": True},
+    "bf16+checkpointing": {"precision": "bf16-mixed", "gradient_checkpointing": True},
+    "fp32+continuous": {"scheduling": "continuous"},
+    "bf16+continuous": {"precision": "bf16-mixed", "scheduling": "continuous"},
     "bf16+reuse+cuda-graphs": {
         "precision": "bf16-mixed",
         "reuse_cond_output": True,
@@ -108,16 +120,20 @@ def random_image(seed: int, size: int) -> Image.Image:
     return Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
 
 
-def build_pipeline(model: str, device: torch.device) -> StableDiffusionPipeline:
+def build_pipeline(model: str, device: torch.device, resolution: Optional[int] = None) -> StableDiffusionPipeline:
     """The fp32 pipeline to time, on `device`, with the DDIM scheduler the algorithm uses.
 
     Args:
-        model (`str`): "tiny", "sd15-random", or anything `nti_lightning.load_pipeline` takes.
+        model (`str`): "tiny", "sd15-random", "sdxl-random", or anything `nti_lightning.load_pipeline` takes.
         device (`torch.device`): where the weights go.
+        resolution (`int`, *optional*): image side for "sdxl-random" (default its 1024 px).
     """
-    if model == "sd15-random":
-        # Initialised where it runs: no 4 GB of random weights made on the host and copied over.
-        pipeline = sd15_random_pipeline(seed=0, device=device)
+    if model in ("sd15-random", "sdxl-random"):
+        # Initialised where it runs: no 4 (SDXL: 14) GB of random weights made on the host and copied over.
+        if model == "sd15-random":
+            pipeline = sd15_random_pipeline(seed=0, device=device)
+        else:
+            pipeline = sdxl_random_pipeline(seed=0, device=device, resolution=resolution)
         pipeline.scheduler = ddim_scheduler(pipeline.scheduler.config)
         return pipeline
     return load_pipeline(model).to(device)
@@ -142,6 +158,27 @@ class BaselineLoop(ReferenceNullInversion):
             return encoder(ids.to(encoder.device))[0]
 
         return encode(""), encode(prompt)
+
+
+class BaselineLoopXL(ReferenceNullInversionXL):
+    """The SDXL reference loop, unchanged except that prompts are encoded on the text encoders'
+    device and the time ids live on the UNet's (the reference was written for the CPU)."""
+
+    def __init__(self, pipe: Any, num_ddim_steps: int = 50, guidance_scale: float = 7.5) -> None:
+        super().__init__(pipe, num_ddim_steps=num_ddim_steps, guidance_scale=guidance_scale)
+        self.time_ids = self.time_ids.to(pipe.unet.device)
+
+    @torch.no_grad()
+    def context(self, prompt: str) -> tuple[torch.Tensor, ...]:
+        cond, uncond, cond_pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompt, device=self.pipe.text_encoder.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+        return uncond.float(), cond.float(), uncond_pooled.float(), cond_pooled.float()
+
+
+def baseline_loop(pipeline: Any, **options: Any) -> ReferenceNullInversion:
+    """The reference loop that fits `pipeline`: SD's or SDXL's."""
+    return (BaselineLoopXL if is_sdxl(pipeline) else BaselineLoop)(pipeline, **options)
 
 
 # -------------------------------------------------------------------------------------- measuring
@@ -228,6 +265,8 @@ class Timing:
         iterations (`list[int]`): inner Adam iterations each image used, summed over the steps.
         memory_kind (`str`): what `peak_memory` measures (`PeakMemory.kind`).
         results (`list`): the package's `Inversion`s (kept for the fidelity check), else empty.
+        unet_rows (`int`): latents the UNet processed in the run (a batch of k counts k), forward
+            passes only (each inner iteration's backward follows its forward).
     """
 
     configuration: str
@@ -240,6 +279,7 @@ class Timing:
     iterations: list[int]
     memory_kind: str
     results: list[Inversion] = field(default_factory=list, repr=False)
+    unet_rows: int = 0
 
     @property
     def seconds_per_image(self) -> float:
@@ -254,7 +294,7 @@ class Timing:
 def time_baseline(
     pipeline: StableDiffusionPipeline,
     pixels: Sequence[torch.Tensor],
-    prompt: str,
+    prompts: Sequence[str],
     mode: str,
     args: argparse.Namespace,
     device: torch.device,
@@ -264,30 +304,48 @@ def time_baseline(
     Args:
         pipeline (`StableDiffusionPipeline`): fp32 pipeline on `device`.
         pixels (sequence of `torch.Tensor`): `[1, 3, H, W]` inputs in [-1, 1] on `device`.
-        prompt (`str`): the source prompt.
+        prompts (sequence of `str`): their source prompts.
         mode (`str`): a key of `MODES`.
         args (`argparse.Namespace`): `steps`, `inner_steps`, `guidance_scale`.
         device (`torch.device`): the device everything runs on.
     """
-    loop = BaselineLoop(pipeline, num_ddim_steps=args.steps, guidance_scale=args.guidance_scale)
+    loop = baseline_loop(pipeline, num_ddim_steps=args.steps, guidance_scale=args.guidance_scale)
     memory = PeakMemory(device)
     iterations = []
     memory.start()
     start = time.perf_counter()
-    for image in pixels:
-        result = loop.invert(image, prompt, num_inner_steps=args.inner_steps, epsilon=MODES[mode])
-        iterations.append(sum(result["inner_iterations"]))
-    synchronize(device)
+    with counted_unet_rows(pipeline.unet) as rows:
+        for image, prompt in zip(pixels, prompts):
+            result = loop.invert(image, prompt, num_inner_steps=args.inner_steps, epsilon=MODES[mode])
+            iterations.append(sum(result["inner_iterations"]))
+        synchronize(device)
     seconds = time.perf_counter() - start
     return Timing(
-        "baseline", mode, len(pixels), 1, seconds, memory.peak(), memory.before, iterations, memory.kind
+        "baseline", mode, len(pixels), 1, seconds, memory.peak(), memory.before, iterations, memory.kind,
+        unet_rows=rows[0],
     )
+
+
+@contextlib.contextmanager
+def counted_unet_rows(unet: torch.nn.Module) -> Any:
+    """Counts the latents the UNet processes inside the block (a one-element list, filled in)."""
+    rows = [0]
+
+    def count(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        rows[0] += int(sample.shape[0])
+
+    handle = unet.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
 
 
 def time_package(
     pipeline: StableDiffusionPipeline,
     images: Sequence[Image.Image],
-    prompt: str,
+    prompts: Sequence[str],
     configuration: str,
     mode: str,
     args: argparse.Namespace,
@@ -299,7 +357,7 @@ def time_package(
     Args:
         pipeline (`StableDiffusionPipeline`): fp32 pipeline on `device`.
         images (sequence of PIL images): the inputs, at the model's resolution.
-        prompt (`str`): the source prompt of every image.
+        prompts (sequence of `str`): their source prompts.
         configuration (`str`): a key of `CONFIGURATIONS`; its options go to `invert`.
         mode (`str`): a key of `MODES`.
         args (`argparse.Namespace`): `steps`, `inner_steps`, `guidance_scale`.
@@ -311,7 +369,7 @@ def time_package(
         guidance_scale=args.guidance_scale,
         num_inner_steps=args.inner_steps,
         early_stop_epsilon=MODES[mode],
-        batch_size=len(images),  # one batch: all images walk their pivots together
+        batch_size=args.batch_size,  # B images (lockstep) or slots (continuous) at once
         accelerator=_accelerator(device),
         **CONFIGURATIONS[configuration],
     )
@@ -320,14 +378,14 @@ def time_package(
     memory.start()
     start = time.perf_counter()
     # `invert` may print its own summary; the benchmark's output is its tables alone.
-    with contextlib.redirect_stdout(io.StringIO()):
-        results = invert(pipeline, list(images), prompt, **options)
-    synchronize(device)
+    with contextlib.redirect_stdout(io.StringIO()), counted_unet_rows(pipeline.unet) as rows:
+        results = invert(pipeline, list(images), list(prompts), **options)
+        synchronize(device)
     seconds = time.perf_counter() - start
     iterations = [sum(result.metadata["inner_iterations"]) for result in results]
     return Timing(
-        configuration, mode, len(images), len(images), seconds, memory.peak(), memory.before, iterations,
-        memory.kind, results,
+        configuration, mode, len(images), min(args.batch_size, len(images)), seconds, memory.peak(), memory.before,
+        iterations, memory.kind, results, unet_rows=rows[0],
     )
 
 
@@ -430,7 +488,7 @@ def summarise(
 
     Args:
         timings (sequence of `Timing`): the baseline's first, then the package's.
-        batch_size (`int`): B; a baseline timed on fewer images stands for all B (per-image time).
+        batch_size (`int`): the images of a run; a baseline timed on fewer stands for all (per-image time).
         recorded (sequence of `dict`, defaults to none): baseline rows of an earlier run
             (`recorded_baseline`), used for the modes this run did not time the baseline in.
     """
@@ -457,6 +515,7 @@ def summarise(
                 "peak_memory_per_image_bytes": timing.memory_per_image,
                 "peak_memory_kind": timing.memory_kind,
                 "inner_iterations_per_image": float(np.mean(timing.iterations)),
+                "unet_rows_per_image": timing.unet_rows / timing.images,
                 "inner_iterations": timing.iterations,
             }
         )
@@ -467,8 +526,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], batch_size: int) -> str:
     """The rows as a Markdown table (see BENCHMARKS.md for the columns)."""
     lines = [
         "| configuration | mode | images | seconds | s/image | images/s | speed-up | peak memory "
-        "| memory/image | iterations/image |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| memory/image | iterations/image | UNet rows/image |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         images = str(row["images"]) if row["images"] == batch_size else f"{row['images']} of {batch_size}"
@@ -477,7 +536,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], batch_size: int) -> str:
             f"| {row['configuration']} | {row['mode']} | {images} | {row['seconds']:.3f} | "
             f"{row['seconds_per_image']:.3f} | {row['images_per_second']:.3f} | {speedup} | "
             f"{_bytes(row['peak_memory_bytes'])} | {_bytes(row['peak_memory_per_image_bytes'])} | "
-            f"{row['inner_iterations_per_image']:.1f} |"
+            f"{row['inner_iterations_per_image']:.1f} | {row.get('unet_rows_per_image', float('nan')):.1f} |"
         )
     return "\n".join(lines)
 
@@ -548,9 +607,24 @@ def _git(*command: str) -> Optional[str]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (run with --help for every flag)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="tiny, sd15-random, or a load_pipeline name/path (tiny)")
+    parser.add_argument(
+        "--model", default="tiny", help="tiny, sd15-random, sdxl-random, or a load_pipeline name/path (tiny)"
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="image side for sdxl-random, a multiple of 8 (1024)"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (cuda when available, else cpu)")
-    parser.add_argument("--batch-size", type=int, default=8, help="B, images inverted together (8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="B, images inverted together (lockstep) or slots (continuous) (8)"
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=None, help="images inverted in each timed run (B): more than B runs batches"
+    )
+    parser.add_argument(
+        "--images", choices=("random", "heldout"), default="random",
+        help="random smooth images with --prompt (random), or the shapes model's held-out images with their "
+        "captions (heldout: a model that converges, so early stopping happens as with real weights)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="T, DDIM steps (50)")
     parser.add_argument("--inner-steps", type=int, default=10, help="N, most inner iterations per step (10)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="w (7.5)")
@@ -580,10 +654,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1 or args.inner_steps < 1:
         parser.error("--batch-size, --steps and --inner-steps must be positive")
+    if args.num_images is None:
+        args.num_images = args.batch_size
+    if args.num_images < 1:
+        parser.error("--num-images must be positive")
     if args.baseline_images is None:
-        args.baseline_images = args.batch_size
-    if not 0 <= args.baseline_images <= args.batch_size:
-        parser.error("--baseline-images must be between 0 and --batch-size")
+        args.baseline_images = args.num_images
+    if not 0 <= args.baseline_images <= args.num_images:
+        parser.error("--baseline-images must be between 0 and --num-images")
     return args
 
 
@@ -629,45 +707,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"note: skipping {name}: {reason}")
 
     start = time.perf_counter()
-    pipeline = build_pipeline(args.model, device)
+    pipeline = build_pipeline(args.model, device, args.resolution)
     resolution = vae_codec.resolution(pipeline.vae, pipeline.unet.config.sample_size)
     print(
         f"{args.model} on {device} ({resolution}x{resolution}) built in {time.perf_counter() - start:.1f} s; "
-        f"B={args.batch_size}, T={args.steps}, N={args.inner_steps}, w={args.guidance_scale}"
+        f"{args.num_images} images ({args.images}), B={args.batch_size}, T={args.steps}, N={args.inner_steps}, "
+        f"w={args.guidance_scale}"
     )
-    images = [random_image(args.seed + i, resolution) for i in range(args.batch_size)]
+    if args.images == "heldout":
+        samples = heldout_samples(args.num_images, start=args.seed, resolution=resolution)
+        images, prompts = [sample.image for sample in samples], [sample.caption for sample in samples]
+    else:
+        images = [random_image(args.seed + i, resolution) for i in range(args.num_images)]
+        prompts = [args.prompt] * args.num_images
     pixels = [prepare(image, resolution)[None].to(device) for image in images]
 
     timings: list[Timing] = []
     if args.baseline_images:
         # Untimed warm-up: first calls pay one-time costs (allocator growth, kernel selection).
-        BaselineLoop(pipeline, num_ddim_steps=args.warmup_steps).invert(
-            pixels[0], args.prompt, num_inner_steps=1, epsilon=-1.0
+        baseline_loop(pipeline, num_ddim_steps=args.warmup_steps).invert(
+            pixels[0], prompts[0], num_inner_steps=1, epsilon=-1.0
         )
         for mode in args.modes:
-            timings.append(time_baseline(pipeline, pixels[: args.baseline_images], args.prompt, mode, args, device))
+            timings.append(
+                time_baseline(pipeline, pixels[: args.baseline_images], prompts[: args.baseline_images], mode, args, device)
+            )
     for name in configurations:
         # Each configuration has its own one-time costs (compilation, autocast kernels), paid by
         # a short untimed walk on the same batch shape.
         time_package(
-            pipeline, images, args.prompt, name, args.modes[0], args, device,
+            pipeline, images[: args.batch_size], prompts[: args.batch_size], name, args.modes[0], args, device,
             num_inference_steps=args.warmup_steps, num_inner_steps=min(2, args.inner_steps),
         )
         for mode in args.modes:
-            timings.append(time_package(pipeline, images, args.prompt, name, mode, args, device))
+            timings.append(time_package(pipeline, images, prompts, name, mode, args, device))
 
     recorded = []
     if args.baseline_from:
         recorded = recorded_baseline(args.baseline_from, env["device"], args)
         if not recorded:
             print(f"note: {args.baseline_from} has no baseline for this model, device, T, N and w")
-    rows = summarise(timings, args.batch_size, recorded)
+    rows = summarise(timings, args.num_images, recorded)
     print()
     print(f"Null-text inversion, {args.model} on {env['device']}: "
           f"B={args.batch_size}, T={args.steps}, N={args.inner_steps}; modes: full = all N iterations "
           f"(ε = -1), early-stop = ε 1e-5. Baseline: the reference loop, one image at a time.")
     print()
-    print(markdown_table(rows, args.batch_size))
+    print(markdown_table(rows, args.num_images))
 
     fidelities = _fidelity_report(pipeline, timings, args) if not args.no_fidelity else {}
     record = {
@@ -675,6 +761,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "resolution": resolution,
         "batch_size": args.batch_size,
+        "num_images": args.num_images,
+        "images": args.images,
         "num_inference_steps": args.steps,
         "num_inner_steps": args.inner_steps,
         "guidance_scale": args.guidance_scale,
@@ -714,7 +802,7 @@ def _fidelity_report(
         print(f"\nnote: no fidelity check: it needs the {FIDELITY_REFERENCE} configuration in full mode")
         return {}
     reference = full[FIDELITY_REFERENCE].results
-    empty = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""]).cpu()
+    empty = PromptEncoder.of(pipeline).null().embeddings.cpu()
     reconstructions = [reconstruction_latents(pipeline, inversion).cpu() for inversion in reference]
     results = {name: fidelity(pipeline, full[name].results, reference, reconstructions, empty) for name in others}
     print()

@@ -10,7 +10,6 @@ from typing import Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from nti_lightning.data.datamodule import InversionDataModule
@@ -19,13 +18,14 @@ from nti_lightning.editing.edit import edit_latents
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.fingerprint import model_reference
+from nti_lightning.models.pipelines import Pipeline
 from nti_lightning.training.module import NullTextInversion
 
 ImageInput = Union[Image.Image, str]
 
 
 def invert(
-    pipeline: StableDiffusionPipeline,
+    pipeline: Pipeline,
     images: Union[ImageInput, Sequence[ImageInput]],
     prompts: Union[str, Sequence[str]],
     *,
@@ -46,12 +46,15 @@ def invert(
     channels_last: bool = False,
     compile: bool = False,
     compile_mode: Optional[str] = None,
+    gradient_checkpointing: bool = False,
+    scheduling: str = "lockstep",
 ) -> list[Inversion]:
     """Null-text inversion of `images` with their source `prompts`.
 
     Args:
-        pipeline (`StableDiffusionPipeline`): any SD pipeline (its scheduler config is used for the
-            DDIM schedule; its weights are not changed).
+        pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`): any SD 1.x/2.x or SDXL
+            pipeline (its scheduler config is used for the DDIM schedule; its weights are not
+            changed).
         images (PIL image, path, or a sequence of them): centre-cropped and resized to the model's
             resolution.
         prompts (`str` or sequence of `str`): one prompt for all images, or one per image.
@@ -74,6 +77,11 @@ def invert(
         channels_last (`bool`, defaults to False): channels-last UNet weights (GPU speed).
         compile (`bool`, defaults to False): `torch.compile` the UNet for this run.
         compile_mode (`str`, *optional*): `torch.compile` mode ("reduce-overhead": CUDA graphs).
+        gradient_checkpointing (`bool`, defaults to False): the UNet's gradient checkpointing for
+            this run (less memory, more compute; same results); the pipeline is left as it was.
+        scheduling (`str`, defaults to "lockstep"): "continuous" gives each of the `batch_size`
+            slots its own timestep, so an image that stops early moves on at once and a finished
+            image's slot takes the next image (same results, less compute with early stopping).
 
     Returns:
         One `Inversion` per image, in input order.
@@ -100,6 +108,8 @@ def invert(
         channels_last=channels_last,
         compile=compile,
         compile_mode=compile_mode,
+        gradient_checkpointing=gradient_checkpointing,
+        scheduling=scheduling,
     ).attach_pipeline(pipeline)
     # Lightning moves the module to the CPU when fit ends: gigabytes each way per call for SD on
     # a GPU. The module lets go of the pipeline's networks first instead.
@@ -117,17 +127,22 @@ def invert(
         max_epochs=-1,  # the walk sets its own length
     )
     device = pipeline.unet.device
+    checkpointing = pipeline.unet.is_gradient_checkpointing
     try:
         trainer.fit(module, datamodule=data)
     finally:
         # Should fit fail before its end, Lightning may still have moved the networks to the CPU.
         pipeline.to(device)
-    return module.results
+        if gradient_checkpointing and not checkpointing:
+            pipeline.unet.disable_gradient_checkpointing()
+    # Continuous scheduling finishes images in the order they converge: give them back in input order.
+    order = {sample.id: index for index, sample in enumerate(data.samples)}
+    return sorted(module.results, key=lambda inversion: order[inversion.metadata["id"]])
 
 
 
 def reconstruction_latents(
-    pipeline: StableDiffusionPipeline,
+    pipeline: Pipeline,
     inversion: Inversion,
     prompt: Optional[str] = None,
     guidance_scale: Optional[float] = None,
@@ -145,7 +160,7 @@ def reconstruction_latents(
 
 
 def reconstruct(
-    pipeline: StableDiffusionPipeline,
+    pipeline: Pipeline,
     inversion: Inversion,
     prompt: Optional[str] = None,
     guidance_scale: float = 7.5,
@@ -154,7 +169,7 @@ def reconstruct(
     """Samples the image back from `z_T` with the per-step null embeddings.
 
     Args:
-        pipeline (`StableDiffusionPipeline`): the pipeline the inversion was made with.
+        pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`): the pipeline the inversion was made with.
         inversion (`Inversion`): the result of `invert` (or `Inversion.load`).
         prompt (`str`, *optional*): defaults to the source prompt (a reconstruction); another
             prompt gives a plain prompt-swap edit.

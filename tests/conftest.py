@@ -72,3 +72,79 @@ def random_image(seed: int, size: tuple[int, int] = (20, 16)) -> Image.Image:
 @pytest.fixture
 def images() -> list[Image.Image]:
     return [random_image(seed) for seed in range(3)]
+
+
+# --- SDXL-shaped (appended; imports kept here so the lines above stay untouched)
+from diffusers import StableDiffusionXLPipeline  # noqa: E402
+from transformers import CLIPTextModelWithProjection  # noqa: E402
+
+
+def build_independent_xl_pipeline(seed: int = 4321) -> StableDiffusionXLPipeline:
+    """A seeded SDXL-shaped pipeline: two text encoders (the second with a projection and a "!"
+    pad token, id 0, as SDXL's), a `text_time` UNet with cross-attention at both levels, a
+    2-level VAE (16 px -> 8x8 latents) with SDXL's scaling factor, and `force_zeros_for_empty_prompt`.
+
+    The text encoders are initialised at half scale (`initializer_factor=0.5`): at full scale the
+    random condition dominates the tiny UNet's output against SDXL's zero null, and guided sampling
+    at w = 7.5 runs far off.
+    """
+    width_1, width_2, projection_dim, time_dim = 16, 24, 20, 8
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=width_1, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            initializer_factor=0.5,
+        )
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=width_2, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+            projection_dim=projection_dim, initializer_factor=0.5,
+        )
+    )
+    tokenizer_2 = clip_tokenizer()
+    tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!" (id 0)
+    assert tokenizer_2.pad_token_id == 0
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=width_1 + width_2,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection_dim,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        clip_sample=False, set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(),
+        tokenizer=clip_tokenizer(), tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler,
+        image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def independent_xl_pipeline() -> StableDiffusionXLPipeline:
+    return build_independent_xl_pipeline()

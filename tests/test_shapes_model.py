@@ -41,6 +41,7 @@ from nti_lightning.demo.shapes import (
     make_sample,
     nearest_color,
 )
+from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.inversion import dataset_report
 from nti_lightning.inversion.report import ddim_reconstruction, image_metrics
@@ -236,8 +237,8 @@ def test_null_text_inversion_reaches_the_vae_bound_and_ddim_does_not(pipe, inver
     vae_images = vae_codec.decode(pipe.vae, vae_codec.encode(pipe.vae, target * 2 - 1))
     null_text_images = pixels01([nti.reconstruct(pipe, inversion) for inversion in inversions])
     schedule = DDIMSchedule.from_scheduler_config(pipe.scheduler.config, 50)
-    cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [sample.caption for sample in samples])
-    empty = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    cond = Condition(encode_prompts(pipe.tokenizer, pipe.text_encoder, [sample.caption for sample in samples]))
+    empty = Condition(encode_prompts(pipe.tokenizer, pipe.text_encoder, [""]))
     z_T = torch.stack([inversion.z_T for inversion in inversions])
     ddim_images = vae_codec.decode(pipe.vae, ddim_reconstruction(pipe.unet, schedule, z_T, empty, cond, 7.5))
     vae_psnr, null_text_psnr, ddim_psnr = (psnr(images, target) for images in (vae_images, null_text_images, ddim_images))

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from nti_lightning.data.dataset import DatasetError, Failure, read_folder, read_manifest
 from nti_lightning.data.images import ImageError
 from nti_lightning.data.plan import InversionPlan, make_plan
-from nti_lightning.data.walk import ImageSample, PivotWalk, WalkSampler
+from nti_lightning.data.walk import ImageSample, PivotWalk, SlotStream, WalkSampler
 from nti_lightning.errors import OptionError, check_id
 from nti_lightning.inversion.lock import OutputLock
 
@@ -124,6 +124,10 @@ class InversionDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # The walk's length (T, N) and the image size are the model's.
         module: Any = self.trainer.lightning_module
+        if module.hparams.scheduling == "continuous":
+            # Slots take this rank's images one by one as they free up, in plan order.
+            samples = [sample for batch in self.plan.rank_batches(self.trainer.global_rank) for sample in batch]
+            return DataLoader(SlotStream(samples, module.resolution, strict=self.strict), batch_size=None)
         walk = PivotWalk(
             self.plan.rank_batches(self.trainer.global_rank),
             num_inference_steps=module.hparams.num_inference_steps,

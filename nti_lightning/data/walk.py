@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from nti_lightning.data.images import ImageError, prepare
 
@@ -116,3 +116,53 @@ class WalkSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         start = self.epoch * self.walk.num_inner_steps
         return iter(range(start, start + self.walk.num_inner_steps))
+
+
+class SlotStream(IterableDataset):
+    """The "data" of continuous batching: a stream of UNet calls, and the images that feed it.
+
+    Each item is one training batch (one inner iteration over the slots still optimising); the
+    run decides itself when it is over (`NullTextInversion` ends the epoch once every image is
+    done), so the stream has no end. The images are not items: slots free up at moments only the
+    walk knows, and the walk takes the next images from `take` then.
+
+    Args:
+        samples (`Sequence[ImageSample]`): this rank's images, in order.
+        resolution (`int`): the model's image side in pixels.
+        strict (`bool`, defaults to False): raise on an unreadable image instead of reporting it.
+    """
+
+    def __init__(self, samples: Sequence[ImageSample], resolution: int, strict: bool = False) -> None:
+        self.samples = list(samples)
+        self.resolution = resolution
+        self.strict = strict
+        self.next = 0  # index of the next image to hand out
+
+    @property
+    def remaining(self) -> int:
+        return len(self.samples) - self.next
+
+    def take(self, count: int) -> tuple[list[ImageSample], Optional[torch.Tensor], list[tuple[ImageSample, str]]]:
+        """Up to `count` readable images: their samples, `[n, 3, H, W]` pixels (None when n = 0),
+        and the samples that failed to decode on the way, with their reasons."""
+        taken: list[ImageSample] = []
+        pixels: list[torch.Tensor] = []
+        failed: list[tuple[ImageSample, str]] = []
+        while len(taken) < count and self.next < len(self.samples):
+            sample = self.samples[self.next]
+            self.next += 1
+            try:
+                pixels.append(prepare(sample.image, self.resolution))
+            except ImageError as error:
+                if self.strict:
+                    raise
+                failed.append((sample, str(error)))
+                continue
+            taken.append(sample)
+        return taken, (torch.stack(pixels) if pixels else None), failed
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        tick = 0
+        while True:
+            yield {"tick": tick}
+            tick += 1

@@ -11,12 +11,15 @@ Notation follows docs/ALGORITHM.md: `ā[t] = alphas_cumprod[t]`, `Δ = num_train
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import torch
 from diffusers import DDIMScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+#: One timestep for a whole batch, or a `[B]` tensor of one timestep per row.
+Timestep = Union[int, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,21 @@ class DDIMSchedule:
     def num_inference_steps(self) -> int:
         return len(self.timesteps)
 
-    def alpha(self, timestep: int) -> torch.Tensor:
+    def alpha(self, timestep: Timestep) -> torch.Tensor:
         """`ā[timestep]` as a 0-d fp32 tensor, or `ā_final` for a negative timestep (one step past 0).
 
         fp32 scalars, not Python floats, so that every coefficient is rounded exactly as in
-        diffusers' `DDIMScheduler.step`.
+        diffusers' `DDIMScheduler.step`. For a `[B]` tensor of timesteps (each row of a batch at
+        its own timestep) the levels come as `[B, 1, 1, 1]`, row for row the same values, and
+        the steps below broadcast them: elementwise fp32 arithmetic, so each row is computed
+        exactly as it would be alone.
         """
+        if isinstance(timestep, torch.Tensor) and timestep.dim() > 0:
+            steps = timestep.detach().to("cpu", torch.long)
+            final = torch.tensor(self.final_alpha_cumprod, dtype=torch.float32)
+            levels = torch.where(steps >= 0, self.alphas_cumprod.cpu()[steps.clamp_min(0)], final)
+            return levels.view(-1, 1, 1, 1)
+        timestep = int(timestep)
         if timestep >= 0:
             return self.alphas_cumprod[timestep]
         return torch.tensor(self.final_alpha_cumprod, dtype=torch.float32)
@@ -111,14 +123,14 @@ def _ddim_move(eps: torch.Tensor, sample: torch.Tensor, alpha_from: torch.Tensor
 
 
 def prev_step(
-    schedule: DDIMSchedule, model_output: torch.Tensor, timestep: int, sample: torch.Tensor
+    schedule: DDIMSchedule, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor
 ) -> torch.Tensor:
     """Denoising step t -> t-Δ; equals `DDIMScheduler.step(..., eta=0).prev_sample`.
 
     Args:
         schedule (`DDIMSchedule`): noise levels and prediction type.
         model_output (`torch.Tensor`): the (guided) model output at `timestep` for `sample`.
-        timestep (`int`): the current timestep t.
+        timestep (`int` or `torch.Tensor`): the current timestep t (or one per row, `[B]`).
         sample (`torch.Tensor`): the latent at t.
     """
     alpha_t = schedule.alpha(timestep)
@@ -127,7 +139,7 @@ def prev_step(
 
 
 def next_step(
-    schedule: DDIMSchedule, model_output: torch.Tensor, timestep: int, sample: torch.Tensor
+    schedule: DDIMSchedule, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor
 ) -> torch.Tensor:
     """Inversion step t-Δ -> t.
 
@@ -138,7 +150,7 @@ def next_step(
     Args:
         schedule (`DDIMSchedule`): noise levels and prediction type.
         model_output (`torch.Tensor`): the model output at `timestep` for `sample`.
-        timestep (`int`): the destination timestep t.
+        timestep (`int` or `torch.Tensor`): the destination timestep t (or one per row, `[B]`).
         sample (`torch.Tensor`): the latent at t-Δ.
     """
     alpha_t = schedule.alpha(timestep)

@@ -9,22 +9,24 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
+from nti_lightning.diffusion.condition import Condition
+from nti_lightning.diffusion.ddim import DDIMSchedule, Timestep, prev_step
 
 
-def predict(
-    unet: UNet2DConditionModel, latents: torch.Tensor, timestep: int, embeddings: torch.Tensor
-) -> torch.Tensor:
-    """The UNet's output for `latents` at `timestep` conditioned on `embeddings`, as fp32.
+def predict(unet: UNet2DConditionModel, latents: torch.Tensor, timestep: Timestep, condition: Condition) -> torch.Tensor:
+    """The UNet's output for `latents` at `timestep` under `condition`, as fp32.
 
     Args:
         unet (`UNet2DConditionModel`): the denoiser.
         latents (`torch.Tensor`): `[B, C, h, w]` latents.
-        timestep (`int`): one timestep shared by the whole batch.
-        embeddings (`torch.Tensor`): `[B, 77, D]` text embeddings (differentiable if needed).
+        timestep (`int` or `torch.Tensor`): one timestep shared by the whole batch, or a `[B]`
+            tensor of one per row (diffusers' UNet embeds each row's own timestep).
+        condition (`Condition`): a batch of B conditions (differentiable if needed).
     """
     dtype = unet.dtype
-    output = unet(latents.to(dtype), timestep, encoder_hidden_states=embeddings.to(dtype)).sample
+    if isinstance(timestep, torch.Tensor):
+        timestep = timestep.to(latents.device)
+    output = unet(latents.to(dtype), timestep, **condition.unet_kwargs(dtype)).sample
     return output.float()
 
 
@@ -38,9 +40,9 @@ def guided_step(
     schedule: DDIMSchedule,
     unet: UNet2DConditionModel,
     latents: torch.Tensor,
-    timestep: int,
-    uncond_embeddings: torch.Tensor,
-    cond_embeddings: torch.Tensor,
+    timestep: Timestep,
+    uncond: Condition,
+    cond: Condition,
     guidance_scale: float,
     cond_output: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -50,19 +52,20 @@ def guided_step(
         schedule (`DDIMSchedule`): noise levels and prediction type.
         unet (`UNet2DConditionModel`): the denoiser.
         latents (`torch.Tensor`): `[B, C, h, w]` latents at `timestep`.
-        timestep (`int`): the current timestep.
-        uncond_embeddings (`torch.Tensor`): `[B, 77, D]` (or `[1, 77, D]`) unconditional embeddings.
-        cond_embeddings (`torch.Tensor`): `[B, 77, D]` prompt embeddings.
+        timestep (`int` or `torch.Tensor`): the current timestep, or a `[B]` tensor of one per row.
+        uncond (`Condition`): B (or 1, broadcast) unconditional conditions.
+        cond (`Condition`): B prompt conditions.
         guidance_scale (`float`): w.
         cond_output (`torch.Tensor`, *optional*): the conditional output, if already computed for
             these latents at this timestep; saves one UNet call.
     """
-    batch = latents.shape[0]
-    uncond_embeddings = uncond_embeddings.expand(batch, -1, -1)
+    uncond = uncond.expand(latents.shape[0])
     if cond_output is None:
         # One UNet call for both branches, as every Stable Diffusion sampler does.
-        both = predict(unet, torch.cat([latents, latents]), timestep, torch.cat([uncond_embeddings, cond_embeddings]))
+        per_row = isinstance(timestep, torch.Tensor) and timestep.dim() > 0
+        both_timesteps = torch.cat([timestep, timestep]) if per_row else timestep
+        both = predict(unet, torch.cat([latents, latents]), both_timesteps, Condition.cat([uncond, cond]))
         uncond_output, cond_output = both.chunk(2)
     else:
-        uncond_output = predict(unet, latents, timestep, uncond_embeddings)
+        uncond_output = predict(unet, latents, timestep, uncond)
     return prev_step(schedule, guide(uncond_output, cond_output, guidance_scale), timestep, latents.float())

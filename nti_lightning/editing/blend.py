@@ -8,7 +8,8 @@ source's, and the edit latent becomes `x_src + mask (x - x_src)` (the authors' `
 
 The authors read the 16x16 maps of SD 1.x at 512 px, which are the coarsest cross-attention maps
 of its down and up blocks. By default the blend uses that coarsest resolution whatever the model:
-16 for SD 1.x at 512 px, 24 for SD 2.x at 768 px, 8 for the tiny test model (whose only down/up
+16 for SD 1.x at 512 px, 24 for SD 2.x at 768 px, 32 for SDXL at 1024 px (its attention runs at
+64x64 and 32x32 only; 32x32 is the same 1/32 of the image side as SD 1.x's 16x16), 8 for the tiny test model (whose only down/up
 cross-attention runs at the latent's own 8x8).
 """
 
@@ -38,7 +39,7 @@ class LocalBlend:
         threshold (`float`, defaults to 0.3): mask where the normalised map exceeds it.
         start (`float`, defaults to 0.2): fraction of the steps before blending begins.
         resolution (`int`, *optional*): side of the maps read; defaults to the coarsest kept down/up
-            cross-attention resolution (16 for SD 1.x at 512 px).
+            cross-attention resolution (16 for SD 1.x at 512 px, 32 for SDXL at 1024 px).
     """
 
     def __init__(

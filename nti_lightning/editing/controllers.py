@@ -8,7 +8,14 @@ edit prompts' maps (1..P-1) changed:
   `alpha_t` is 1 on the steps of `cross_replace_steps` (per token, so per word if asked) and
   `replace_cross` is the controller's own: `Replace`, `Refine` or `Reweight`;
 * self-attention: the edit prompts take the source's maps on the steps of `self_replace_steps`,
-  in layers with at most 32x32 query positions.
+  in layers with at most `self_replace_max_queries` query positions (32x32 by default).
+
+Which layers: SD 1.x at 512 px attends at 64x64, 32x32, 16x16 and 8x8, and the authors replace
+self-attention in all but the 64x64 layers. SDXL at 1024 px attends at 64x64 (2 transformer
+layers per block) and 32x32 (10 per block): the same 32x32 bound keeps its 32x32 layers, the
+same share of the image per query (1/32 of the side) as SD 1.x's coarsest replaced maps, and
+leaves the 64x64 ones, whose explicit `[queries, queries]` maps would also cost 16x the memory.
+`self_replace_max_queries=64**2` replaces those too.
 
 Semantics follow the authors' `AttentionControlEdit` and its subclasses (google/prompt-to-prompt,
 `prompt-to-prompt_stable.ipynb`), including their step windows: a cross-attention window
@@ -92,6 +99,8 @@ class AttentionController:
         self_replace_steps (`float` or `(float, float)`, defaults to 0.4): steps during which the
             edit prompts take the source's self-attention (layers with <= 32x32 queries only).
         local_blend (`LocalBlend`, *optional*): keep the source outside the edited words' region.
+        self_replace_max_queries (`int`, defaults to 1024): self-attention is replaced in layers
+            with at most this many query positions (32x32: see the module's documentation).
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class AttentionController:
         cross_replace_steps: CrossReplaceSteps = 0.8,
         self_replace_steps: StepsWindow = 0.4,
         local_blend: Optional[LocalBlend] = None,
+        self_replace_max_queries: int = MAX_QUERIES,
     ) -> None:
         if isinstance(prompts, str) or len(prompts) < 2:
             raise ValueError(f"a controller needs the source prompt and at least one edit prompt, got {prompts!r}")
@@ -112,7 +122,10 @@ class AttentionController:
         if local_blend is not None and local_blend.prompts != self.prompts:
             raise ValueError(f"local_blend was built for prompts {local_blend.prompts}, not {self.prompts}")
         self.local_blend = local_blend
-        self.store = AttentionStore()
+        if isinstance(self_replace_max_queries, bool) or not isinstance(self_replace_max_queries, int) or self_replace_max_queries < 1:
+            raise ValueError(f"self_replace_max_queries must be a positive number of query positions, got {self_replace_max_queries!r}")
+        self.self_replace_max_queries = self_replace_max_queries
+        self.store = self.new_store()
         self.num_steps = 0
         self.step = 0
         self.cross_alpha = torch.zeros(0)
@@ -122,7 +135,7 @@ class AttentionController:
     def begin(self, num_steps: int, store: Optional[AttentionStore] = None) -> "AttentionController":
         """Prepares a sampling run of `num_steps` steps (the controller can be reused)."""
         self.num_steps, self.step = num_steps, 0
-        self.store = store if store is not None else AttentionStore()
+        self.store = store if store is not None else self.new_store()
         self.store.reset()
         # The authors' cross-attention windows are cut on T + 1 rows, self-attention ones on T.
         bounds = (self.cross_windows * (num_steps + 1)).long()
@@ -143,10 +156,16 @@ class AttentionController:
             alpha = self.on_device("cross_alpha", self.cross_alpha, probs)[self.step][:, None, None, :]
             edits = self.replace_cross(base, edits) * alpha + (1 - alpha) * edits
             probs = torch.cat([probs[:1], edits.to(probs.dtype)])
-        elif self.self_steps[0] <= self.step < self.self_steps[1] and probs.shape[2] <= MAX_QUERIES:
+        elif self.self_steps[0] <= self.step < self.self_steps[1] and probs.shape[2] <= self.self_replace_max_queries:
             probs = probs[:1].expand_as(probs)
         self.store.record(probs, layer)
         return probs
+
+    def new_store(self) -> AttentionStore:
+        """An attention store that keeps the maps LocalBlend reads (32x32 and coarser, or its
+        own `resolution` when that is finer)."""
+        resolution = self.local_blend.resolution if self.local_blend is not None else None
+        return AttentionStore(max_queries=max(MAX_QUERIES, (resolution or 0) ** 2))
 
     def end_step(self, step: int, timestep: int, latents: torch.Tensor) -> torch.Tensor:
         """After sampling step `step`: applies LocalBlend and moves on (the sampler's `on_step`)."""
@@ -181,6 +200,7 @@ class Replace(AttentionController):
         cross_replace_steps (`float`, `(float, float)` or `dict`, defaults to 0.8): see `AttentionController`.
         self_replace_steps (`float` or `(float, float)`, defaults to 0.4): see `AttentionController`.
         local_blend (`LocalBlend`, *optional*): see `AttentionController`.
+        self_replace_max_queries (`int`, defaults to 1024): see `AttentionController`.
     """
 
     def __init__(
@@ -190,8 +210,9 @@ class Replace(AttentionController):
         cross_replace_steps: CrossReplaceSteps = 0.8,
         self_replace_steps: StepsWindow = 0.4,
         local_blend: Optional[LocalBlend] = None,
+        self_replace_max_queries: int = MAX_QUERIES,
     ) -> None:
-        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend)
+        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries)
         self.mappers = torch.stack([replacement_mapper(self.prompts[0], p, tokenizer) for p in self.prompts[1:]])
 
     def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
@@ -210,6 +231,7 @@ class Refine(AttentionController):
         cross_replace_steps (`float`, `(float, float)` or `dict`, defaults to 0.8): see `AttentionController`.
         self_replace_steps (`float` or `(float, float)`, defaults to 0.4): see `AttentionController`.
         local_blend (`LocalBlend`, *optional*): see `AttentionController`.
+        self_replace_max_queries (`int`, defaults to 1024): see `AttentionController`.
     """
 
     def __init__(
@@ -219,8 +241,9 @@ class Refine(AttentionController):
         cross_replace_steps: CrossReplaceSteps = 0.8,
         self_replace_steps: StepsWindow = 0.4,
         local_blend: Optional[LocalBlend] = None,
+        self_replace_max_queries: int = MAX_QUERIES,
     ) -> None:
-        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend)
+        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries)
         pairs = [refinement_mapper(self.prompts[0], p, tokenizer) for p in self.prompts[1:]]
         self.mappers = torch.stack([mapper for mapper, _ in pairs])  # [P-1, K] source position
         self.aligned = torch.stack([weights for _, weights in pairs])  # [P-1, K] 1 aligned, 0 inserted
@@ -248,6 +271,8 @@ class Reweight(AttentionController):
         self_replace_steps (`float` or `(float, float)`, *optional*): defaults to the base's, or
             0.4 without a base.
         local_blend (`LocalBlend`, *optional*): defaults to the base's.
+        self_replace_max_queries (`int`, *optional*): defaults to the base's, or 1024 without a
+            base; see `AttentionController`.
     """
 
     def __init__(
@@ -259,6 +284,7 @@ class Reweight(AttentionController):
         cross_replace_steps: Optional[CrossReplaceSteps] = None,
         self_replace_steps: Optional[StepsWindow] = None,
         local_blend: Optional[LocalBlend] = None,
+        self_replace_max_queries: Optional[int] = None,
     ) -> None:
         if base is not None and list(base.prompts) != list(prompts):
             raise ValueError(f"Reweight's base was built for prompts {base.prompts}, not {list(prompts)}")
@@ -268,7 +294,9 @@ class Reweight(AttentionController):
             self_replace_steps = base.self_replace_steps if base is not None else 0.4
         if local_blend is None and base is not None:
             local_blend = base.local_blend
-        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend)
+        if self_replace_max_queries is None:
+            self_replace_max_queries = base.self_replace_max_queries if base is not None else MAX_QUERIES
+        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries)
         if not words:
             raise ValueError("Reweight needs at least one word and its factor")
         self.base = base

@@ -13,10 +13,10 @@ import logging
 from typing import Optional, Sequence, Union
 
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from nti_lightning.data.images import to_pil
+from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.editing.attention import AttentionStore, controlled_attention
 from nti_lightning.editing.controllers import AttentionController
@@ -25,13 +25,14 @@ from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.sampling import sample
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.fingerprint import model_reference, pipeline_fingerprint
-from nti_lightning.models.text import encode_prompts
+from nti_lightning.models.pipelines import Pipeline, is_sdxl
+from nti_lightning.models.text import PromptEncoder
 
 log = logging.getLogger(__name__)
 
 
 def edit(
-    pipeline: StableDiffusionPipeline,
+    pipeline: Pipeline,
     inversion: Inversion,
     prompts: Union[str, Sequence[str]],
     *,
@@ -43,7 +44,7 @@ def edit(
     """Edits an inverted image: one image per prompt, sampled together from the inversion's `z_T`.
 
     Args:
-        pipeline (`StableDiffusionPipeline`): the pipeline the inversion was made with.
+        pipeline (`Pipeline`): the pipeline the inversion was made with.
         inversion (`Inversion`): the result of `invert` (or `Inversion.load`).
         prompts (`str` or sequence of `str`): with a controller, the controller's prompts, the
             first being the inversion's source prompt; without one, any prompts (a plain prompt
@@ -75,7 +76,7 @@ def edit(
 
 @torch.no_grad()
 def edit_latents(
-    pipeline: StableDiffusionPipeline,
+    pipeline: Pipeline,
     inversion: Inversion,
     prompts: Union[str, Sequence[str]],
     *,
@@ -100,13 +101,15 @@ def edit_latents(
     unet = pipeline.unet
     device = unet.device
     schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, inversion.num_inference_steps)
-    cond = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts).to(device)
+    cond = PromptEncoder.of(pipeline).encode(prompts).to(device)
+    if cond.has_pooled:  # the micro-conditioning the image was inverted with
+        cond = Condition(cond.embeddings, cond.pooled, _time_ids(inversion, len(prompts)).to(device))
     z_T = inversion.z_T.unsqueeze(0).to(device)
-    null = inversion.null_embeddings.unsqueeze(1).to(device)  # [T, 1, 77, D]: broadcast to every prompt
+    null = null_conditions(inversion, cond)
     if controller is None and attention_store is None:
         return sample(unet, schedule, z_T, null, cond, guidance_scale)
 
-    store = attention_store if attention_store is not None else AttentionStore()
+    store = attention_store if attention_store is not None else (controller.new_store() if controller else AttentionStore())
     store.reset()
     if controller is not None:
         hook, on_step = controller.begin(schedule.num_inference_steps, store), controller.end_step
@@ -120,8 +123,26 @@ def edit_latents(
         return sample(unet, schedule, z_T, null, cond, guidance_scale, on_step=on_step)
 
 
+def null_conditions(inversion: Inversion, cond: Condition) -> list[Condition]:
+    """The inversion's T per-step null conditions, one row each (broadcast to every prompt), on
+    `cond`'s device and with its time ids."""
+    device = cond.embeddings.device
+    embeddings = inversion.null_embeddings.to(device)
+    pooled = inversion.null_pooled_embeddings.to(device) if inversion.null_pooled_embeddings is not None else None
+    time_ids = cond.time_ids[:1] if cond.time_ids is not None else None
+    return [
+        Condition(embeddings[step : step + 1], None if pooled is None else pooled[step : step + 1], time_ids)
+        for step in range(embeddings.shape[0])
+    ]
+
+
+def _time_ids(inversion: Inversion, rows: int) -> torch.Tensor:
+    """`[rows, 6]` time ids recorded in an SDXL inversion."""
+    return torch.tensor([inversion.metadata["time_ids"]], dtype=torch.float32).expand(rows, -1).clone()
+
+
 def check_compatible(
-    pipeline: StableDiffusionPipeline,
+    pipeline: Pipeline,
     inversion: Inversion,
     name: Optional[str] = None,
     allow_model_mismatch: bool = False,
@@ -135,7 +156,7 @@ def check_compatible(
     fingerprint (written by an older version) is accepted with a warning, once per process.
 
     Args:
-        pipeline (`StableDiffusionPipeline`): the pipeline to edit with.
+        pipeline (`Pipeline`): the pipeline to edit with.
         inversion (`Inversion`): the inversion to check.
         name (`str`, *optional*): how to name the inversion in errors (e.g. its file); defaults to
             its id or source prompt.
@@ -145,6 +166,13 @@ def check_compatible(
     """
     name = name or str(inversion.metadata.get("id") or f"inversion of {inversion.prompt!r}")
     made_with = f" (made with {inversion.metadata['model']!r})" if "model" in inversion.metadata else ""
+    pipeline_xl = is_sdxl(pipeline)
+    if inversion.is_sdxl != pipeline_xl:
+        kinds = ("an SDXL", "an SD 1.x/2.x") if inversion.is_sdxl else ("an SD 1.x/2.x", "an SDXL")
+        raise ModelError(
+            f"{name}: {kinds[0]} inversion{made_with or ''} cannot be used with {kinds[1]} model "
+            f"({model_reference(pipeline)!r}); use the model it was inverted with"
+        )
     config = pipeline.unet.config
     size = config.sample_size
     expected = (config.in_channels, *((size, size) if isinstance(size, int) else tuple(size)))
@@ -165,6 +193,13 @@ def check_compatible(
     steps = inversion.metadata.get("num_inference_steps", null.shape[0])
     if null.shape[0] != steps or steps < 1:
         raise ValueError(f"{name}: {null.shape[0]} null embeddings for num_inference_steps={steps}")
+    if pipeline_xl:
+        pooled, width = inversion.null_pooled_embeddings, pipeline.text_encoder_2.config.projection_dim
+        if tuple(pooled.shape) != (steps, width):
+            raise ValueError(f"{name}: pooled null embeddings {tuple(pooled.shape)} should be [{steps}, {width}] for this model{made_with}")
+        time_ids = inversion.metadata.get("time_ids")
+        if not (isinstance(time_ids, (list, tuple)) and len(time_ids) == 6):
+            raise ValueError(f"{name}: an SDXL inversion needs its six time_ids in the metadata, got {time_ids!r}")
     scheduler_config = inversion.metadata.get("scheduler_config")
     recorded = scheduler_config.get("prediction_type") if isinstance(scheduler_config, dict) else None
     current = pipeline.scheduler.config.get("prediction_type")

@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from diffusers import StableDiffusionPipeline
 
 from nti_lightning.editing.attention import AttentionStore
 from nti_lightning.editing.edit import check_compatible, edit_latents
@@ -23,6 +22,7 @@ from nti_lightning.editing.specs import EditSpec, EditSpecError
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.loading import load_pipeline
+from nti_lightning.models.pipelines import Pipeline
 
 
 class EditModule(pl.LightningModule):
@@ -31,12 +31,18 @@ class EditModule(pl.LightningModule):
     Args:
         pretrained (`str`, defaults to "tiny"): the Stable Diffusion model the images were inverted
             with: a hub id, a diffusers folder, a single-file `.safetensors` checkpoint, or a
-            built-in name ("tiny", "tiny-v").
+            built-in name ("tiny", "tiny-v", "tiny-xl", "shapes"); SD 1.x, 2.x or SDXL.
         guidance_scale (`float`, defaults to 7.5): w, classifier-free guidance scale.
         cross_replace_steps (`float`, defaults to 0.8): fraction of the steps with cross-attention
             replaced, for specs that do not set it.
         self_replace_steps (`float`, defaults to 0.4): fraction of the steps with self-attention
             replaced, for specs that do not set it.
+        self_replace_max_queries (`int`, defaults to 1024): self-attention is replaced in layers
+            with at most this many query positions (32x32: for SD 1.x at 512 px all but the 64x64
+            layers, for SDXL at 1024 px its 32x32 layers), for specs that do not set it.
+        blend_resolution (`int`, *optional*): side of the cross-attention maps LocalBlend reads,
+            for specs that do not set it; defaults to the coarsest (16 for SD 1.x at 512 px, 32
+            for SDXL at 1024 px).
         attention_maps (`bool`, defaults to True): also draw the source prompt's cross-attention maps.
         allow_model_mismatch (`bool`, defaults to False): edit inversions made with other weights
             than this model's (each is refused otherwise, as a failed edit naming both models).
@@ -48,6 +54,8 @@ class EditModule(pl.LightningModule):
         guidance_scale: float = 7.5,
         cross_replace_steps: float = 0.8,
         self_replace_steps: float = 0.4,
+        self_replace_max_queries: int = 1024,
+        blend_resolution: Optional[int] = None,
         attention_maps: bool = True,
         allow_model_mismatch: bool = False,
     ) -> None:
@@ -55,18 +63,22 @@ class EditModule(pl.LightningModule):
         # Not logged: TensorBoard would get a meaningless `hp_metric` scalar (the run's config is saved
         # beside its logs by LightningCLI anyway).
         self.save_hyperparameters(logger=False)
-        self.pipeline: Optional[StableDiffusionPipeline] = None
+        self.pipeline: Optional[Pipeline] = None
         self.unet: Any = None
         self.vae: Any = None
         self.text_encoder: Any = None
+        self.text_encoder_2: Any = None  # SDXL's second text encoder
 
-    def attach_pipeline(self, pipeline: StableDiffusionPipeline) -> "EditModule":
-        """Uses an already loaded pipeline (its networks become this module's, frozen)."""
-        for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-            part.requires_grad_(False).eval()
+    def attach_pipeline(self, pipeline: Pipeline) -> "EditModule":
+        """Uses an already loaded SD or SDXL pipeline (its networks become this module's, frozen)."""
+        text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
+        for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder, text_encoder_2):
+            if part is not None:
+                part.requires_grad_(False).eval()
         self.pipeline = pipeline
         # Registered as submodules so that Lightning moves them to the device.
         self.unet, self.vae, self.text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+        self.text_encoder_2 = text_encoder_2
         return self
 
     def configure_model(self) -> None:
@@ -91,9 +103,14 @@ class EditModule(pl.LightningModule):
         prompts = spec.all_prompts(inversion.prompt)
         hparams = self.hparams
         controller = spec.controller(
-            prompts, pipeline.tokenizer, hparams.cross_replace_steps, hparams.self_replace_steps
+            prompts,
+            pipeline.tokenizer,
+            hparams.cross_replace_steps,
+            hparams.self_replace_steps,
+            hparams.self_replace_max_queries,
+            hparams.blend_resolution,
         )
-        store = AttentionStore()
+        store = controller.new_store() if controller is not None else AttentionStore()
         edited = edit_latents(
             pipeline,
             inversion,

@@ -16,7 +16,9 @@ Options by kind:
 * every kind but "swap": `cross_replace_steps` (fraction, [start, end], or per word with a
   "default_" key), `self_replace_steps` (fraction or [start, end]), `blend_words` (one word or
   list of words per prompt, source first: turns LocalBlend on), `blend_threshold` (0.3),
-  `blend_start` (0.2);
+  `blend_start` (0.2), `blend_resolution` (side of the maps LocalBlend reads; default the
+  coarsest: 16 for SD 1.x at 512 px, 32 for SDXL at 1024 px), `self_replace_max_queries` (1024:
+  self-attention is replaced in layers of at most 32x32 queries);
 * "reweight": also `words` ({"word": factor}, required) and `base` ("replace", "refine" or
   null: the controller whose maps are scaled).
 """
@@ -28,12 +30,21 @@ from typing import Any, Optional
 
 from transformers import PreTrainedTokenizerBase
 
+from nti_lightning.editing.attention import MAX_QUERIES
 from nti_lightning.editing.blend import LocalBlend
 from nti_lightning.editing.controllers import AttentionController, Refine, Replace, Reweight
 from nti_lightning.errors import NtiError
 
 KINDS = ("replace", "refine", "reweight", "swap")
-_CONTROL_OPTIONS = {"cross_replace_steps", "self_replace_steps", "blend_words", "blend_threshold", "blend_start"}
+_CONTROL_OPTIONS = {
+    "cross_replace_steps",
+    "self_replace_steps",
+    "self_replace_max_queries",
+    "blend_words",
+    "blend_threshold",
+    "blend_start",
+    "blend_resolution",
+}
 OPTIONS = {
     "replace": _CONTROL_OPTIONS,
     "refine": _CONTROL_OPTIONS,
@@ -113,6 +124,8 @@ class EditSpec:
         tokenizer: PreTrainedTokenizerBase,
         cross_replace_steps: Any = 0.8,
         self_replace_steps: Any = 0.4,
+        self_replace_max_queries: int = MAX_QUERIES,
+        blend_resolution: Optional[int] = None,
     ) -> Optional[AttentionController]:
         """The spec's controller for `prompts` (None for "swap"); the defaults apply unless the spec sets them.
 
@@ -125,6 +138,7 @@ class EditSpec:
         steps = {
             "cross_replace_steps": options.get("cross_replace_steps", cross_replace_steps),
             "self_replace_steps": options.get("self_replace_steps", self_replace_steps),
+            "self_replace_max_queries": options.get("self_replace_max_queries", self_replace_max_queries),
         }
         try:
             blend = None
@@ -135,6 +149,7 @@ class EditSpec:
                     options["blend_words"],
                     threshold=float(options.get("blend_threshold", 0.3)),
                     start=float(options.get("blend_start", 0.2)),
+                    resolution=options.get("blend_resolution", blend_resolution),
                 )
             if self.kind == "reweight":
                 base_kind = options.get("base")

@@ -1,8 +1,10 @@
 """`Inversion`: the result of inverting one image, and its `.safetensors` file format.
 
-One file per image. Tensors: `z_T` `[C, h, w]`, `null_embeddings` `[T, 77, D]` (fp32) and
-`source_latent` `[C, h, w]` (the VAE latent of the input). Everything else is JSON in the
-safetensors header under the key `nti`, so reading a file never unpickles anything.
+One file per image. Tensors: `z_T` `[C, h, w]`, `null_embeddings` `[T, 77, D]` (fp32),
+`source_latent` `[C, h, w]` (the VAE latent of the input) and, for SDXL, `null_pooled_embeddings`
+`[T, P]` (fp32). Everything else is JSON in the safetensors header under the key `nti`, so
+reading a file never unpickles anything. SDXL files are format 2, so that a version of the package
+that knows nothing of pooled embeddings refuses them instead of editing without them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,7 +22,9 @@ from nti_lightning.errors import NtiError
 from nti_lightning.inversion.atomic import atomic_path
 
 FORMAT = "nti-lightning/inversion"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The version written for SD 1.x/2.x inversions (unchanged since the first release).
+SD_FORMAT_VERSION = 1
 REQUIRED_METADATA = ("prompt", "num_inference_steps", "guidance_scale")
 
 
@@ -39,7 +43,9 @@ class Inversion:
         source_latent (`torch.Tensor`): `[C, h, w]` the VAE latent `z0` of the input image.
         prompt (`str`): the source prompt.
         metadata (`dict`): model reference, scheduler config, T, w, N, ε, image size, per-step
-            inner iterations and final losses, package version, id.
+            inner iterations and final losses, package version, id; for SDXL also `time_ids`.
+        null_pooled_embeddings (`torch.Tensor`, *optional*): `[T, P]` fp32, SDXL's pooled null
+            embedding of step i; `None` for SD 1.x/2.x.
     """
 
     z_T: torch.Tensor
@@ -47,6 +53,12 @@ class Inversion:
     source_latent: torch.Tensor
     prompt: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    null_pooled_embeddings: Optional[torch.Tensor] = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the inversion was made with an SDXL model (it has pooled null embeddings)."""
+        return self.null_pooled_embeddings is not None
 
     @property
     def num_inference_steps(self) -> int:
@@ -59,12 +71,15 @@ class Inversion:
     def save(self, path: str | Path) -> Path:
         """Writes the inversion to `path` atomically (a temporary file, then a rename)."""
         path = Path(path)
-        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.metadata, "prompt": self.prompt}
+        version = FORMAT_VERSION if self.is_sdxl else SD_FORMAT_VERSION
+        metadata = {"format": FORMAT, "format_version": version, **self.metadata, "prompt": self.prompt}
         tensors = {
             "z_T": self.z_T.detach().float().contiguous().cpu(),
             "null_embeddings": self.null_embeddings.detach().float().contiguous().cpu(),
             "source_latent": self.source_latent.detach().float().contiguous().cpu(),
         }
+        if self.is_sdxl:
+            tensors["null_pooled_embeddings"] = self.null_pooled_embeddings.detach().float().contiguous().cpu()
         with atomic_path(path) as temporary:
             save_file(tensors, temporary, metadata={"nti": json.dumps(metadata)})
         return path
@@ -87,6 +102,7 @@ class Inversion:
             source_latent=tensors["source_latent"],
             prompt=prompt,
             metadata=metadata,
+            null_pooled_embeddings=tensors.get("null_pooled_embeddings"),
         )
 
     @staticmethod
@@ -136,4 +152,13 @@ def _validated(path: Path, layout: dict[str, tuple[tuple[int, ...], str]], metad
         )
     if null_dtype not in ("F32", "float32"):
         raise ArtifactError(f"{path}: null_embeddings are {null_dtype}, expected float32")
+    if "null_pooled_embeddings" in layout:
+        pooled, pooled_dtype = layout["null_pooled_embeddings"]
+        if len(pooled) != 2 or pooled[0] != steps:
+            raise ArtifactError(f"{path}: null_pooled_embeddings {pooled} should be [{steps}, width] for num_inference_steps={steps}")
+        if pooled_dtype not in ("F32", "float32"):
+            raise ArtifactError(f"{path}: null_pooled_embeddings are {pooled_dtype}, expected float32")
+        time_ids = metadata.get("time_ids")
+        if not (isinstance(time_ids, list) and len(time_ids) == 6 and all(isinstance(v, (int, float)) for v in time_ids)):
+            raise ArtifactError(f"{path}: an SDXL inversion needs its six time_ids in the metadata, got {time_ids!r}")
     return {k: v for k, v in metadata.items() if k not in ("format", "format_version")}

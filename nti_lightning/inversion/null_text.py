@@ -1,7 +1,7 @@
 """Step 2 of Null-text Inversion: the per-timestep objective and its bookkeeping.
 
 For each timestep of the walk from T to 1, a fresh Adam tunes the unconditional ("null") text
-embedding so that one guided DDIM step from the current latent `z̄` lands on the pivot's next
+embedding (for SDXL the pair of token and pooled embeddings, by one Adam) so that one guided DDIM step from the current latent `z̄` lands on the pivot's next
 latent. This module is the maths of one such timestep for a batch of images, written so that a
 batch gives every image exactly what it gets alone:
 
@@ -17,11 +17,13 @@ loop of docs/ALGORITHM.md it is checked against.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
+from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
 from nti_lightning.diffusion.guidance import guide, predict
 
@@ -75,7 +77,7 @@ class TimestepProblem:
         timestep: int,
         latent: torch.Tensor,
         target: torch.Tensor,
-        cond_embeddings: torch.Tensor,
+        cond: Condition,
         epsilon: float,
         active: torch.Tensor | None = None,
     ) -> "TimestepProblem":
@@ -92,7 +94,7 @@ class TimestepProblem:
             timestep=timestep,
             latent=latent,
             target=target.float(),
-            cond_output=predict(unet, latent, timestep, cond_embeddings),
+            cond_output=predict(unet, latent, timestep, cond),
             threshold=early_stop_threshold(step, epsilon),
             active=active.to(latent.device).clone(),
             iterations=torch.zeros(batch, dtype=torch.long, device=latent.device),
@@ -103,11 +105,11 @@ class TimestepProblem:
         self,
         schedule: DDIMSchedule,
         unet: UNet2DConditionModel,
-        null_embedding: torch.Tensor,
+        null: Condition,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """Per-image MSE between the guided step with `null_embedding` and the pivot target, `[B]` fp32."""
-        uncond_output = predict(unet, self.latent, self.timestep, null_embedding)
+        """Per-image MSE between the guided step with the null condition `null` and the pivot target, `[B]` fp32."""
+        uncond_output = predict(unet, self.latent, self.timestep, null)
         # The guidance and DDIM arithmetic run in fp32 even inside an autocast region.
         with torch.autocast(device_type=self.latent.device.type, enabled=False):
             guided = guide(uncond_output.float(), self.cond_output, guidance_scale)
@@ -134,11 +136,12 @@ def objective(losses: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def keep_inactive(param: torch.Tensor, before: torch.Tensor, updated: torch.Tensor) -> None:
+def keep_inactive(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor], updated: torch.Tensor) -> None:
     """Undoes an optimizer step on the images that were not being optimised.
 
     Adam moves a parameter even where its gradient is zero (momentum), so a stopped image's
-    embedding is restored from `before`.
+    embeddings (token and, for SDXL, pooled) are restored from `before`.
     """
-    mask = updated.view(-1, *([1] * (param.dim() - 1)))
-    param.copy_(torch.where(mask, param, before))
+    for param, old in zip(params, before):
+        mask = updated.view(-1, *([1] * (param.dim() - 1)))
+        param.copy_(torch.where(mask, param, old))

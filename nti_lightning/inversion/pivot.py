@@ -14,6 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.data import Dataset
 
+from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule, next_step
 from nti_lightning.diffusion.guidance import predict
 
@@ -51,7 +52,7 @@ class PivotTrajectory(Dataset):
 
 @torch.no_grad()
 def ddim_invert(
-    unet: UNet2DConditionModel, schedule: DDIMSchedule, z0: torch.Tensor, cond_embeddings: torch.Tensor
+    unet: UNet2DConditionModel, schedule: DDIMSchedule, z0: torch.Tensor, cond: Condition
 ) -> PivotTrajectory:
     """DDIM inversion with the conditional branch only (w = 1), keeping every latent.
 
@@ -59,12 +60,12 @@ def ddim_invert(
         unet (`UNet2DConditionModel`): the denoiser.
         schedule (`DDIMSchedule`): the DDIM schedule; its timesteps are walked in ascending order.
         z0 (`torch.Tensor`): `[B, C, h, w]` VAE latents of the images.
-        cond_embeddings (`torch.Tensor`): `[B, 77, D]` source-prompt embeddings.
+        cond (`Condition`): the B source-prompt conditions.
     """
     latent = z0.float()
     latents = [latent]
     for timestep in schedule.timesteps.flip(0).tolist():
-        output = predict(unet, latent, timestep, cond_embeddings)
+        output = predict(unet, latent, timestep, cond)
         latent = next_step(schedule, output, timestep, latent)
         latents.append(latent)
     return PivotTrajectory(latents=torch.stack(latents), timesteps=schedule.timesteps.clone())

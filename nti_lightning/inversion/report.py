@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.inversion.sampling import sample
 from nti_lightning.models import vae as vae_codec
@@ -36,14 +37,13 @@ def ddim_reconstruction(
     unet: UNet2DConditionModel,
     schedule: DDIMSchedule,
     z_T: torch.Tensor,
-    empty_embedding: torch.Tensor,
-    cond_embeddings: torch.Tensor,
+    empty: Condition,
+    cond: Condition,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Sampling from the pivot's `z_T` with ∅ at every step: DDIM inversion without null-text."""
-    steps = schedule.num_inference_steps
-    null = empty_embedding.reshape(1, 1, *empty_embedding.shape[-2:]).expand(steps, -1, -1, -1)
-    return sample(unet, schedule, z_T, null, cond_embeddings, guidance_scale)
+    """Sampling from the pivot's `z_T` with ∅ (one row, the pipeline's own unconditional input) at
+    every step: DDIM inversion without null-text."""
+    return sample(unet, schedule, z_T, [empty] * schedule.num_inference_steps, cond, guidance_scale)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from diffusers import UNet2DConditionModel
 
+from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.diffusion.guidance import guided_step
 from nti_lightning.inversion.artifact import Inversion
@@ -29,10 +30,12 @@ class NullTextTrajectory:
         ids (`list[str]`): image ids, one per slot ("" for an empty slot).
         prompts (`list[str]`): source prompts, one per slot.
         pixels (`torch.Tensor`): `[B, 3, H, W]` inputs in [-1, 1].
-        cond_embeddings (`torch.Tensor`): `[B, 77, D]` source-prompt embeddings C.
+        cond (`Condition`): the source-prompt conditions C (for SDXL with pooled embeddings and time ids).
         pivot (`PivotTrajectory`): the w = 1 DDIM inversion of the images.
         latent (`torch.Tensor`): `[B, C, h, w]` current latent z̄ (starts at `z_T`).
         null_embeddings (`list[torch.Tensor]`): frozen `[B, 77, D]` embedding of each finished step.
+        null_pooled_embeddings (`list[torch.Tensor]`): frozen `[B, P]` pooled embedding of each
+            finished step (SDXL; empty for SD 1.x/2.x).
         iterations (`list[torch.Tensor]`): `[B]` inner iterations used at each finished step.
         losses (`list[torch.Tensor]`): `[B]` last loss of each finished step.
         valid (`torch.Tensor`, *optional*): `[B]` bool, slots that hold an image; an empty slot
@@ -42,10 +45,11 @@ class NullTextTrajectory:
     ids: list[str]
     prompts: list[str]
     pixels: torch.Tensor
-    cond_embeddings: torch.Tensor
+    cond: Condition
     pivot: PivotTrajectory
     latent: torch.Tensor
     null_embeddings: list[torch.Tensor] = field(default_factory=list)
+    null_pooled_embeddings: list[torch.Tensor] = field(default_factory=list)
     iterations: list[torch.Tensor] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)
     valid: Optional[torch.Tensor] = None
@@ -58,17 +62,17 @@ class NullTextTrajectory:
         schedule: DDIMSchedule,
         pixels: torch.Tensor,
         z0: torch.Tensor,
-        cond_embeddings: torch.Tensor,
+        cond: Condition,
         ids: list[str],
         prompts: list[str],
         valid: Optional[torch.Tensor] = None,
     ) -> "NullTextTrajectory":
         """Computes the pivot of images `pixels` with VAE latents `z0` (step 1 of docs/ALGORITHM.md)."""
-        pivot = ddim_invert(unet, schedule, z0, cond_embeddings)
+        pivot = ddim_invert(unet, schedule, z0, cond)
         if valid is None:
             valid = torch.ones(len(ids), dtype=torch.bool)
         valid = valid.to(z0.device)
-        return cls(ids, prompts, pixels, cond_embeddings, pivot, latent=pivot.z_T.clone(), valid=valid)
+        return cls(ids, prompts, pixels, cond, pivot, latent=pivot.z_T.clone(), valid=valid)
 
     @property
     def step(self) -> int:
@@ -88,7 +92,7 @@ class NullTextTrajectory:
         item = self.pivot[self.step]
         active = self.valid if optimise else torch.zeros_like(self.valid)
         return TimestepProblem.start(
-            unet, item["step"], item["timestep"], self.latent, item["target"], self.cond_embeddings, epsilon, active
+            unet, item["step"], item["timestep"], self.latent, item["target"], self.cond, epsilon, active
         )
 
     @torch.no_grad()
@@ -97,29 +101,31 @@ class NullTextTrajectory:
         schedule: DDIMSchedule,
         unet: UNet2DConditionModel,
         problem: TimestepProblem,
-        null_embedding: torch.Tensor,
+        null: Condition,
         guidance_scale: float,
         reuse_cond_output: bool = False,
     ) -> None:
-        """Freezes `null_embedding` as this step's result and takes the guided DDIM step with it.
+        """Freezes the null condition `null` as this step's result and takes the guided DDIM step with it.
 
         By default the step evaluates both branches in one UNet call, as the reference does, so
         a single image reproduces it bit for bit; `reuse_cond_output` reuses the step's
         conditional output instead (one UNet forward less per step, same maths, different
         float rounding).
         """
-        frozen = null_embedding.detach().float().clone()
+        frozen = null.clone().to(dtype=torch.float32)
         self.latent = guided_step(
             schedule,
             unet,
             self.latent,
             problem.timestep,
             frozen,
-            self.cond_embeddings,
+            self.cond,
             guidance_scale,
             cond_output=problem.cond_output if reuse_cond_output else None,
         )
-        self.null_embeddings.append(frozen)
+        self.null_embeddings.append(frozen.embeddings)
+        if frozen.pooled is not None:
+            self.null_pooled_embeddings.append(frozen.pooled)
         self.iterations.append(problem.iterations.clone())
         self.losses.append(problem.loss.clone())
 
@@ -132,6 +138,7 @@ class NullTextTrajectory:
         """One `Inversion` per image (on CPU, empty slots left out), with `metadata` and the
         per-step statistics."""
         embeddings = torch.stack(self.null_embeddings, dim=1).cpu()  # [B, T, 77, D]
+        pooled = torch.stack(self.null_pooled_embeddings, dim=1).cpu() if self.null_pooled_embeddings else None
         iterations = torch.stack(self.iterations, dim=1).cpu().tolist()
         losses = torch.stack(self.losses, dim=1).cpu().tolist()
         z_T, z0 = self.pivot.z_T.cpu(), self.pivot.z0.cpu()
@@ -142,6 +149,7 @@ class NullTextTrajectory:
                 source_latent=z0[b].clone(),
                 prompt=self.prompts[b],
                 metadata={**metadata, "id": self.ids[b], "inner_iterations": iterations[b], "final_losses": losses[b]},
+                null_pooled_embeddings=None if pooled is None else pooled[b].clone(),
             )
             for b in self.slots
         ]

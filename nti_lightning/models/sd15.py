@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from nti_lightning.models.seeding import seeded_build
 from nti_lightning.models.tiny import assemble_pipeline
 from nti_lightning.models.tokenizer import VOCAB_SIZE
 
@@ -108,23 +109,11 @@ def sd15_random_pipeline(
             "cuda" (no 4 GB host copy to make and transfer) or "meta" (shapes only, no memory).
             Defaults to the CPU.
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    cpu_rng = torch.random.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    # `manual_seed` seeds the CPU and every CUDA generator, so the init is seeded wherever it runs.
-    torch.manual_seed(seed)
-    try:
-        # Creating the modules under a device context allocates and initialises each parameter
-        # there directly: no CPU copy to build and then move.
-        with torch.device(device):
-            unet = sd15_unet()
-            vae = sd15_vae()
-            text_encoder = sd15_text_encoder()
-    finally:
-        # Building a model must not change the caller's random stream.
-        torch.random.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+    # Each parameter is allocated and initialised on `device` directly: no CPU copy to move.
+    with seeded_build(seed, device if device is not None else "cpu"):
+        unet = sd15_unet()
+        vae = sd15_vae()
+        text_encoder = sd15_text_encoder()
     if torch_dtype is not None:
         for part in (unet, vae, text_encoder):
             part.to(dtype=torch_dtype)

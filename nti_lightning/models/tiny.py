@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from nti_lightning.models.seeding import seeded_build
 from nti_lightning.models.tokenizer import VOCAB_SIZE, clip_tokenizer
 
 #: Stable Diffusion 1.x's scheduler config.
@@ -40,9 +41,7 @@ def tiny_pipeline(
         resolution (`int`, defaults to 32): image side in pixels; latents are `resolution // 4`.
         text_width (`int`, defaults to 32): text-encoder width D (SD 1.x: 768).
     """
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded_build(seed):
         unet = UNet2DConditionModel(
             sample_size=resolution // 4,
             in_channels=4,
@@ -79,8 +78,6 @@ def tiny_pipeline(
                 pad_token_id=49407,
             )
         )
-    finally:
-        torch.random.set_rng_state(generator_state)
     return assemble_pipeline(vae, unet, text_encoder, prediction_type)
 
 

@@ -117,7 +117,7 @@ class NullTextWalkCallback(pl.Callback):
                 pl_module.schedule,
                 pl_module.denoiser,
                 problem,
-                pl_module.null_embedding,
+                pl_module.null_condition(),
                 pl_module.hparams.guidance_scale,
                 reuse_cond_output=pl_module.hparams.reuse_cond_output,
             )
@@ -133,44 +133,65 @@ class NullTextWalkCallback(pl.Callback):
             pl_module.trajectory = pl_module.problem = None
 
     def _finish_trajectory(self, trainer: pl.Trainer, module: Any) -> None:
-        hparams = module.hparams
         trajectory: NullTextTrajectory = module.trajectory
-        rows, grids = self._report(module, trajectory)
         slots = trajectory.slots
-        inversions = trajectory.inversions(_metadata(module))
+        index = torch.tensor(slots, device=trajectory.latent.device)
+        pivot = trajectory.pivot
+        rows, grids = self._report(
+            module, trajectory.pixels[index], pivot.z0[index], pivot.z_T[index], trajectory.latent[index], trajectory.cond.rows(index)
+        )
         seconds = (time.perf_counter() - self.started) / len(slots)
+        samples = [self.samples[slot] for slot in slots]
+        self._write_images(trainer, module, samples, trajectory.inversions(_metadata(module, list(pivot.z0.shape[1:]))), rows, grids, [seconds] * len(slots))
+
+    def _write_images(
+        self,
+        trainer: pl.Trainer,
+        module: Any,
+        samples: list[ImageSample],
+        inversions: list[Inversion],
+        rows: list[dict[str, float]],
+        grids: torch.Tensor,
+        seconds: list[float],
+    ) -> None:
+        """Writes finished images: artifacts, grids, TensorBoard, report rows (all lists per image)."""
+        hparams = module.hparams
         output_dir = Path(hparams.output_dir) if hparams.output_dir is not None else None
-        for inversion, slot in zip(inversions, slots):
-            sample = self.samples[slot]
-            inversion.metadata.update(metrics=rows[slot], seconds=seconds, image=str(sample.image) if not isinstance(sample.image, Image.Image) else None)
+        for k, (inversion, sample) in enumerate(zip(inversions, samples)):
+            inversion.metadata.update(metrics=rows[k], seconds=seconds[k], image=str(sample.image) if not isinstance(sample.image, Image.Image) else None)
             if sample.edits is not None:
                 inversion.metadata["edits"] = sample.edits
             artifact = None
             if output_dir is not None:
                 artifact = str(inversion.save(output_dir / f"{sample.id}.safetensors"))
                 if hparams.save_grids:
-                    _grid_picture(grids[slot]).save(output_dir / f"{sample.id}.png")
-            self._log_image(trainer, sample.id, rows[slot], grids[slot] if hparams.save_grids else None)
+                    _grid_picture(grids[k]).save(output_dir / f"{sample.id}.png")
+            self._log_image(trainer, sample.id, rows[k], grids[k] if hparams.save_grids else None)
             self.rows.append(image_row({**inversion.metadata, "prompt": inversion.prompt}, "done", artifact))
         if hparams.keep_results:
             module.results.extend(inversions)
 
     @torch.no_grad()
-    def _report(self, module: Any, trajectory: NullTextTrajectory) -> tuple[list[dict[str, float]], torch.Tensor]:
+    def _report(
+        self,
+        module: Any,
+        pixels: torch.Tensor,
+        z0: torch.Tensor,
+        z_T: torch.Tensor,
+        latent: torch.Tensor,
+        cond: Any,
+    ) -> tuple[list[dict[str, float]], torch.Tensor]:
+        """Metrics and grids of finished images: `pixels`, their VAE latents `z0`, pivot ends `z_T`,
+        final latents of the walk `latent` and source conditions `cond`."""
         ddim = None
         if module.hparams.ddim_baseline:
             with module.trainer.precision_plugin.forward_context():
                 ddim = ddim_reconstruction(
-                    module.denoiser,
-                    module.schedule,
-                    trajectory.pivot.z_T,
-                    module.empty_embedding,
-                    trajectory.cond_embeddings,
-                    module.hparams.guidance_scale,
+                    module.denoiser, module.schedule, z_T, module.empty, cond, module.hparams.guidance_scale
                 )
         # The final latent of the walk is the reconstruction: sampling from z_T with the frozen
         # embeddings is exactly the sequence of guided steps the walk just took.
-        return reconstruction_report(module.vae, trajectory.pixels, trajectory.pivot.z0, trajectory.latent, ddim)
+        return reconstruction_report(module.vae, pixels, z0, latent, ddim)
 
     def _log_image(self, trainer: pl.Trainer, image_id: str, row: dict[str, float], grid: torch.Tensor | None) -> None:
         metrics = {f"reconstruction/{name}": value for name, value in row.items()}
@@ -253,7 +274,7 @@ def _grid_picture(grid: torch.Tensor, min_side: int = 128) -> Image.Image:
     return picture if scale <= 1 else picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
-def _metadata(module: Any) -> dict[str, Any]:
+def _metadata(module: Any, latent_shape: list[int]) -> dict[str, Any]:
     hparams = module.hparams
     return {
         "model": hparams.pretrained,
@@ -266,7 +287,15 @@ def _metadata(module: Any) -> dict[str, Any]:
         "early_stop_epsilon": hparams.early_stop_epsilon,
         "learning_rate": hparams.learning_rate,
         "image_size": module.resolution,
-        "latent_shape": list(module.trajectory.pivot.z0.shape[1:]),
-        "text_shape": list(module.empty_embedding.shape[1:]),
+        "latent_shape": latent_shape,
+        "text_shape": list(module.empty.embeddings.shape[1:]),
+        **_conditioning_metadata(module.empty),
         "nti_lightning_version": __version__,
     }
+
+
+def _conditioning_metadata(empty: Any) -> dict[str, Any]:
+    """SDXL's extra condition: the pooled embedding's width and the time ids of every image."""
+    if not empty.has_pooled:
+        return {}
+    return {"pooled_shape": list(empty.pooled.shape[1:]), "time_ids": [float(v) for v in empty.time_ids[0].tolist()]}

@@ -35,6 +35,19 @@ class InversionProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.train_progress_bar.disable or pl_module.schedule is None:
             return
+        if "tick" in batch:  # continuous batching: slots at their own steps
+            walk = pl_module.slot_walk
+            busy = [s for s, image in enumerate(walk.images) if image is not None]
+            self.train_progress_bar.set_postfix(
+                slots=f"{len(busy)}/{walk.slots}",
+                steps=",".join(str(int(walk.step[s]) + 1) for s in busy) or "-",
+                refresh=False,
+            )
+            # Images done over all ranks, as last agreed (the ranks count theirs together every
+            # `sync_every` batches); this rank's own count in between.
+            self.train_progress_bar.n = max(pl_module.images_done_all, pl_module.images_done)
+            self.train_progress_bar.refresh()
+            return
         step = batch["step"]
         self.train_progress_bar.set_postfix(
             step=f"{step + 1}/{pl_module.hparams.num_inference_steps}",
@@ -45,8 +58,8 @@ class InversionProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         plan = _plan(trainer)
-        if plan is None or self.train_progress_bar.disable:
-            return
+        if plan is None or self.train_progress_bar.disable or pl_module.continuous:
+            return  # continuous batching counts images as they finish (on_train_batch_end)
         batches_finished = (trainer.current_epoch + 1) // pl_module.hparams.num_inference_steps
         self.train_progress_bar.n = plan.images_done(batches_finished)
         self.train_progress_bar.refresh()

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One-shot GPU check: the numbers BENCHMARKS.md asks of an H100/H200, in one command (about 7
+# minutes there). Each run appends a JSON line (device, date, commit, versions, every row) to
+# $OUT/results.jsonl (benchmarks/gpu/ without $OUT) and its Markdown table to a .txt beside it;
+# a run that is cut short keeps the lines of the runs before it.
+#
+#   bash benchmarks/gpu_check.sh                    # on the GPU machine
+#   GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh   # rehearsal on a CPU: tiny models, few steps
+#
+# What it measures:
+#   1. sd15-random at 512 px: the reference loop on one image, then B = 8 at full N in fp32,
+#      bf16-mixed, bf16-mixed + reuse + torch.compile and bf16-mixed with continuous batching
+#      (s/image, speed-up, peak memory per image, fidelity to fp32);
+#   2. sdxl-random at 1024 px, B = 1, full N, bf16-mixed with and without gradient checkpointing
+#      (s/image, peak memory).
+# A machine without diffusers or jsonargparse gets them from gpu_wheels/ (pip download --no-deps
+# -d gpu_wheels diffusers jsonargparse docstring-parser typeshed-client, carried along).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+OUT_DIR="${OUT:-benchmarks/gpu}"
+mkdir -p "$OUT_DIR"
+RESULTS="$OUT_DIR/results.jsonl"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! "$PYTHON" -c "import diffusers, jsonargparse" 2>/dev/null; then
+    if compgen -G "gpu_wheels/*.whl" >/dev/null; then
+        "$PYTHON" -m pip install --quiet --no-deps gpu_wheels/*.whl
+    else
+        echo "gpu_check: diffusers or jsonargparse is missing and there is no gpu_wheels/ folder" >&2
+        exit 2
+    fi
+fi
+
+if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
+    SD=(--model tiny --device cpu --threads 1 --steps 2 --inner-steps 2 --warmup-steps 1)
+    SD_CONFIGS=(fp32 bf16 fp32+continuous)
+    XL=(--model tiny-xl --device cpu --threads 1 --steps 2 --inner-steps 2 --warmup-steps 1)
+else
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
+    SD=(--model sd15-random --device cuda)
+    SD_CONFIGS=(fp32 bf16 bf16+reuse+compile bf16+continuous)
+    XL=(--model sdxl-random --device cuda)
+fi
+
+echo "== sd15-random: baseline on one image, B = 8 at full N"
+"$PYTHON" benchmarks/benchmark_inversion.py "${SD[@]}" --batch-size 8 --baseline-images 1 --modes full \
+    --configs "${SD_CONFIGS[@]}" --output "$RESULTS" | tee "$OUT_DIR/sd15.txt"
+
+echo "== sdxl-random at its resolution: B = 1 at full N"
+"$PYTHON" benchmarks/benchmark_inversion.py "${XL[@]}" --batch-size 1 --baseline-images 0 --modes full \
+    --configs bf16+checkpointing bf16 --no-fidelity --output "$RESULTS" | tee "$OUT_DIR/sdxl.txt"
+
+echo "gpu_check: done; results in $RESULTS"
