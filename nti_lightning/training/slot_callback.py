@@ -23,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from nti_lightning.diffusion.condition import Condition
 from nti_lightning.inversion.slots import SlotImage, SlotWalk
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.training.callback import NullTextWalkCallback, _metadata
@@ -98,8 +99,6 @@ class SlotWalkCallback(NullTextWalkCallback):
         pl_module.all_done = not walk.busy and not stream.remaining
 
     def _finish_images(self, trainer: pl.Trainer, module: Any, images: list[SlotImage]) -> None:
-        from nti_lightning.diffusion.condition import Condition
-
         pixels = torch.stack([image.pixels for image in images])
         z0 = torch.cat([image.pivot.z0 for image in images])
         z_T = torch.cat([image.pivot.z_T for image in images])
