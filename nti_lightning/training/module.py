@@ -64,6 +64,7 @@ class NullTextInversion(pl.LightningModule):
         reuse_cond_output (`bool`, defaults to False): advance each step with the conditional
             output computed at its start instead of a fresh two-branch UNet call; one UNet
             forward less per step, equal maths, but no longer bit-identical to the reference.
+            Lockstep scheduling only: continuous batching always advances as the reference does.
         method (`str`, defaults to "null_text"): "null_text" (the paper); "negative_prompt" (the
             source prompt's embedding as the unconditional one at every step, no optimisation,
             Miyake et al. 2023); "ddim" (the pivot alone, sampled back with ∅). All three write
