@@ -117,7 +117,6 @@ class SlotWalk:
         self.optimise = optimise
         self.negative_prompt = negative_prompt
         slots = self.null[0].shape[0]
-        device = self.null[0].device
         self.optimizer = RowAdam(self.null)
         self.images: list[Optional[SlotImage]] = [None] * slots
         self.step = torch.zeros(slots, dtype=torch.long)  # each slot's step i (host side: it picks timesteps)
@@ -128,7 +127,6 @@ class SlotWalk:
         self.target: Optional[torch.Tensor] = None  # [S, C, h, w] pivot latent of the current step
         self.cond_output: Optional[torch.Tensor] = None  # [S, C, h, w]
         self.cond: Optional[Condition] = None  # [S rows] source conditions
-        self.device = device
         self.unet_rows = 0  # UNet rows computed so far (forward passes of one latent)
 
     # ------------------------------------------------------------------------------ the slots
