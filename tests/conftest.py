@@ -7,6 +7,10 @@ reference does not rest on anything the package builds.
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +152,15 @@ def build_independent_xl_pipeline(seed: int = 4321) -> StableDiffusionXLPipeline
 @pytest.fixture(scope="session")
 def independent_xl_pipeline() -> StableDiffusionXLPipeline:
     return build_independent_xl_pipeline()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quietly(command: list[str], cwd: Path, threads: int = 1) -> subprocess.CompletedProcess:
+    """Runs `command` (e.g. `nti fit` in a subprocess) and asserts it succeeded; its output is returned."""
+    # Equal thread counts per process: CPU kernels round differently with other thread counts.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_image
+from conftest import random_image, run_quietly
 from nti_lightning import Inversion
 from nti_lightning.cli import main
 from nti_lightning.data.dataset import DatasetError, read_folder, read_manifest
@@ -37,14 +37,6 @@ def write_dataset(folder: Path, count: int, size: tuple[int, int] = (24, 20)) ->
 
 def fit_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "nti_lightning.cli", "fit", "--config", str(CONFIG), "--trainer.logger", "false", *args]
-
-
-def run_quietly(command: list[str], cwd: Path, threads: int = 1) -> subprocess.CompletedProcess:
-    # Equal thread counts per process: CPU kernels round differently with other thread counts.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 # ------------------------------------------------------------------------------ reading

@@ -4,8 +4,6 @@ batches against singles, DDP, artifacts, Prompt-to-Prompt against the authors' c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import nti_lightning as nti
 import p2p_reference as ref
-from conftest import random_image
+from conftest import random_image, run_quietly
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.cli import main as fit_main
 from nti_lightning.data.images import prepare
@@ -211,13 +209,6 @@ def test_self_replacement_layers_are_chosen_by_query_count(pipe):
     # LocalBlend at a finer resolution than 32x32 makes the controller keep those maps
     blend = nti.LocalBlend(prompts, pipe.tokenizer, [["circle"], ["square"]], resolution=64)
     assert Replace(prompts, pipe.tokenizer, local_blend=blend).new_store().max_queries == 64**2
-
-
-def run_quietly(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):

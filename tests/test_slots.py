@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_image
+from conftest import random_image, run_quietly
 from nti_lightning.data.images import prepare
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.inversion.slots import SlotWalk
@@ -89,8 +89,6 @@ def test_images_through_fewer_slots_get_their_single_results(independent_pipelin
 
 # --------------------------------------------------------------------- through Lightning
 import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -150,11 +148,8 @@ def test_continuous_fit_two_process_ddp_equals_one_process(tmp_path):
     command = [sys.executable, "-m", "nti_lightning.cli", "fit", "--config", str(ROOT / "tests/configs/tiny.yaml"),
                "--data.manifest", "data.jsonl", "--data.batch_size", "2", "--model.scheduling", "continuous",
                "--model.early_stop_epsilon", "1.3", "--model.sync_every", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for name, extra in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
-        result = subprocess.run([*command, "--model.output_dir", name, *extra], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        result = run_quietly([*command, "--model.output_dir", name, *extra], tmp_path)
         assert "5 inverted, 0 skipped (already done), 0 failed" in result.stdout
     report = json.loads((tmp_path / "two" / "report.json").read_text())["images"]
     assert sorted(row["id"] for row in report) == [f"img{i}" for i in range(5)]

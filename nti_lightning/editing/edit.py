@@ -170,7 +170,7 @@ def check_compatible(
     if inversion.is_sdxl != pipeline_xl:
         kinds = ("an SDXL", "an SD 1.x/2.x") if inversion.is_sdxl else ("an SD 1.x/2.x", "an SDXL")
         raise ModelError(
-            f"{name}: {kinds[0]} inversion{made_with or ''} cannot be used with {kinds[1]} model "
+            f"{name}: {kinds[0]} inversion{made_with} cannot be used with {kinds[1]} model "
             f"({model_reference(pipeline)!r}); use the model it was inverted with"
         )
     config = pipeline.unet.config
