@@ -83,8 +83,10 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "fp16+reuse": {"precision": "16-mixed", "reuse_cond_output": True},
     "bf16+reuse+compile": {"precision": "bf16-mixed", "reuse_cond_output": True, "compile": True},
     "bf16+checkpointing": {"precision": "bf16-mixed", "gradient_checkpointing": True},
-    "fp32+continuous": {"scheduling": "continuous"},
-    "bf16+continuous": {"precision": "bf16-mixed", "scheduling": "continuous"},
+    # The default scheduling is continuous batching; lockstep (a batch's images walk their
+    # timesteps together) is kept for comparison.
+    "fp32+lockstep": {"scheduling": "lockstep"},
+    "bf16+lockstep": {"precision": "bf16-mixed", "scheduling": "lockstep"},
     "bf16+reuse+cuda-graphs": {
         "precision": "bf16-mixed",
         "reuse_cond_output": True,
@@ -267,6 +269,8 @@ class Timing:
         results (`list`): the package's `Inversion`s (kept for the fidelity check), else empty.
         unet_rows (`int`): latents the UNet processed in the run (a batch of k counts k), forward
             passes only (each inner iteration's backward follows its forward).
+        all_seconds (`list[float]`): with `--repeats`, the time of every repeat (this timing is
+            the fastest).
     """
 
     configuration: str
@@ -280,6 +284,7 @@ class Timing:
     memory_kind: str
     results: list[Inversion] = field(default_factory=list, repr=False)
     unet_rows: int = 0
+    all_seconds: list[float] = field(default_factory=list)  # every repeat's time (`--repeats`)
 
     @property
     def seconds_per_image(self) -> float:
@@ -507,6 +512,7 @@ def summarise(
                 # A baseline run on fewer images is extrapolated to B at its per-image time.
                 "extrapolated_seconds_for_batch": timing.seconds_per_image * batch_size,
                 "seconds": timing.seconds,
+                "seconds_of_repeats": timing.all_seconds or [timing.seconds],
                 "seconds_per_image": timing.seconds_per_image,
                 "images_per_second": 1.0 / timing.seconds_per_image,
                 "speedup_vs_baseline": reference / timing.seconds_per_image if reference else None,
@@ -646,14 +652,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "file (an earlier --output), e.g. with --baseline-images 0 to split a long benchmark into runs",
     )
     parser.add_argument("--warmup-steps", type=int, default=2, help="T of the untimed warm-up runs (2)")
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="time every row this many times, in rounds, and keep the fastest (1); for noisy shared machines",
+    )
     parser.add_argument("--no-fidelity", action="store_true", help="skip the comparison with the fp32 results")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="source prompt of every image")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default)")
     parser.add_argument("--output", default=None, help="append the results as one JSON line to this file")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.steps < 1 or args.inner_steps < 1:
-        parser.error("--batch-size, --steps and --inner-steps must be positive")
+    if args.batch_size < 1 or args.steps < 1 or args.inner_steps < 1 or args.repeats < 1:
+        parser.error("--batch-size, --steps, --inner-steps and --repeats must be positive")
     if args.num_images is None:
         args.num_images = args.batch_size
     if args.num_images < 1:
@@ -722,15 +732,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompts = [args.prompt] * args.num_images
     pixels = [prepare(image, resolution)[None].to(device) for image in images]
 
-    timings: list[Timing] = []
+    jobs: list[Any] = []  # one callable per timed row
     if args.baseline_images:
         # Untimed warm-up: first calls pay one-time costs (allocator growth, kernel selection).
         baseline_loop(pipeline, num_ddim_steps=args.warmup_steps).invert(
             pixels[0], prompts[0], num_inner_steps=1, epsilon=-1.0
         )
         for mode in args.modes:
-            timings.append(
-                time_baseline(pipeline, pixels[: args.baseline_images], prompts[: args.baseline_images], mode, args, device)
+            jobs.append(
+                lambda mode=mode: time_baseline(
+                    pipeline, pixels[: args.baseline_images], prompts[: args.baseline_images], mode, args, device
+                )
             )
     for name in configurations:
         # Each configuration has its own one-time costs (compilation, autocast kernels), paid by
@@ -740,7 +752,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             num_inference_steps=args.warmup_steps, num_inner_steps=min(2, args.inner_steps),
         )
         for mode in args.modes:
-            timings.append(time_package(pipeline, images, prompts, name, mode, args, device))
+            jobs.append(lambda name=name, mode=mode: time_package(pipeline, images, prompts, name, mode, args, device))
+    # With --repeats, every row is timed once per round, rounds one after the other (so a slow
+    # spell of a shared machine hits all rows alike), and each row keeps its fastest run.
+    timings: list[Timing] = []
+    for round_ in range(args.repeats):
+        for k, job in enumerate(jobs):
+            timing = job()
+            if round_ == 0:
+                timing.all_seconds = [timing.seconds]
+                timings.append(timing)
+            else:
+                seconds = timings[k].all_seconds + [timing.seconds]
+                if timing.seconds < timings[k].seconds:
+                    timings[k] = timing
+                timings[k].all_seconds = seconds
 
     recorded = []
     if args.baseline_from:
@@ -769,6 +795,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_images": args.baseline_images,
         "prompt": args.prompt,
         "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
         "configurations": {name: CONFIGURATIONS[name] for name in configurations},
         "skipped": skipped,
         "rows": rows,

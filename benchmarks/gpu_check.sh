@@ -9,8 +9,8 @@
 #
 # What it measures:
 #   1. sd15-random at 512 px: the reference loop on one image, then B = 8 at full N in fp32,
-#      bf16-mixed, bf16-mixed + reuse + torch.compile and bf16-mixed with continuous batching
-#      (s/image, speed-up, peak memory per image, fidelity to fp32);
+#      bf16-mixed, bf16-mixed + reuse + torch.compile (continuous batching, the default) and
+#      bf16-mixed in lockstep scheduling (s/image, speed-up, peak memory per image, fidelity to fp32);
 #   2. sdxl-random at 1024 px, B = 1, full N, bf16-mixed with and without gradient checkpointing
 #      (s/image, peak memory).
 # A machine without diffusers or jsonargparse gets them from gpu_wheels/ (pip download --no-deps
@@ -34,12 +34,12 @@ fi
 
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     SD=(--model tiny --device cpu --threads 1 --steps 2 --inner-steps 2 --warmup-steps 1)
-    SD_CONFIGS=(fp32 bf16 fp32+continuous)
+    SD_CONFIGS=(fp32 bf16 fp32+lockstep)
     XL=(--model tiny-xl --device cpu --threads 1 --steps 2 --inner-steps 2 --warmup-steps 1)
 else
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
     SD=(--model sd15-random --device cuda)
-    SD_CONFIGS=(fp32 bf16 bf16+reuse+compile bf16+continuous)
+    SD_CONFIGS=(fp32 bf16 bf16+reuse+compile bf16+lockstep)
     XL=(--model sdxl-random --device cuda)
 fi
 

@@ -47,7 +47,7 @@ def invert(
     compile: bool = False,
     compile_mode: Optional[str] = None,
     gradient_checkpointing: bool = False,
-    scheduling: str = "lockstep",
+    scheduling: str = "continuous",
 ) -> list[Inversion]:
     """Null-text inversion of `images` with their source `prompts`.
 
@@ -79,9 +79,10 @@ def invert(
         compile_mode (`str`, *optional*): `torch.compile` mode ("reduce-overhead": CUDA graphs).
         gradient_checkpointing (`bool`, defaults to False): the UNet's gradient checkpointing for
             this run (less memory, more compute; same results); the pipeline is left as it was.
-        scheduling (`str`, defaults to "lockstep"): "continuous" gives each of the `batch_size`
-            slots its own timestep, so an image that stops early moves on at once and a finished
-            image's slot takes the next image (same results, less compute with early stopping).
+        scheduling (`str`, defaults to "continuous"): each of the `batch_size` slots at its own
+            timestep, so an image that stops early moves on at once and a finished image's slot
+            takes the next image; "lockstep" walks a batch's images through their timesteps
+            together (same results; lockstep computes stopped images until their batch is done).
 
     Returns:
         One `Inversion` per image, in input order.

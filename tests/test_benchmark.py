@@ -95,15 +95,30 @@ def test_converging_model_continuous_spends_no_row_on_stopped_images(script, cap
     """On the shapes model's held-out images early stopping happens; continuous batching costs the
     reference's UNet rows per image exactly, lockstep batches more."""
     argv = ["--model", "shapes", "--images", "heldout", "--num-images", "3", "--batch-size", "2", "--device", "cpu",
-            "--steps", "50", "--inner-steps", "10", "--threads", "1", "--configs", "fp32", "fp32+continuous",
-            "--modes", "early-stop", "--warmup-steps", "1", "--no-fidelity", "--baseline-images", "1"]
+            "--steps", "50", "--inner-steps", "10", "--threads", "1", "--configs", "fp32", "fp32+lockstep",
+            "--modes", "early-stop", "--warmup-steps", "1", "--no-fidelity", "--baseline-images", "1", "--repeats", "2"]
     record = script.main(argv)
     assert "3 images (heldout), B=2" in capsys.readouterr().out
     rows = {row["configuration"]: row for row in record["rows"]}
-    baseline, lockstep, continuous = rows["baseline"], rows["fp32"], rows["fp32+continuous"]
+    baseline, continuous, lockstep = rows["baseline"], rows["fp32"], rows["fp32+lockstep"]
+    for row in rows.values():  # two rounds, the fastest kept
+        assert len(row["seconds_of_repeats"]) == 2 and row["seconds"] == min(row["seconds_of_repeats"])
     assert baseline["inner_iterations"][0] < 50 * 10  # the model converges: steps stop early
     # the reference's rows per image: T pivot rows, and per step 1 conditional, its inner
     # iterations and 2 advance rows; continuous batching spends exactly that, lockstep more
     for row in (baseline, continuous):
         assert row["unet_rows_per_image"] == 50 + 3 * 50 + row["inner_iterations_per_image"], row
     assert lockstep["unet_rows_per_image"] > 50 + 3 * 50 + lockstep["inner_iterations_per_image"]
+
+
+def test_unet_call_cost_prints_a_price_per_call_size(capsys):
+    spec = importlib.util.spec_from_file_location("unet_call_cost", SCRIPT.parent / "unet_call_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--model", "tiny", "--device", "cpu", "--rows", "1", "3", "--warmup", "1", "--repeat", "2",
+                           "--threads", "1"])
+    assert [r["rows"] for r in results] == [1, 3]
+    # a backward pass to the null embedding costs more than the forward alone
+    assert all(0 < r["forward_ms"] < r["forward_backward_ms"] for r in results)
+    rows = table_rows(capsys.readouterr().out, "| rows |")
+    assert [row[0] for row in rows] == ["1", "3"]

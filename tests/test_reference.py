@@ -142,9 +142,11 @@ def test_v_prediction_pivot_round_trip():
 
 
 def test_speed_options_keep_the_results(independent_pipeline, stopping_epsilon):
-    """The speed options change where time goes, not what comes out."""
+    """The speed options change where time goes, not what comes out (lockstep scheduling; the
+    continuous batching versions are in test_slots.py)."""
     images, prompts = [random_image(s) for s in (0, 1, 2)], ["a red circle", "a blue square", "a cat"]
-    options = dict(num_inference_steps=T, num_inner_steps=N, early_stop_epsilon=stopping_epsilon, batch_size=3)
+    options = dict(num_inference_steps=T, num_inner_steps=N, early_stop_epsilon=stopping_epsilon, batch_size=3,
+                   scheduling="lockstep")
     default = nti.invert(independent_pipeline, images, prompts, **options)
     # All N iterations masked per image, no host read of the stop mask: exactly the same.
     sync_free = nti.invert(independent_pipeline, images, prompts, early_exit=False, **options)

@@ -18,28 +18,31 @@ T, N = 8, 5
 PROMPTS = ["a red circle", "a blue square on a green background", "a yellow star"]
 
 
-def walk_images(pipe, images, prompts, slots: int, epsilon: float, admit_together: bool = True):
+def walk_images(pipe, images, prompts, slots: int, epsilon: float, admit_together: bool = True, **options):
     """Runs images through a `SlotWalk` of `slots` slots as a plain loop; returns the finished images by id."""
     encoder = PromptEncoder.of(pipe)
     schedule = DDIMSchedule.from_scheduler_config(pipe.scheduler.config, T)
     empty = encoder.null()
     null = [torch.zeros(slots, *t.shape[1:]).requires_grad_() for t in empty.tunable()]
-    walk = SlotWalk(schedule, null, empty, 7.5, N, epsilon, 1e-2)
+    walk = SlotWalk(schedule, null, empty, 7.5, N, epsilon, 1e-2, **options)
     queue = list(enumerate(zip(images, prompts)))
     done = {}
     while queue or walk.busy:
-        free = walk.free_slots()[: len(queue) if admit_together else 1]
-        if free and queue:
-            batch, queue = queue[: len(free)], queue[len(free):]
+        if walk.free_slots() and not walk.waiting and queue:
+            count = slots if admit_together else 1
+            batch, queue = queue[:count], queue[count:]
             pixels = torch.stack([prepare(image, 16) for _, (image, _) in batch])
             cond = encoder.encode([prompt for _, (_, prompt) in batch])
-            walk.admit(pipe.unet, free[: len(batch)], pixels, vae_codec.encode(pipe.vae, pixels), cond,
-                       [str(i) for i, _ in batch], [prompt for _, (_, prompt) in batch])
+            walk.prepare(pipe.unet, pixels, vae_codec.encode(pipe.vae, pixels), cond,
+                         [str(i) for i, _ in batch], [prompt for _, (_, prompt) in batch])
+        walk.admit(pipe.unet)
         slots_now = walk.optimising_slots()
         if slots_now:
-            losses = walk.losses(pipe.unet, slots_now)
-            losses.sum().backward()
-            walk.update(slots_now, losses)
+            rows = walk.call_rows(slots_now)
+            mask = walk.optimising[rows]
+            losses = walk.losses(pipe.unet, rows)
+            (losses * mask).sum().backward()
+            walk.update(slots_now, losses[mask])
         for image in walk.advance(pipe.unet, walk.ready_slots()):
             done[image.id] = image
     return done, walk
@@ -85,6 +88,36 @@ def test_images_through_fewer_slots_get_their_single_results(independent_pipelin
         torch.testing.assert_close(a.latent, b.latent, rtol=0, atol=1e-3)
     assert len({tuple(image.iterations) for image in together.values()}) > 1  # they stopped differently
     assert walk.unet_rows == rows  # no row spent on a stopped image or an empty slot
+
+
+def test_fixed_shapes_put_every_slot_through_every_call(independent_pipeline, stopping_epsilon):
+    images = [random_image(seed) for seed in range(3)]
+    sizes = []
+    handle = independent_pipeline.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append((args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True
+    )
+    try:
+        fixed, _ = walk_images(independent_pipeline, images, PROMPTS, slots=2, epsilon=stopping_epsilon, fixed_shapes=True)
+    finally:
+        handle.remove()
+    assert set(sizes) == {2, 4}  # S rows (pivots, conditional outputs, inner iterations), 2S (advances)
+    exiting, _ = walk_images(independent_pipeline, images, PROMPTS, slots=2, epsilon=stopping_epsilon)
+    for key, image in exiting.items():
+        assert fixed[key].iterations == image.iterations
+        torch.testing.assert_close(torch.cat(fixed[key].null_embeddings), torch.cat(image.null_embeddings), rtol=0, atol=5e-3)
+
+
+def test_reused_conditional_output_saves_a_row_per_step(independent_pipeline, stopping_epsilon):
+    images = [random_image(seed) for seed in range(3)]
+    plain, walk = walk_images(independent_pipeline, images, PROMPTS, slots=2, epsilon=stopping_epsilon)
+    reused, reusing = walk_images(
+        independent_pipeline, images, PROMPTS, slots=2, epsilon=stopping_epsilon, reuse_cond_output=True
+    )
+    steps = sum(len(image.iterations) for image in reused.values())
+    assert reusing.unet_rows == walk.unet_rows - steps
+    for key, image in plain.items():
+        assert reused[key].iterations == image.iterations
+        torch.testing.assert_close(reused[key].latent, image.latent, rtol=0, atol=1e-3)
 
 
 # --------------------------------------------------------------------- through Lightning

@@ -12,17 +12,26 @@ set of S slots, each holding one image at its own place in its walk (step i, inn
   condition, takes its guided DDIM advance (batched with the other slots advancing at that
   moment) and starts its next step: the conditional output at its new latent, once, no grad;
 * a slot whose image has finished all T steps hands the image back (`finished`) and takes the
-  next one (`admit`: VAE latents in, pivot computed, batched over the images admitted together).
+  next one (`admit`).
+
+New images enter in two moves. `prepare` computes the pivots of up to S images together (one
+batched DDIM inversion: T UNet calls of S rows, as a lockstep batch pays) and queues them;
+`admit` moves queued images into free slots. Slots free up one or two at a time, so computing
+each newcomer's pivot on its own would cost T one-row calls per image; queuing a slot-count's
+worth at once costs what a lockstep batch's pivot costs.
 
 Every image goes through exactly the operations of the reference loop (docs/ALGORITHM.md), so
 one image alone is bit for bit the reference, and the UNet rows an image costs are the
 reference's: T pivot rows, per step one conditional row, one row per inner iteration, and two
-advance rows. The slots never change shape: an idle slot is masked, not removed.
+advance rows. The slots never change shape: an idle slot is masked, not removed. With
+`fixed_shapes`, every UNet call covers all S slots (idle ones masked): one shape per kind of
+call, as CUDA graphs need, at the price of computing rows nobody uses.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -93,6 +102,11 @@ class SlotWalk:
         optimise (`bool`, defaults to True): False for the methods without optimisation: every
             step is frozen as it starts (∅, or the prompt's own condition with `negative_prompt`).
         negative_prompt (`bool`, defaults to False): start from the prompt's condition C instead of ∅.
+        reuse_cond_output (`bool`, defaults to False): the advance reuses the step's conditional
+            output instead of recomputing it with the frozen null (the reference recomputes it:
+            one row fewer per step, results equal up to float rounding).
+        fixed_shapes (`bool`, defaults to False): every UNet call covers all S slots, idle ones
+            masked (the inner iteration, the advance, the conditional outputs and the pivots).
     """
 
     def __init__(
@@ -106,6 +120,8 @@ class SlotWalk:
         learning_rate: float,
         optimise: bool = True,
         negative_prompt: bool = False,
+        reuse_cond_output: bool = False,
+        fixed_shapes: bool = False,
     ) -> None:
         self.schedule = schedule
         self.null = list(null)
@@ -116,9 +132,12 @@ class SlotWalk:
         self.learning_rate = learning_rate
         self.optimise = optimise
         self.negative_prompt = negative_prompt
+        self.reuse_cond_output = reuse_cond_output
+        self.fixed_shapes = fixed_shapes
         slots = self.null[0].shape[0]
         self.optimizer = RowAdam(self.null)
         self.images: list[Optional[SlotImage]] = [None] * slots
+        self.waiting: deque[SlotImage] = deque()  # prepared (pivot computed), waiting for a slot
         self.step = torch.zeros(slots, dtype=torch.long)  # each slot's step i (host side: it picks timesteps)
         self.iteration = torch.zeros(slots, dtype=torch.long)
         self.loss = torch.full((slots,), float("nan"))
@@ -139,8 +158,12 @@ class SlotWalk:
 
     @property
     def busy(self) -> bool:
-        """Whether any slot holds an image."""
-        return any(image is not None for image in self.images)
+        """Whether any slot holds an image, or a prepared image waits for one."""
+        return bool(self.waiting) or any(image is not None for image in self.images)
+
+    def call_rows(self, slots: Sequence[int]) -> list[int]:
+        """The slots a UNet call covers: `slots`, or every slot under `fixed_shapes`."""
+        return list(range(self.slots)) if self.fixed_shapes else list(slots)
 
     def timesteps(self, slots: Sequence[int]) -> torch.Tensor:
         """`[len(slots)]` current timestep of each slot (an empty slot's is a valid one, unused)."""
@@ -148,10 +171,9 @@ class SlotWalk:
 
     # ------------------------------------------------------------------------- new images
     @torch.no_grad()
-    def admit(
+    def prepare(
         self,
         unet: UNet2DConditionModel,
-        slots: Sequence[int],
         pixels: torch.Tensor,
         z0: torch.Tensor,
         cond: Condition,
@@ -159,40 +181,64 @@ class SlotWalk:
         prompts: Sequence[str],
         payloads: Optional[Sequence[Any]] = None,
     ) -> None:
-        """Puts new images into free `slots`: computes their pivots together and starts their step 0.
+        """Computes the pivots of new images together and queues them for `admit`.
 
         Args:
             unet (`UNet2DConditionModel`): the denoiser.
-            slots (`Sequence[int]`): free slots, one per image.
             pixels (`torch.Tensor`): `[n, 3, H, W]` inputs in [-1, 1].
             z0 (`torch.Tensor`): `[n, C, h, w]` their VAE latents.
             cond (`Condition`): their n source conditions.
             ids, prompts (`Sequence[str]`): their ids and prompts.
             payloads (`Sequence`, *optional*): handed back with each finished image.
         """
-        slots = list(slots)
-        pivot = ddim_invert(unet, self.schedule, z0, cond)
-        self.unet_rows += len(slots) * self.schedule.num_inference_steps
-        if self.latent is None:  # the slots' tensors take the first images' shapes
-            shape = (self.slots, *z0.shape[1:])
-            self.latent = torch.zeros(shape, device=z0.device)
-            self.target = torch.zeros(shape, device=z0.device)
-            self.cond_output = torch.zeros(shape, device=z0.device)
-            self.cond = Condition.cat([cond.rows(0).to(device=z0.device)] * self.slots).clone()
-        index = torch.tensor(slots, device=z0.device)
-        self.latent[index] = pivot.z_T.float()
-        self._set_cond(index, cond)
-        for k, slot in enumerate(slots):
-            single = PivotTrajectory(latents=pivot.latents[:, k : k + 1].clone(), timesteps=pivot.timesteps)
-            self.images[slot] = SlotImage(
-                ids[k], prompts[k], pixels[k].clone(), single, payloads[k] if payloads is not None else None,
-                cond=cond.rows(k).clone(), started=time.perf_counter(),
+        count = z0.shape[0]
+        if self.fixed_shapes and count < self.slots:  # pad the pivot's calls to S rows
+            pad = self.slots - count
+            pivot = ddim_invert(
+                unet, self.schedule, torch.cat([z0, z0[:1].expand(pad, *z0.shape[1:])]),
+                Condition.cat([cond, cond.rows(0).expand(pad)]),
             )
+            self.unet_rows += self.slots * self.schedule.num_inference_steps
+        else:
+            pivot = ddim_invert(unet, self.schedule, z0, cond)
+            self.unet_rows += count * self.schedule.num_inference_steps
+        for k in range(count):
+            single = PivotTrajectory(latents=pivot.latents[:, k : k + 1].clone(), timesteps=pivot.timesteps)
+            self.waiting.append(
+                SlotImage(
+                    ids[k], prompts[k], pixels[k].clone(), single, payloads[k] if payloads is not None else None,
+                    cond=cond.rows(k).clone(),
+                )
+            )
+
+    @torch.no_grad()
+    def admit(self, unet: UNet2DConditionModel) -> list[int]:
+        """Moves waiting images into free slots and starts their step 0; returns the slots filled."""
+        slots = self.free_slots()[: len(self.waiting)]
+        if not slots:
+            return []
+        images = [self.waiting.popleft() for _ in slots]
+        z_T = torch.cat([image.pivot.z_T for image in images])
+        cond = Condition.cat([image.cond for image in images])
+        if self.latent is None:  # the slots' tensors take the first images' shapes
+            shape = (self.slots, *z_T.shape[1:])
+            self.latent = torch.zeros(shape, device=z_T.device)
+            self.target = torch.zeros(shape, device=z_T.device)
+            self.cond_output = torch.zeros(shape, device=z_T.device)
+            self.cond = Condition.cat([cond.rows(0)] * self.slots).clone()
+        index = torch.tensor(slots, device=z_T.device)
+        self.latent[index] = z_T.float()
+        self._set_cond(index, cond)
+        now = time.perf_counter()
+        for slot, image in zip(slots, images):
+            image.started = now
+            self.images[slot] = image
             self.step[slot] = 0
         start = cond if self.negative_prompt else self.empty.expand(len(slots))
         for param, value in zip(self.null, start.tunable()):
             param.data[index] = value.to(param.dtype)
         self._start_steps(unet, slots)
+        return slots
 
     def _set_cond(self, index: torch.Tensor, cond: Condition) -> None:
         self.cond.embeddings[index] = cond.embeddings
@@ -211,8 +257,10 @@ class SlotWalk:
         for slot, step in zip(slots, steps):
             image = self.images[slot]
             self.target[slot] = image.pivot.latents[self.schedule.num_inference_steps - 1 - step, 0]
-        self.cond_output[index] = predict(unet, self.latent[index], self.timesteps(slots), self.cond.rows(index))
-        self.unet_rows += len(slots)
+        rows = self.call_rows(slots)
+        outputs = predict(unet, self.latent[rows], self.timesteps(rows), self.cond.rows(torch.tensor(rows, device=index.device)))
+        self.cond_output[index] = outputs if rows == slots else outputs[index]
+        self.unet_rows += len(rows)
         self.optimizer.reset(slots, [step_learning_rate(step, self.learning_rate) for step in steps])
         self.iteration[slots] = 0
         self.loss[slots] = float("nan")
@@ -275,10 +323,16 @@ class SlotWalk:
             return []
         index = torch.tensor(slots, device=self.latent.device)
         frozen = self.null_condition(index).clone().to(dtype=torch.float32)
-        self.latent[index] = guided_step(
-            self.schedule, unet, self.latent[index], self.timesteps(slots), frozen, self.cond.rows(index), self.guidance_scale
+        rows = self.call_rows(slots)
+        every = torch.tensor(rows, device=index.device)
+        cond_output = self.cond_output[every] if self.reuse_cond_output else None
+        stepped = guided_step(
+            self.schedule, unet, self.latent[every], self.timesteps(rows),
+            self.null_condition(every).to(dtype=torch.float32), self.cond.rows(every), self.guidance_scale,
+            cond_output=cond_output,
         )
-        self.unet_rows += 2 * len(slots)
+        self.latent[index] = stepped if rows == slots else stepped[index]
+        self.unet_rows += len(rows) * (1 if self.reuse_cond_output else 2)
         finished, going_on = [], []
         for k, slot in enumerate(slots):
             image = self.images[slot]

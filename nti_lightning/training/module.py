@@ -34,7 +34,7 @@ from nti_lightning.models.text import PromptEncoder
 #: Inversion methods: the paper's, and the two baselines it is compared with.
 METHODS = ("null_text", "negative_prompt", "ddim")
 #: How the images of a batch share UNet calls (see `NullTextInversion`'s `scheduling`).
-SCHEDULINGS = ("lockstep", "continuous")
+SCHEDULINGS = ("continuous", "lockstep")
 
 # The UNet, VAE and text encoder are frozen on purpose; Lightning would warn about them each fit.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -64,7 +64,6 @@ class NullTextInversion(pl.LightningModule):
         reuse_cond_output (`bool`, defaults to False): advance each step with the conditional
             output computed at its start instead of a fresh two-branch UNet call; one UNet
             forward less per step, equal maths, but no longer bit-identical to the reference.
-            Lockstep scheduling only: continuous batching always advances as the reference does.
         method (`str`, defaults to "null_text"): "null_text" (the paper); "negative_prompt" (the
             source prompt's embedding as the unconditional one at every step, no optimisation,
             Miyake et al. 2023); "ddim" (the pivot alone, sampled back with ∅). All three write
@@ -73,8 +72,9 @@ class NullTextInversion(pl.LightningModule):
             the batch has stopped (one device-to-host read of the stop mask per iteration).
             False runs all N iterations, masked per image, with no host synchronisation inside
             the loop (for CUDA graphs); the results are the same either way. With "continuous"
-            scheduling, False puts every slot through the UNet in every inner iteration (idle
-            slots masked), so the inner iteration keeps one shape.
+            scheduling, False puts every slot through every UNet call (the inner iteration, the
+            advance, the conditional outputs, the pivots; idle slots masked), so each kind of
+            call keeps one shape.
         channels_last (`bool`, defaults to False): keep the UNet's weights in channels-last
             memory format (faster convolutions on recent GPUs; changes the pipeline in place).
         compile (`bool`, defaults to False): run the UNet through `torch.compile` (shapes are
@@ -85,12 +85,12 @@ class NullTextInversion(pl.LightningModule):
         allow_model_mismatch (`bool`, defaults to False): on a resumed run, count artifacts made
             with other weights of the same model reference as done (refused otherwise: see
             `nti_lightning.models.fingerprint`).
-        scheduling (`str`, defaults to "lockstep"): how a batch's images share UNet calls.
-            "lockstep": the B images of a batch walk their timesteps together (one epoch per
-            timestep), the batch ending each timestep when its slowest image stops.
+        scheduling (`str`, defaults to "continuous"): how a batch's images share UNet calls.
             "continuous": B slots, each image at its own timestep and inner iteration; a slot
             whose image stops moves on at once and a finished image's slot takes the next
             image, so no UNet row is spent on a stopped image (`nti_lightning.inversion.slots`).
+            "lockstep": the B images of a batch walk their timesteps together (one epoch per
+            timestep), the batch ending each timestep when its slowest image stops.
             Same results either way (each image gets what it gets alone).
         sync_every (`int`, defaults to 8): with "continuous" under DDP, the ranks agree every
             this many training batches whether all are done (one small all-reduce); a rank done
@@ -121,7 +121,7 @@ class NullTextInversion(pl.LightningModule):
         compile_mode: Optional[str] = None,
         allow_model_mismatch: bool = False,
         gradient_checkpointing: bool = False,
-        scheduling: Literal["lockstep", "continuous"] = "lockstep",
+        scheduling: Literal["continuous", "lockstep"] = "continuous",
         sync_every: int = 8,
     ) -> None:
         super().__init__()
@@ -359,7 +359,7 @@ class NullTextInversion(pl.LightningModule):
         # With early_exit=False every slot goes through the UNet in every batch, the ones not
         # optimising (an empty slot at the end of the run) masked out: one fixed shape for
         # torch.compile and CUDA graphs. Otherwise only the optimising slots are computed.
-        rows = slots if self.hparams.early_exit else list(range(walk.slots))
+        rows = walk.call_rows(slots)
         losses = walk.losses(self.denoiser, rows)
         mask = walk.optimising[rows].to(losses.device)
         loss = (losses * mask.to(losses.dtype)).sum()  # each slot's gradient is its own MSE's

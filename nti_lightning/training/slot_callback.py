@@ -4,8 +4,9 @@
 each at its own timestep. Everything between iterations is here, on the `SlotWalk`
 (`nti_lightning.inversion.slots`):
 
-* before a batch: free slots take the next images of this rank (decoded, encoded, their pivots
-  computed together);
+* before a batch: free slots take the next images of this rank. When none is waiting, up to S
+  of them are decoded, encoded and their pivots computed together, then queued; the free slots
+  take them from the queue, the others as slots free up later;
 * after a batch: the slots whose step is over freeze their null condition and take their guided
   DDIM advance together, then start their next step; images that finished their last step are
   written (artifact, metrics, grid, TensorBoard, report row) exactly as in lockstep scheduling.
@@ -50,6 +51,8 @@ class SlotWalkCallback(NullTextWalkCallback):
             hparams.learning_rate,
             optimise=pl_module.optimises,
             negative_prompt=hparams.method == "negative_prompt",
+            reuse_cond_output=hparams.reuse_cond_output,
+            fixed_shapes=not hparams.early_exit,
         )
         # The module's optimiser is the walk's: one RowAdam over the same parameters.
         pl_module.slot_walk.optimizer = trainer.optimizers[0]
@@ -58,23 +61,26 @@ class SlotWalkCallback(NullTextWalkCallback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: dict[str, Any], batch_idx: int) -> None:
         walk: SlotWalk = pl_module.slot_walk
         stream = trainer.train_dataloader.dataset
-        free = walk.free_slots()
-        if free and stream.remaining:
-            samples, pixels, failed = stream.take(len(free))
-            for sample, reason in failed:
-                self.failures.append({"id": sample.id, "image": str(sample.image), "reason": reason})
-            if samples:
-                self._admit(trainer, pl_module, free[: len(samples)], samples, pixels)
+        if walk.free_slots():
+            # A slot-count's worth of pivots at once: one batched inversion, not one per newcomer.
+            while not walk.waiting and stream.remaining:
+                samples, pixels, failed = stream.take(walk.slots)
+                for sample, reason in failed:
+                    self.failures.append({"id": sample.id, "image": str(sample.image), "reason": reason})
+                if samples:
+                    self._prepare(trainer, pl_module, samples, pixels)
+            with trainer.precision_plugin.forward_context():
+                walk.admit(pl_module.denoiser)
         pl_module.all_done = not walk.busy and not stream.remaining
 
-    def _admit(self, trainer: pl.Trainer, module: Any, slots: list[int], samples: list[Any], pixels: torch.Tensor) -> None:
+    def _prepare(self, trainer: pl.Trainer, module: Any, samples: list[Any], pixels: torch.Tensor) -> None:
         pixels = pixels.to(module.device)
         # Text encoders and VAE run in their own dtype, not under autocast (as in lockstep).
         cond = module.encode([sample.prompt for sample in samples])
         z0 = vae_codec.encode(module.vae, pixels)
         with trainer.precision_plugin.forward_context():
-            module.slot_walk.admit(
-                module.denoiser, slots, pixels, z0, cond, [s.id for s in samples], [s.prompt for s in samples], samples
+            module.slot_walk.prepare(
+                module.denoiser, pixels, z0, cond, [s.id for s in samples], [s.prompt for s in samples], samples
             )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
