@@ -179,9 +179,11 @@ def test_three_methods_one_report(tmp_path, monkeypatch, capsys):
     )
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("scheduling", ["continuous", "lockstep"])
+def test_two_process_ddp_equals_one_process(tmp_path, scheduling):
     manifest = write_dataset(tmp_path / "data", 5)
-    common = ["--data.manifest", str(manifest), "--data.batch_size", "2", "--trainer.accelerator", "cpu"]
+    common = ["--data.manifest", str(manifest), "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+              "--model.scheduling", scheduling]
     run_quietly(fit_command(*common, "--model.output_dir", "one", "--trainer.devices", "1"), tmp_path)
     result = run_quietly(
         fit_command(*common, "--model.output_dir", "two", "--trainer.devices", "2", "--trainer.strategy", "ddp"),

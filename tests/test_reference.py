@@ -70,10 +70,11 @@ def test_null_text_beats_plain_ddim_at_guidance(independent_pipeline):
     assert (null_text - target).pow(2).mean() < 0.5 * (ddim - target).pow(2).mean()
 
 
-def test_batch_gives_each_image_its_single_result(independent_pipeline, stopping_epsilon):
+@pytest.mark.parametrize("scheduling", ["continuous", "lockstep"])
+def test_batch_gives_each_image_its_single_result(independent_pipeline, stopping_epsilon, scheduling):
     images = [random_image(seed) for seed in range(3)]
     prompts = ["a red circle", "a blue square on a green background", "a yellow star"]
-    options = dict(num_inference_steps=T, num_inner_steps=N, early_stop_epsilon=stopping_epsilon)
+    options = dict(num_inference_steps=T, num_inner_steps=N, early_stop_epsilon=stopping_epsilon, scheduling=scheduling)
     batched = nti.invert(independent_pipeline, images, prompts, batch_size=3, **options)
     assert [b.prompt for b in batched] == prompts
     for image, prompt, together in zip(images, prompts, batched):

@@ -166,7 +166,7 @@ def test_continuous_methods_without_optimisation_equal_lockstep(independent_pipe
     images = [random_image(seed) for seed in range(3)]
     options = dict(num_inference_steps=4, num_inner_steps=2, method=method)
     continuous = nti.invert(independent_pipeline, images, PROMPTS, batch_size=2, scheduling="continuous", **options)
-    lockstep = nti.invert(independent_pipeline, images, PROMPTS, batch_size=2, **options)
+    lockstep = nti.invert(independent_pipeline, images, PROMPTS, batch_size=2, scheduling="lockstep", **options)
     for a, b in zip(continuous, lockstep):
         assert a.metadata["inner_iterations"] == b.metadata["inner_iterations"] == [0] * 4
         torch.testing.assert_close(a.null_embeddings, b.null_embeddings, rtol=0, atol=1e-6)

@@ -322,16 +322,17 @@ class SlotWalk:
         if not slots:
             return []
         index = torch.tensor(slots, device=self.latent.device)
-        frozen = self.null_condition(index).clone().to(dtype=torch.float32)
         rows = self.call_rows(slots)
         every = torch.tensor(rows, device=index.device)
+        frozen = self.null_condition(every).clone().to(dtype=torch.float32)
         cond_output = self.cond_output[every] if self.reuse_cond_output else None
         stepped = guided_step(
-            self.schedule, unet, self.latent[every], self.timesteps(rows),
-            self.null_condition(every).to(dtype=torch.float32), self.cond.rows(every), self.guidance_scale,
-            cond_output=cond_output,
+            self.schedule, unet, self.latent[every], self.timesteps(rows), frozen, self.cond.rows(every),
+            self.guidance_scale, cond_output=cond_output,
         )
-        self.latent[index] = stepped if rows == slots else stepped[index]
+        if rows != slots:  # fixed shapes: every slot was computed, the advancing ones are kept
+            frozen, stepped = frozen.rows(index), stepped[index]
+        self.latent[index] = stepped
         self.unet_rows += len(rows) * (1 if self.reuse_cond_output else 2)
         finished, going_on = [], []
         for k, slot in enumerate(slots):
