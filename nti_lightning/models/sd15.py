@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from nti_lightning.models.pipelines import cast_pipeline
 from nti_lightning.models.seeding import seeded_build
 from nti_lightning.models.tiny import assemble_pipeline
 from nti_lightning.models.tokenizer import VOCAB_SIZE
@@ -114,7 +115,7 @@ def sd15_random_pipeline(
         unet = sd15_unet()
         vae = sd15_vae()
         text_encoder = sd15_text_encoder()
+    pipeline = assemble_pipeline(vae, unet, text_encoder)
     if torch_dtype is not None:
-        for part in (unet, vae, text_encoder):
-            part.to(dtype=torch_dtype)
-    return assemble_pipeline(vae, unet, text_encoder)
+        cast_pipeline(pipeline, torch_dtype)
+    return pipeline

@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from nti_lightning.models.pipelines import cast_pipeline
 from nti_lightning.models.sd15 import SD15_TEXT_CONFIG, SD15_VAE_CONFIG
 from nti_lightning.models.seeding import seeded_build
+from nti_lightning.models.tiny import tiny_vae
 from nti_lightning.models.tokenizer import VOCAB_SIZE, clip_tokenizer
 
 #: SDXL base's `unet/config.json` (the keys that differ from diffusers' defaults, and the key ones
@@ -236,19 +237,7 @@ def tiny_xl_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionXLPi
             projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_width,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=resolution,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
+        vae = tiny_vae(resolution, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
         text_config = {
             "vocab_size": VOCAB_SIZE,
             "num_hidden_layers": 2,

@@ -7,7 +7,8 @@ It proves the mechanics; its reconstructions are not pictures of anything.
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -25,6 +26,27 @@ SD_SCHEDULER_CONFIG = {
     "set_alpha_to_one": False,
     "prediction_type": "epsilon",
 }
+
+
+def tiny_vae(resolution: int, **config: Any) -> AutoencoderKL:
+    """The tiny models' VAE: 3 levels, 4 latent channels, images 4x the latents' side.
+
+    Args:
+        resolution (`int`): image side in pixels written into its config.
+        **config: further `AutoencoderKL` settings (SDXL's scaling factor and `force_upcast`).
+    """
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+        **config,
+    )
 
 
 def tiny_pipeline(
@@ -54,17 +76,7 @@ def tiny_pipeline(
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=resolution,
-        )
+        vae = tiny_vae(resolution)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=VOCAB_SIZE,
