@@ -7,6 +7,7 @@ reference does not rest on anything the package builds.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -14,13 +15,40 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from nti_lightning.models.tokenizer import clip_tokenizer
 
 torch.set_num_threads(2)
+
+
+def independent_vae(**config) -> AutoencoderKL:
+    """The independent pipelines' 2-level VAE (16 px <-> 8x8 latents); `config` adds settings."""
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        **config,
+    )
+
+
+def independent_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion's DDIM scheduler settings (scaled-linear betas, steps offset 1)."""
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type,
+    )
 
 
 def build_independent_pipeline(seed: int = 1234, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
@@ -35,24 +63,14 @@ def build_independent_pipeline(seed: int = 1234, prediction_type: str = "epsilon
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    vae = independent_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
             max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type,
-    )
+    scheduler = independent_scheduler(prediction_type)
     pipe = StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(), unet=unet.eval(),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -78,9 +96,17 @@ def images() -> list[Image.Image]:
     return [random_image(seed) for seed in range(3)]
 
 
-# --- SDXL-shaped (appended; imports kept here so the lines above stay untouched)
-from diffusers import StableDiffusionXLPipeline  # noqa: E402
-from transformers import CLIPTextModelWithProjection  # noqa: E402
+def write_dataset(folder: Path, count: int, size: tuple[int, int] = (24, 20), first_seed: int = 100) -> Path:
+    """`count` random images (seeds `first_seed + i`) and a JSONL manifest of them in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        random_image(first_seed + i, size).save(folder / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "prompt": f"a photo of thing {i}"})
+    manifest = folder / "dataset.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest
+
 
 
 def build_independent_xl_pipeline(seed: int = 4321) -> StableDiffusionXLPipeline:
@@ -126,20 +152,8 @@ def build_independent_xl_pipeline(seed: int = 4321) -> StableDiffusionXLPipeline
         projection_class_embeddings_input_dim=6 * time_dim + projection_dim,
         norm_num_groups=4,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        clip_sample=False, set_alpha_to_one=False,
-    )
+    vae = independent_vae(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
+    scheduler = independent_scheduler()
     pipe = StableDiffusionXLPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(),
         tokenizer=clip_tokenizer(), tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -411,10 +412,9 @@ class ReferenceAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-@torch.no_grad()
-def reference_edit(pipe, inversion, prompts, controller, guidance_scale=7.5):
-    """`[P, C, h, w]` latents: the authors' null-text `text2image_ldm_stable` loop with `controller`."""
-    unet, tokenizer = pipe.unet, pipe.tokenizer
+@contextmanager
+def controlled(unet, controller):
+    """`controller` on every attention layer of `unet` (`ReferenceAttnProcessor`), restored after."""
     original = unet.attn_processors
     places = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
     unet.set_attn_processor(
@@ -422,6 +422,16 @@ def reference_edit(pipe, inversion, prompts, controller, guidance_scale=7.5):
     )
     controller.num_att_layers = len(original)
     try:
+        yield
+    finally:
+        unet.set_attn_processor(dict(original))
+
+
+@torch.no_grad()
+def reference_edit(pipe, inversion, prompts, controller, guidance_scale=7.5):
+    """`[P, C, h, w]` latents: the authors' null-text `text2image_ldm_stable` loop with `controller`."""
+    unet, tokenizer = pipe.unet, pipe.tokenizer
+    with controlled(unet, controller):
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         scheduler.set_timesteps(inversion.num_inference_steps)
         text_input = tokenizer(
@@ -436,8 +446,6 @@ def reference_edit(pipe, inversion, prompts, controller, guidance_scale=7.5):
             noise_pred = noise_pred_uncond + guidance_scale * (noise_prediction_text - noise_pred_uncond)
             latents = scheduler.step(noise_pred, t, latents)["prev_sample"]
             latents = controller.step_callback(latents)
-    finally:
-        unet.set_attn_processor(dict(original))
     return latents
 
 
@@ -472,13 +480,7 @@ def reference_edit_xl(pipe, inversion, prompts, controller, guidance_scale=7.5):
     """
     unet = pipe.unet
     _check_processor_applies(unet)
-    original = unet.attn_processors
-    places = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
-    unet.set_attn_processor(
-        {name: ReferenceAttnProcessor(controller, places[name.split(".")[0]]) for name in original}
-    )
-    controller.num_att_layers = len(original)
-    try:
+    with controlled(unet, controller):
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         scheduler.set_timesteps(inversion.num_inference_steps)
         text_embeddings, _, pooled_embeddings, _ = pipe.encode_prompt(
@@ -504,6 +506,4 @@ def reference_edit_xl(pipe, inversion, prompts, controller, guidance_scale=7.5):
             noise_pred = noise_pred_uncond + guidance_scale * (noise_prediction_text - noise_pred_uncond)
             latents = scheduler.step(noise_pred, t, latents)["prev_sample"]
             latents = controller.step_callback(latents)
-    finally:
-        unet.set_attn_processor(dict(original))
     return latents

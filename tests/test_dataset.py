@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_image, run_quietly
+from conftest import random_image, run_quietly, write_dataset
 from nti_lightning import Inversion
 from nti_lightning.cli import main
 from nti_lightning.data.dataset import DatasetError, read_folder, read_manifest
@@ -21,18 +21,6 @@ from nti_lightning.inversion import dataset_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests" / "configs" / "tiny.yaml"
-
-
-def write_dataset(folder: Path, count: int, size: tuple[int, int] = (24, 20)) -> Path:
-    """`count` random images and a JSONL manifest of them in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(count):
-        random_image(100 + i, size).save(folder / f"img{i}.png")
-        rows.append({"image": f"img{i}.png", "prompt": f"a photo of thing {i}"})
-    manifest = folder / "dataset.jsonl"
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return manifest
 
 
 def fit_command(*args: str) -> list[str]:

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import nti_lightning as nti
 import p2p_reference as ref
-from conftest import random_image, run_quietly
+from conftest import random_image, run_quietly, write_dataset
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.cli import main as fit_main
 from nti_lightning.data.images import prepare
@@ -212,13 +212,9 @@ def test_self_replacement_layers_are_chosen_by_query_count(pipe):
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
-    rows = []
-    for i in range(3):
-        random_image(200 + i, (24, 20)).save(tmp_path / f"img{i}.png")
-        rows.append({"image": f"img{i}.png", "prompt": f"a photo of thing {i}"})
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = write_dataset(tmp_path, 3, first_seed=200)
     command = [sys.executable, "-m", "nti_lightning.cli", "fit", "--config", str(ROOT / "tests/configs/tiny_xl.yaml"),
-               "--trainer.logger", "false", "--data.manifest", "data.jsonl", "--data.batch_size", "1"]
+               "--trainer.logger", "false", "--data.manifest", str(manifest), "--data.batch_size", "1"]
     run_quietly([*command, "--model.output_dir", "one"], tmp_path)
     result = run_quietly([*command, "--model.output_dir", "two", "--trainer.devices", "2", "--trainer.strategy", "ddp"], tmp_path)
     assert "3 inverted, 0 skipped (already done), 0 failed" in result.stdout

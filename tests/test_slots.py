@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import random_image, run_quietly
+import nti_lightning as nti
+from conftest import random_image, run_quietly, write_dataset
 from nti_lightning.data.images import prepare
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.inversion.slots import SlotWalk
@@ -14,6 +19,7 @@ from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.text import PromptEncoder
 from reference import ReferenceNullInversion
 
+ROOT = Path(__file__).resolve().parents[1]
 T, N = 8, 5
 PROMPTS = ["a red circle", "a blue square on a green background", "a yellow star"]
 
@@ -121,13 +127,6 @@ def test_reused_conditional_output_saves_a_row_per_step(independent_pipeline, st
 
 
 # --------------------------------------------------------------------- through Lightning
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import nti_lightning as nti  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_continuous_invert_is_the_reference_and_batches_give_single_results(independent_pipeline, stopping_epsilon):
@@ -173,13 +172,9 @@ def test_continuous_methods_without_optimisation_equal_lockstep(independent_pipe
 
 
 def test_continuous_fit_two_process_ddp_equals_one_process(tmp_path):
-    rows = []
-    for i in range(5):
-        random_image(300 + i, (24, 20)).save(tmp_path / f"img{i}.png")
-        rows.append({"image": f"img{i}.png", "prompt": f"a photo of thing {i}"})
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = write_dataset(tmp_path, 5, first_seed=300)
     command = [sys.executable, "-m", "nti_lightning.cli", "fit", "--config", str(ROOT / "tests/configs/tiny.yaml"),
-               "--data.manifest", "data.jsonl", "--data.batch_size", "2", "--model.scheduling", "continuous",
+               "--data.manifest", str(manifest), "--data.batch_size", "2", "--model.scheduling", "continuous",
                "--model.early_stop_epsilon", "1.3", "--model.sync_every", "3"]
     for name, extra in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
         result = run_quietly([*command, "--model.output_dir", name, *extra], tmp_path)
