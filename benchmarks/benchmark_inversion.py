@@ -51,9 +51,11 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The baseline is the test suite's reference loop, which lives in the repository, not the package.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# The baseline is the test suite's reference loop, which lives in the repository, not the package
+# (tests/, imported as the tests import it).
+for folder in (REPO_ROOT, REPO_ROOT / "tests"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import nti_lightning  # noqa: E402
 from nti_lightning.api import invert, reconstruction_latents  # noqa: E402
@@ -67,8 +69,8 @@ from nti_lightning.models.pipelines import is_sdxl  # noqa: E402
 from nti_lightning.models.sd15 import sd15_random_pipeline  # noqa: E402
 from nti_lightning.models.sdxl import sdxl_random_pipeline  # noqa: E402
 from nti_lightning.models.text import PromptEncoder  # noqa: E402
-from tests.reference import ReferenceNullInversion  # noqa: E402
-from tests.reference_xl import ReferenceNullInversionXL  # noqa: E402
+from reference import ReferenceNullInversion  # noqa: E402
+from reference_xl import ReferenceNullInversionXL  # noqa: E402
 
 #: The package configurations timed, by name: keyword arguments passed to `nti_lightning.invert`.
 #: Add a line to time a new option. A configuration with an option `invert` does not take is

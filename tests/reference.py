@@ -39,7 +39,10 @@ class ReferenceNullInversion:
         return self.scheduler.step(model_output, timestep, sample, eta=0.0).prev_sample
 
     def noise(self, latents, t, context):
-        return self.pipe.unet(latents, t, encoder_hidden_states=context).sample
+        """The UNet on `latents` under `context`: the tuple of tensors a condition is made of, one
+        row per latent (here the token embeddings alone; SDXL adds its pooled embedding)."""
+        (embeddings,) = context
+        return self.pipe.unet(latents, t, encoder_hidden_states=embeddings).sample
 
     @torch.no_grad()
     def context(self, prompt: str):
@@ -49,6 +52,14 @@ class ReferenceNullInversion:
         uncond = self.pipe.text_encoder(ids(""))[0]
         cond = self.pipe.text_encoder(ids(prompt))[0]
         return uncond, cond
+
+    def conditions(self, prompt: str):
+        """`(uncond, cond)`, each the tuple of tensors `noise` takes."""
+        uncond, cond = self.context(prompt)
+        return (uncond,), (cond,)
+
+    #: The result keys of the per-step null tensors, in the order of a condition's tensors.
+    null_keys = ("null_embeddings",)
 
     @torch.no_grad()
     def image2latent(self, pixels):
@@ -66,12 +77,13 @@ class ReferenceNullInversion:
         return all_latent
 
     def null_optimization(self, latents, uncond, cond, num_inner_steps: int, epsilon: float):
+        """The notebook's loop; `uncond` and `cond` are tuples of tensors, and ONE fresh Adam per
+        timestep optimises every tensor of `uncond` together."""
         uncond_list, iterations, final_losses = [], [], []
         latent_cur = latents[-1]
         for i in range(self.num_ddim_steps):
-            uncond = uncond.clone().detach()
-            uncond.requires_grad = True
-            optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+            uncond = tuple(part.clone().detach().requires_grad_() for part in uncond)
+            optimizer = torch.optim.Adam(list(uncond), lr=1e-2 * (1.0 - i / 100.0))
             latent_prev = latents[len(latents) - i - 2]
             t = self.scheduler.timesteps[i]
             with torch.no_grad():
@@ -89,27 +101,29 @@ class ReferenceNullInversion:
                     break
             iterations.append(j + 1)
             final_losses.append(loss_item)
-            uncond_list.append(uncond[:1].detach())
+            uncond_list.append(tuple(part[:1].detach() for part in uncond))
             with torch.no_grad():
-                noise = self.noise(torch.cat([latent_cur] * 2), t, torch.cat([uncond, cond]))
+                both = tuple(torch.cat([u, c]) for u, c in zip(uncond, cond))
+                noise = self.noise(torch.cat([latent_cur] * 2), t, both)
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise_pred = noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
                 latent_cur = self.prev_step(noise_pred, t, latent_cur)
         return uncond_list, iterations, final_losses, latent_cur
 
     def invert(self, pixels, prompt: str, num_inner_steps: int = 10, epsilon: float = 1e-5) -> dict:
-        for part in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            part.requires_grad_(False)
-        uncond, cond = self.context(prompt)
+        for part in self.pipe.components.values():
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False)
+        uncond, cond = self.conditions(prompt)
         latent = self.image2latent(pixels)
         ddim_latents = self.ddim_loop(latent, cond)
-        embeddings, iterations, losses, reconstruction = self.null_optimization(
+        nulls, iterations, losses, reconstruction = self.null_optimization(
             ddim_latents, uncond, cond, num_inner_steps, epsilon
         )
         return {
             "z_T": ddim_latents[-1][0],
             "source_latent": latent[0],
-            "null_embeddings": torch.cat(embeddings),
+            **{key: torch.cat(steps) for key, steps in zip(self.null_keys, zip(*nulls))},
             "inner_iterations": iterations,
             "final_losses": losses,
             "reconstruction": reconstruction,
@@ -119,11 +133,16 @@ class ReferenceNullInversion:
     @torch.no_grad()
     def reconstruct(self, z_T, null_embeddings, prompt: str, guidance_scale: float | None = None):
         """The notebook's text2image_ldm_stable with per-step null embeddings, no controller."""
+        return self.sample(z_T, (null_embeddings,), prompt, guidance_scale)
+
+    @torch.no_grad()
+    def sample(self, z_T, nulls, prompt: str, guidance_scale: float | None = None):
+        """Guided DDIM sampling from `z_T` with step i's unconditional tensors `nulls[k][i]`."""
         w = self.guidance_scale if guidance_scale is None else guidance_scale
-        _, cond = self.context(prompt)
+        _, cond = self.conditions(prompt)
         latents = z_T[None]
         for i, t in enumerate(self.scheduler.timesteps):
-            context = torch.cat([null_embeddings[i : i + 1], cond])
+            context = tuple(torch.cat([null[i : i + 1], c]) for null, c in zip(nulls, cond))
             noise = self.noise(torch.cat([latents] * 2), t, context)
             noise_uncond, noise_cond = noise.chunk(2)
             latents = self.prev_step(noise_uncond + w * (noise_cond - noise_uncond), t, latents)
