@@ -164,10 +164,12 @@ class NullTextWalkCallback(pl.Callback):
             artifact = None
             if output_dir is not None:
                 artifact = str(inversion.save(output_dir / f"{sample.id}.safetensors"))
-                if hparams.save_grids:
-                    _grid_picture(grids[k]).save(output_dir / f"{sample.id}.png")
-            self._log_image(trainer, sample.id, rows[k], grids[k] if hparams.save_grids else None)
+            # Booked as soon as its artifact exists: an interrupt while the grid or TensorBoard
+            # is written must still count and report the image.
             self.rows.append(image_row({**inversion.metadata, "prompt": inversion.prompt}, "done", artifact))
+            if output_dir is not None and hparams.save_grids:
+                _grid_picture(grids[k]).save(output_dir / f"{sample.id}.png")
+            self._log_image(trainer, sample.id, rows[k], grids[k] if hparams.save_grids else None)
         if hparams.keep_results:
             module.results.extend(inversions)
 
