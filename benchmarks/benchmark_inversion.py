@@ -524,6 +524,7 @@ def summarise(
                 "peak_memory_kind": timing.memory_kind,
                 "inner_iterations_per_image": float(np.mean(timing.iterations)),
                 "unet_rows_per_image": timing.unet_rows / timing.images,
+                "unet_rows": timing.unet_rows,
                 "inner_iterations": timing.iterations,
             }
         )

@@ -7,6 +7,9 @@ stopping, all in fp32 on the CPU. The tests hold the package to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -79,7 +82,7 @@ class ReferenceNullInversion:
     def null_optimization(self, latents, uncond, cond, num_inner_steps: int, epsilon: float):
         """The notebook's loop; `uncond` and `cond` are tuples of tensors, and ONE fresh Adam per
         timestep optimises every tensor of `uncond` together."""
-        uncond_list, iterations, final_losses = [], [], []
+        uncond_list, iterations, final_losses, checked = [], [], [], []
         latent_cur = latents[-1]
         for i in range(self.num_ddim_steps):
             uncond = tuple(part.clone().detach().requires_grad_() for part in uncond)
@@ -97,6 +100,7 @@ class ReferenceNullInversion:
                 loss.backward()
                 optimizer.step()
                 loss_item = loss.item()
+                checked.append((i, loss_item))
                 if loss_item < epsilon + i * 2e-5:
                     break
             iterations.append(j + 1)
@@ -108,7 +112,7 @@ class ReferenceNullInversion:
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise_pred = noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
                 latent_cur = self.prev_step(noise_pred, t, latent_cur)
-        return uncond_list, iterations, final_losses, latent_cur
+        return uncond_list, iterations, final_losses, checked, latent_cur
 
     def invert(self, pixels, prompt: str, num_inner_steps: int = 10, epsilon: float = 1e-5) -> dict:
         for part in self.pipe.components.values():
@@ -117,7 +121,7 @@ class ReferenceNullInversion:
         uncond, cond = self.conditions(prompt)
         latent = self.image2latent(pixels)
         ddim_latents = self.ddim_loop(latent, cond)
-        nulls, iterations, losses, reconstruction = self.null_optimization(
+        nulls, iterations, losses, checked, reconstruction = self.null_optimization(
             ddim_latents, uncond, cond, num_inner_steps, epsilon
         )
         return {
@@ -126,6 +130,8 @@ class ReferenceNullInversion:
             **{key: torch.cat(steps) for key, steps in zip(self.null_keys, zip(*nulls))},
             "inner_iterations": iterations,
             "final_losses": losses,
+            # every (step, loss) the early stop compared with its threshold ε + step·2e-5
+            "checked_losses": checked,
             "reconstruction": reconstruction,
             "pivot": torch.cat(ddim_latents),
         }
@@ -147,3 +153,43 @@ class ReferenceNullInversion:
             noise_uncond, noise_cond = noise.chunk(2)
             latents = self.prev_step(noise_uncond + w * (noise_cond - noise_uncond), t, latents)
         return latents
+
+
+#: How far, relative, every loss the reference compares with its early-stop threshold stays from
+#: it at an ε that `clear_stopping_epsilon` picks. Runs that the tests expect to stop alike (a batch
+#: and its singles, two schedulings, one process and two) differ in their losses by float rounding
+#: alone: under 4e-5 relative over a whole walk on the independent pipeline (batched vs single,
+#: both schedulings). 1% leaves a factor of 250 over that, so which step stops after how many
+#: iterations cannot hang on how one CPU's kernels round a loss that sits on the threshold.
+STOP_MARGIN = 0.01
+
+
+def clear_stopping_epsilon(
+    reference: ReferenceNullInversion,
+    inputs: Sequence[tuple[torch.Tensor, str]],
+    num_inner_steps: int,
+    wanted: Callable[[list[dict]], bool] | None = None,
+    margin: float = STOP_MARGIN,
+) -> float:
+    """An early-stop ε for tests that compare iteration counts, chosen on this machine's losses.
+
+    Starting from the median final loss of the first input, it tries ε a sixteenth of an octave
+    apart until one leaves every loss the reference compares (for each `(pixels, prompt)` of
+    `inputs`, pixels `[1, 3, H, W]`) at least `margin` away from its threshold and meets `wanted`
+    (by default: the first input has steps that stop after one iteration and steps that run all
+    `num_inner_steps`).
+    """
+    if wanted is None:
+        wanted = lambda results: {1, num_inner_steps} <= set(results[0]["inner_iterations"])
+    pixels, prompt = inputs[0]
+    guess = float(np.median(reference.invert(pixels, prompt, num_inner_steps, epsilon=1e-5)["final_losses"]))
+    closest = {}
+    for k in (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6, 7, -7, 8, -8):
+        epsilon = guess * 2 ** (k / 16)
+        results = [reference.invert(pixels, prompt, num_inner_steps, epsilon=epsilon) for pixels, prompt in inputs]
+        closest[epsilon] = min(
+            abs(loss / (epsilon + step * 2e-5) - 1) for result in results for step, loss in result["checked_losses"]
+        )
+        if closest[epsilon] >= margin and wanted(results):
+            return epsilon
+    raise AssertionError(f"no early-stop ε near {guess:.4g} clears every loss by {margin:.0%}: {closest}")

@@ -7,7 +7,7 @@ import torch
 import nti_lightning as nti
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.data.images import prepare
-from reference import ReferenceNullInversion
+from reference import ReferenceNullInversion, clear_stopping_epsilon
 from conftest import random_image
 
 T, N = 8, 5
@@ -22,11 +22,16 @@ def run_reference(pipe, image, prompt, epsilon):
     return reference.invert(prepare(image, 16)[None], prompt, num_inner_steps=N, epsilon=epsilon)
 
 
+#: Every (image seed, prompt) this module inverts with `stopping_epsilon`.
+STOPPING_INPUTS = [(0, "a red circle"), (1, "a blue square on a green background"), (2, "a yellow star"),
+                   (1, "a blue square"), (2, "a cat")]
+
+
 @pytest.fixture(scope="module")
 def stopping_epsilon(independent_pipeline):
-    """An ε at which some steps stop early and others do not (the median final loss)."""
-    result = run_reference(independent_pipeline, random_image(0), "a red circle", 1e-5)
-    return float(np.median(result["final_losses"]))
+    """An ε at which some steps of image 0 stop early and others do not, clear of every loss."""
+    inputs = [(prepare(random_image(seed), 16)[None], prompt) for seed, prompt in STOPPING_INPUTS]
+    return clear_stopping_epsilon(ReferenceNullInversion(independent_pipeline, num_ddim_steps=T), inputs, N)
 
 
 @pytest.mark.parametrize("early_stop", [False, True])

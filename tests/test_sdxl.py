@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -22,12 +21,14 @@ from nti_lightning.editing import AttentionLayer, Refine, Replace, Reweight
 from nti_lightning.editing.cli import main as predict_main
 from nti_lightning.editing.edit import edit_latents
 from nti_lightning.errors import ModelError
+from reference import clear_stopping_epsilon
 from reference_xl import ReferenceNullInversionXL
 
 ROOT = Path(__file__).resolve().parents[1]
 T, N = 6, 4
 RESOLUTION = 32
 PROMPT = "a red circle on a blue background"
+BATCH_PROMPTS = [PROMPT, "a blue square on a green background", "a yellow star"]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,9 @@ def run_reference(pipe, image, prompt, epsilon):
 
 @pytest.fixture(scope="module")
 def stopping_epsilon(pipe):
-    """An ε at which some steps stop early and others do not (the median final loss)."""
-    result = run_reference(pipe, random_image(0), PROMPT, 1e-5)
-    return float(np.median(result["final_losses"]))
+    """An ε at which some steps of image 0 stop early and others do not, clear of every loss."""
+    inputs = [(prepare(random_image(seed), RESOLUTION)[None], prompt) for seed, prompt in enumerate(BATCH_PROMPTS)]
+    return clear_stopping_epsilon(ReferenceNullInversionXL(pipe, num_ddim_steps=T), inputs, N)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_invert_matches_the_reference_bit_for_bit(pipe, stopping_epsilon, early_
 
 def test_batch_gives_each_image_its_single_result(pipe, stopping_epsilon):
     images = [random_image(seed) for seed in range(3)]
-    prompts = [PROMPT, "a blue square on a green background", "a yellow star"]
+    prompts = BATCH_PROMPTS
     options = dict(num_inference_steps=T, num_inner_steps=N, early_stop_epsilon=stopping_epsilon)
     batched = nti.invert(pipe, images, prompts, batch_size=3, **options)
     for image, prompt, together in zip(images, prompts, batched):

@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,7 @@ from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.inversion.slots import SlotWalk
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.text import PromptEncoder
-from reference import ReferenceNullInversion
+from reference import ReferenceNullInversion, clear_stopping_epsilon
 
 ROOT = Path(__file__).resolve().parents[1]
 T, N = 8, 5
@@ -56,9 +55,9 @@ def walk_images(pipe, images, prompts, slots: int, epsilon: float, admit_togethe
 
 @pytest.fixture(scope="module")
 def stopping_epsilon(independent_pipeline):
-    reference = ReferenceNullInversion(independent_pipeline, num_ddim_steps=T)
-    result = reference.invert(prepare(random_image(0), 16)[None], PROMPTS[0], num_inner_steps=N, epsilon=1e-5)
-    return float(np.median(result["final_losses"]))
+    """An ε at which some steps of image 0 stop early and others do not, clear of every loss."""
+    inputs = [(prepare(random_image(seed), 16)[None], prompt) for seed, prompt in enumerate(PROMPTS)]
+    return clear_stopping_epsilon(ReferenceNullInversion(independent_pipeline, num_ddim_steps=T), inputs, N)
 
 
 @pytest.mark.parametrize("early_stop", [False, True])
@@ -173,9 +172,16 @@ def test_continuous_methods_without_optimisation_equal_lockstep(independent_pipe
 
 def test_continuous_fit_two_process_ddp_equals_one_process(tmp_path):
     manifest = write_dataset(tmp_path, 5, first_seed=300)
+    # tests/configs/tiny.yaml's walk (T = 4, N = 3), with an ε at which some steps stop early and
+    # others run all N, clear of every loss the reference compares on these images
+    inputs = [(prepare(tmp_path / f"img{i}.png", 32)[None], f"a photo of thing {i}") for i in range(5)]
+    epsilon = clear_stopping_epsilon(
+        ReferenceNullInversion(nti.load_pipeline("tiny"), num_ddim_steps=4), inputs, 3,
+        wanted=lambda results: {n < 3 for result in results for n in result["inner_iterations"]} == {True, False},
+    )
     command = [sys.executable, "-m", "nti_lightning.cli", "fit", "--config", str(ROOT / "tests/configs/tiny.yaml"),
                "--data.manifest", str(manifest), "--data.batch_size", "2", "--model.scheduling", "continuous",
-               "--model.early_stop_epsilon", "1.3", "--model.sync_every", "3"]
+               "--model.early_stop_epsilon", repr(epsilon), "--model.sync_every", "3"]
     for name, extra in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
         result = run_quietly([*command, "--model.output_dir", name, *extra], tmp_path)
         assert "5 inverted, 0 skipped (already done), 0 failed" in result.stdout
