@@ -6,7 +6,9 @@ notebook gets exactly what the command line gets.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import contextlib
+import logging
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -19,9 +21,38 @@ from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.fingerprint import model_reference
 from nti_lightning.models.pipelines import Pipeline
+from nti_lightning.training.callback import NullTextWalkCallback
 from nti_lightning.training.module import NullTextInversion
 
 ImageInput = Union[Image.Image, str]
+
+
+class Inversions(list):
+    """The `Inversion`s of one `invert` call, in input order, with the run's summary.
+
+    Attributes:
+        summary (`dict`): per method, the means over the images (psnr, ssim, inner iterations...).
+        report (`str`): the summary as `nti fit` prints it (counts, failures, the table).
+    """
+
+    def __init__(self, inversions: Sequence[Inversion], summary: dict[str, Any], report: str) -> None:
+        super().__init__(inversions)
+        self.summary = summary
+        self.report = report
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up and end-of-fit messages held back: a notebook sees the bar alone."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def invert(
@@ -39,7 +70,7 @@ def invert(
     accelerator: str = "auto",
     output_dir: Optional[str] = None,
     ids: Optional[Sequence[str]] = None,
-    progress_bar: bool = False,
+    progress_bar: bool = True,
     method: str = "null_text",
     reuse_cond_output: bool = False,
     early_exit: bool = True,
@@ -48,8 +79,12 @@ def invert(
     compile_mode: Optional[str] = None,
     gradient_checkpointing: bool = False,
     scheduling: str = "continuous",
-) -> list[Inversion]:
+    null_dtype: str = "float32",
+) -> Inversions:
     """Null-text inversion of `images` with their source `prompts`.
+
+    Nothing is printed but the progress: the summary `nti fit` prints comes back as the result's
+    `report` (and `summary`).
 
     Args:
         pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`): any SD 1.x/2.x or SDXL
@@ -68,7 +103,8 @@ def invert(
         accelerator (`str`, defaults to "auto"): Lightning accelerator (one device is used).
         output_dir (`str`, *optional*): also write `<id>.safetensors` and grid PNGs there.
         ids (sequence of `str`, *optional*): names of the images (default: file stems or image_<i>).
-        progress_bar (`bool`, defaults to False): show the progress bar.
+        progress_bar (`bool`, defaults to True): show the images done (a live bar on a terminal
+            or in a notebook, a line every 30 s elsewhere); False shows nothing.
         method (`str`, defaults to "null_text"): or "negative_prompt" / "ddim", the baselines.
         reuse_cond_output (`bool`, defaults to False): advance with the step's conditional
             output instead of a fresh two-branch UNet call (faster; float-level differences).
@@ -83,9 +119,11 @@ def invert(
             timestep, so an image that stops early moves on at once and a finished image's slot
             takes the next image; "lockstep" walks a batch's images through their timesteps
             together (same results; lockstep computes stopped images until their batch is done).
+        null_dtype (`str`, defaults to "float32"): how files in `output_dir` store the null
+            embeddings; "float16" halves them (see `Inversion.save`).
 
     Returns:
-        One `Inversion` per image, in input order.
+        `Inversions`: a list of one `Inversion` per image, in input order, with `summary` and `report`.
     """
     images = [images] if isinstance(images, (Image.Image, str)) else list(images)
     prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
@@ -111,26 +149,29 @@ def invert(
         compile_mode=compile_mode,
         gradient_checkpointing=gradient_checkpointing,
         scheduling=scheduling,
+        null_dtype=null_dtype,
     ).attach_pipeline(pipeline)
     # Lightning moves the module to the CPU when fit ends: gigabytes each way per call for SD on
     # a GPU. The module lets go of the pipeline's networks first instead.
     module.release_after_fit = True
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress_bar,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        max_epochs=-1,  # the walk sets its own length
-    )
+    module.print_summary = False
     device = pipeline.unet.device
     checkpointing = pipeline.unet.is_gradient_checkpointing
     try:
-        trainer.fit(module, datamodule=data)
+        with _quiet_lightning():
+            trainer = pl.Trainer(
+                accelerator=accelerator,
+                devices=1,
+                precision=precision,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=progress_bar,
+                use_distributed_sampler=False,
+                num_sanity_val_steps=0,
+                max_epochs=-1,  # the walk sets its own length
+            )
+            trainer.fit(module, datamodule=data)
     finally:
         # Should fit fail before its end, Lightning may still have moved the networks to the CPU.
         pipeline.to(device)
@@ -138,7 +179,9 @@ def invert(
             pipeline.unet.disable_gradient_checkpointing()
     # Continuous scheduling finishes images in the order they converge: give them back in input order.
     order = {sample.id: index for index, sample in enumerate(data.samples)}
-    return sorted(module.results, key=lambda inversion: order[inversion.metadata["id"]])
+    walk = next(callback for callback in trainer.callbacks if isinstance(callback, NullTextWalkCallback))
+    results = sorted(module.results, key=lambda inversion: order[inversion.metadata["id"]])
+    return Inversions(results, walk.summary, walk.report)
 
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import random_image, run_quietly, write_dataset
+from test_progress import assert_log_progress
 from nti_lightning import Inversion
 from nti_lightning.cli import main
 from nti_lightning.data.dataset import DatasetError, read_folder, read_manifest
@@ -173,11 +174,14 @@ def test_two_process_ddp_equals_one_process(tmp_path, scheduling):
     common = ["--data.manifest", str(manifest), "--data.batch_size", "2", "--trainer.accelerator", "cpu",
               "--model.scheduling", scheduling]
     run_quietly(fit_command(*common, "--model.output_dir", "one", "--trainer.devices", "1"), tmp_path)
+    started = time.monotonic()
     result = run_quietly(
-        fit_command(*common, "--model.output_dir", "two", "--trainer.devices", "2", "--trainer.strategy", "ddp"),
+        fit_command(*common, "--model.output_dir", "two", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    "--trainer.enable_progress_bar", "true"),
         tmp_path,
     )
     assert "5 inverted, 0 skipped (already done), 0 failed" in result.stdout
+    assert_log_progress(result.stderr, 5, time.monotonic() - started)
     one, two = tmp_path / "one", tmp_path / "two"
     assert sorted(p.name for p in two.glob("*.safetensors")) == [f"img{i}.safetensors" for i in range(5)]
     rows = json.loads((two / "report.json").read_text())["images"]

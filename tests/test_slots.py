@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from nti_lightning.inversion.slots import SlotWalk
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.text import PromptEncoder
 from reference import ReferenceNullInversion, clear_stopping_epsilon
+from test_progress import assert_log_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 T, N = 8, 5
@@ -183,8 +185,11 @@ def test_continuous_fit_two_process_ddp_equals_one_process(tmp_path):
                "--data.manifest", str(manifest), "--data.batch_size", "2", "--model.scheduling", "continuous",
                "--model.early_stop_epsilon", repr(epsilon), "--model.sync_every", "3"]
     for name, extra in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
-        result = run_quietly([*command, "--model.output_dir", name, *extra], tmp_path)
+        started = time.monotonic()
+        result = run_quietly([*command, "--model.output_dir", name, "--trainer.enable_progress_bar", "true", *extra], tmp_path)
         assert "5 inverted, 0 skipped (already done), 0 failed" in result.stdout
+        # standard error is a pipe, as a batch job's log file: timed lines, the last one all ranks' true count
+        assert_log_progress(result.stderr, 5, time.monotonic() - started)
     report = json.loads((tmp_path / "two" / "report.json").read_text())["images"]
     assert sorted(row["id"] for row in report) == [f"img{i}" for i in range(5)]
     stopped_early = 0

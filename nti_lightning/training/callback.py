@@ -55,6 +55,8 @@ class NullTextWalkCallback(pl.Callback):
         self.failures: list[dict[str, str]] = []  # this rank's images that failed to decode
         self.started = 0.0
         self.failed = 0  # images of the whole run that failed, known on rank 0 when fit ends
+        self.summary: dict[str, dict[str, float]] = {}  # per-method means, on rank 0 when fit ends
+        self.report = ""  # the summary as `nti fit` prints it, on rank 0 when fit ends
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         precision = str(trainer.precision)
@@ -163,7 +165,7 @@ class NullTextWalkCallback(pl.Callback):
                 inversion.metadata["edits"] = sample.edits
             artifact = None
             if output_dir is not None:
-                artifact = str(inversion.save(output_dir / f"{sample.id}.safetensors"))
+                artifact = str(inversion.save(output_dir / f"{sample.id}.safetensors", hparams.null_dtype))
             # Booked as soon as its artifact exists: an interrupt while the grid or TensorBoard
             # is written must still count and report the image.
             self.rows.append(image_row({**inversion.metadata, "prompt": inversion.prompt}, "done", artifact))
@@ -232,21 +234,24 @@ class NullTextWalkCallback(pl.Callback):
         if interrupted:
             print(f"interrupted: {len(rows) - skipped} inverted; rerun the same command to finish", file=sys.stderr)
             return
-        print(
+        lines = [
             f"nti: {len(rows) - skipped} inverted, {skipped} skipped (already done), {len(failures)} failed"
             + (f"; report and failures in {output_dir}" if output_dir is not None else "")
-        )
-        for failure in failures[:10]:
-            print(f"  failed: {failure['reason']}")
-        if summary:
-            table = summary_table(summary)
-            print(table)
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("report/summary", table, 0)
-                    for method, values in summary.items():
-                        for name, value in values.items():
-                            logger.experiment.add_scalar(f"report/{method}/{name}", value, 0)
+        ]
+        lines += [f"  failed: {failure['reason']}" for failure in failures[:10]]
+        table = summary_table(summary) if summary else ""
+        if table:
+            lines.append(table)
+        # The command line prints it; the Python API hands it back instead (`invert(...).report`).
+        self.summary, self.report = summary, "\n".join(lines)
+        if pl_module.print_summary:
+            print(self.report)
+        for logger in trainer.loggers if table else []:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("report/summary", table, 0)
+                for method, values in summary.items():
+                    for name, value in values.items():
+                        logger.experiment.add_scalar(f"report/{method}/{name}", value, 0)
 
 
 def _gather(trainer: pl.Trainer, local: Any) -> Any:

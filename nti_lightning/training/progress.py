@@ -1,68 +1,195 @@
-"""`InversionProgressBar`: images done out of the whole run, and the timestep being optimised.
+"""`InversionProgressBar`: images done out of the whole run, shown to suit where it goes.
 
 Lightning's own bar counts epochs and batches, which here are timesteps and inner iterations;
-a user inverting a dataset wants "how many images are done". The count covers all ranks without
-any communication: ranks walk their batches in lockstep (Lightning synchronises them at every
-batch), so when rank 0 has finished k batches every rank has, and the plan says how many
-images those are.
+a user inverting a dataset wants "how many images are done". Where the output goes decides the
+form:
+
+* a terminal or a notebook: a live tqdm bar (`tqdm.auto`, a widget in Jupyter, as diffusers'
+  pipelines show), with the slots' steps (or the timestep and inner iteration) beside it;
+* anything else, such as a batch job's log file: one line every `interval` seconds (30 by
+  default, `NTI_PROGRESS_INTERVAL` overrides it) and one at the end, each with the images done
+  over all ranks, the rate and the time left, so that a run of hours leaves a readable log
+  instead of one redraw per training batch.
+
+Counts cover all ranks. Lockstep ranks walk their batches together (Lightning synchronises them
+at every batch), so the plan says how many images the batches finished so far hold. Continuous
+ranks agree on their counts every `sync_every` batches; in between a rank's own count shows,
+and the last line adds up every rank's count, so it is the true total.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import sys
+import time
+from typing import Any, Optional, TextIO
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+import torch
+from lightning.pytorch.callbacks import ProgressBar
+
+#: Seconds between two progress lines on a non-terminal, unless NTI_PROGRESS_INTERVAL says otherwise.
+DEFAULT_INTERVAL = 30.0
 
 
-class InversionProgressBar(TQDMProgressBar):
-    """A tqdm bar of images done / total with the current step, timestep and inner iteration."""
+def is_interactive(stream: TextIO) -> bool:
+    """Whether `stream` is watched live: a terminal, or a Jupyter kernel's output."""
+    if "ipykernel" in sys.modules:
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def duration(seconds: float) -> str:
+    """`seconds` as "42s", "7m05s" or "3h12m"."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+class InversionProgressBar(ProgressBar):
+    """Images done / total: a live bar on a terminal or in a notebook, timed lines elsewhere.
+
+    Args:
+        interval (`float`, *optional*): seconds between two lines on a non-terminal; defaults to
+            `NTI_PROGRESS_INTERVAL` or 30.
+        stream (`TextIO`, *optional*): where the progress goes; defaults to standard error.
+        live (`bool`, *optional*): force the live bar (True) or the lines (False); by default a
+            terminal or a notebook gets the bar.
+    """
+
+    def __init__(self, interval: Optional[float] = None, stream: Optional[TextIO] = None, live: Optional[bool] = None) -> None:
+        super().__init__()
+        if interval is None:
+            interval = float(os.environ.get("NTI_PROGRESS_INTERVAL") or DEFAULT_INTERVAL)
+        self.interval = interval
+        self.stream = stream
+        self.live = live
+        self._enabled = True
+        self.bar: Any = None
+        self.total: Optional[int] = None
+        self.done = 0
+        self.started = 0.0
+        self.last_line = float("-inf")
+        self.lines = 0
+
+    # -------------------------------------------------------------- ProgressBar's interface
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         # The module brings this bar along; drop the Trainer's default one (tqdm or rich) so
         # that a single bar is drawn.
         trainer.callbacks = [c for c in trainer.callbacks if c is self or not isinstance(c, ProgressBar)]
+        if not trainer.is_global_zero:
+            self.disable()
 
+    # --------------------------------------------------------------------------- the walk
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self.train_progress_bar = self.init_train_tqdm()
-        self.train_progress_bar.set_description("images", refresh=False)
-        self.train_progress_bar.reset(total=_plan(trainer).num_images if _plan(trainer) else None)
+        plan = _plan(trainer)
+        self.total = plan.num_images if plan is not None else None
+        self.done, self.started, self.last_line, self.lines = 0, time.monotonic(), float("-inf"), 0
+        if not self.is_enabled:
+            return
+        stream = self.stream or sys.stderr
+        if self.live if self.live is not None else is_interactive(stream):
+            from tqdm.auto import tqdm
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
-        pass  # one epoch is one timestep, not a unit of progress
+            self.bar = tqdm(total=self.total, desc="images", unit="image", file=stream, dynamic_ncols=True, leave=True)
+        else:
+            self._line(final=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.train_progress_bar.disable or pl_module.schedule is None:
+        if not self.is_enabled or pl_module.schedule is None:
             return
         if "tick" in batch:  # continuous batching: slots at their own steps
-            walk = pl_module.slot_walk
-            busy = [s for s, image in enumerate(walk.images) if image is not None]
-            self.train_progress_bar.set_postfix(
-                slots=f"{len(busy)}/{walk.slots}",
-                steps=",".join(str(int(walk.step[s]) + 1) for s in busy) or "-",
-                refresh=False,
-            )
-            # Images done over all ranks, as last agreed (the ranks count theirs together every
-            # `sync_every` batches); this rank's own count in between.
-            self.train_progress_bar.n = max(pl_module.images_done_all, pl_module.images_done)
-            self.train_progress_bar.refresh()
-            return
-        step = batch["step"]
-        self.train_progress_bar.set_postfix(
-            step=f"{step + 1}/{pl_module.hparams.num_inference_steps}",
-            t=int(pl_module.schedule.timesteps[step]),
-            iteration=batch["iteration"] + 1,
-            refresh=False,
-        )
+            # Images done over all ranks, as last agreed; this rank's own count in between.
+            postfix = _slot_postfix(pl_module) if self.bar is not None else None
+            self._show(max(pl_module.images_done_all, pl_module.images_done), postfix)
+        elif self.bar is not None:
+            step = batch["step"]
+            self._show(self.done, {
+                "step": f"{step + 1}/{pl_module.hparams.num_inference_steps}",
+                "t": int(pl_module.schedule.timesteps[step]),
+                "iteration": batch["iteration"] + 1,
+            })
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         plan = _plan(trainer)
-        if plan is None or self.train_progress_bar.disable or pl_module.continuous:
+        if plan is None or not self.is_enabled or pl_module.continuous:
             return  # continuous batching counts images as they finish (on_train_batch_end)
         batches_finished = (trainer.current_epoch + 1) // pl_module.hparams.num_inference_steps
-        self.train_progress_bar.n = plan.images_done(batches_finished)
-        self.train_progress_bar.refresh()
+        self._show(plan.images_done(batches_finished), None)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        done = self.done
+        if pl_module.continuous:
+            # Every rank gets here (after the same number of epochs), so the sum cannot hang.
+            local = torch.tensor(float(pl_module.images_done), device=pl_module.device)
+            done = int(trainer.strategy.reduce(local, reduce_op="sum").item()) if trainer.world_size > 1 else int(local)
+        if self.is_enabled:
+            self._show(done, None)
+            self._close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        # No collective here: the other ranks may be gone. This rank's last known count shows.
+        if self.is_enabled:
+            self._close()
+
+    # -------------------------------------------------------------------------- display
+    def _show(self, done: int, postfix: Optional[dict[str, Any]]) -> None:
+        self.done = done
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.n = done
+            self.bar.refresh()
+        elif time.monotonic() - self.last_line >= self.interval:
+            self._line(final=False)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        else:
+            self._line(final=True)
+
+    def _line(self, final: bool) -> None:
+        """One line: "nti: images 3/5 (60%), 2.4 images/min, about 50s left"."""
+        now = time.monotonic()
+        elapsed = now - self.started
+        total = "?" if self.total is None else str(self.total)
+        share = f" ({self.done / self.total:.0%})" if self.total else ""
+        parts = [f"nti: images {self.done}/{total}{share}"]
+        if self.done and elapsed > 0:
+            rate = self.done / elapsed
+            parts.append(f"{60 * rate:.3g} images/min")
+            if final:
+                parts.append(f"done in {duration(elapsed)}")
+            elif self.total:
+                parts.append(f"about {duration(max(self.total - self.done, 0) / rate)} left")
+        elif final:
+            parts.append(f"done in {duration(elapsed)}")
+        print(", ".join(parts), file=self.stream or sys.stderr, flush=True)
+        self.last_line = now
+        self.lines += 1
+
+
+def _slot_postfix(pl_module: Any) -> dict[str, str]:
+    walk = pl_module.slot_walk
+    busy = [s for s, image in enumerate(walk.images) if image is not None]
+    return {"slots": f"{len(busy)}/{walk.slots}", "steps": ",".join(str(int(walk.step[s]) + 1) for s in busy) or "-"}
 
 
 def _plan(trainer: pl.Trainer) -> Any:

@@ -1,0 +1,59 @@
+"""Progress where users run it (a terminal, a notebook, a batch job's log file), and the Python
+API's quiet default. The log-file runs under DDP are in test_slots.py and test_dataset.py."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import nti_lightning as nti
+from conftest import random_image
+from nti_lightning.training.progress import duration, is_interactive
+
+
+def progress_lines(text: str) -> list[str]:
+    """The progress lines of a run's standard error (what a log file gets)."""
+    return [line for line in text.splitlines() if line.startswith("nti: images ")]
+
+
+def images_done(line: str) -> int:
+    return int(line.split()[2].split("/")[0])
+
+
+def assert_log_progress(stderr: str, total: int, seconds: float) -> None:
+    """A bounded number of lines (one at the start, one per 30 s, one at the end), counts that
+    only grow, and a last line that tells the truth."""
+    lines = progress_lines(stderr)
+    assert 2 <= len(lines) <= 2 + math.ceil(seconds / 30), lines
+    counts = [images_done(line) for line in lines]
+    assert counts == sorted(counts), lines
+    assert lines[-1].startswith(f"nti: images {total}/{total} (100%)") and "done in" in lines[-1], lines
+
+
+def test_invert_prints_nothing_to_stdout_and_returns_its_summary(capsys, monkeypatch):
+    pipe = nti.load_pipeline("tiny")
+    images = [random_image(seed) for seed in range(3)]
+    monkeypatch.setenv("NTI_PROGRESS_INTERVAL", "0")  # a line at every batch
+    result = nti.invert(pipe, images, "a red circle", num_inference_steps=3, num_inner_steps=2, batch_size=2)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(result) == 3 and all(isinstance(inversion, nti.Inversion) for inversion in result)
+    assert result.report.startswith("nti: 3 inverted, 0 skipped (already done), 0 failed")
+    assert "| null_text | 3 |" in result.report and result.summary["null_text"]["images"] == 3
+    lines = progress_lines(captured.err)
+    assert len(lines) > 3 and [images_done(line) for line in lines] == sorted(images_done(line) for line in lines)
+    assert lines[-1].startswith("nti: images 3/3 (100%)")
+    assert "GPU available" not in captured.err  # Lightning's start-up notes are held back
+
+    nti.invert(pipe, images[0], "a red circle", num_inference_steps=2, num_inner_steps=1, progress_bar=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and not progress_lines(captured.err)
+
+
+def test_live_bar_where_someone_watches():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert is_interactive(Terminal()) and not is_interactive(io.StringIO())
+    assert [duration(s) for s in (5, 65, 3 * 3600 + 12 * 60 + 7)] == ["5s", "1m05s", "3h12m"]
