@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nti_lightning import ArtifactError, Inversion
@@ -72,3 +73,77 @@ def test_inconsistent_contents_are_reported(tmp_path, change, message):
     save_file(tensors, path, metadata={"nti": json.dumps(metadata)})
     with pytest.raises(ArtifactError, match=message):
         Inversion.load(path)
+
+
+# ------------------------------------------------------------------------- sized for scale
+def test_baseline_nulls_are_stored_once_and_load_as_every_step(tmp_path):
+    """The negative-prompt and DDIM methods' null is the same at every step: one copy on disk."""
+    per_step = make_inversion(steps=50)
+    shared = make_inversion(steps=50)
+    shared.null_embeddings = shared.null_embeddings[:1].expand(50, -1, -1).clone()
+    full, once = per_step.save(tmp_path / "full.safetensors"), shared.save(tmp_path / "once.safetensors")
+    assert once.stat().st_size * 20 < full.stat().st_size
+    loaded = Inversion.load(once)
+    assert loaded.null_embeddings.shape == (50, 77, 32) and loaded.null_embeddings.dtype == torch.float32
+    assert torch.equal(loaded.null_embeddings, shared.null_embeddings)
+    assert "shared_null" not in loaded.metadata and Inversion.read_metadata(once)["shared_null"] is True
+    # saved again (e.g. after editing its metadata), it is the same file format
+    assert torch.equal(Inversion.load(loaded.save(tmp_path / "again.safetensors")).null_embeddings, shared.null_embeddings)
+
+
+def test_half_precision_nulls_load_as_fp32_within_fp16_rounding(tmp_path):
+    inversion = make_inversion()
+    path = inversion.save(tmp_path / "half.safetensors", null_dtype="float16")
+    assert path.stat().st_size < 0.6 * inversion.save(tmp_path / "full.safetensors").stat().st_size
+    loaded = Inversion.load(path)
+    assert loaded.null_embeddings.dtype == torch.float32
+    assert torch.equal(loaded.null_embeddings, inversion.null_embeddings.half().float())
+    assert torch.equal(loaded.z_T, inversion.z_T)  # only the null tensors are narrowed
+    with pytest.raises(ValueError, match="null_dtype must be one of"):
+        inversion.save(tmp_path / "x.safetensors", null_dtype="int8")
+
+
+def test_files_without_the_new_options_keep_their_format(tmp_path):
+    """Per-step fp32 nulls are written exactly as before (format 1 for SD), so older versions read them."""
+    path = make_inversion().save(tmp_path / "x.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        header = json.loads(handle.metadata()["nti"])
+    assert header["format_version"] == 1 and "shared_null" not in header and "null_dtype" not in header
+    half = make_inversion().save(tmp_path / "h.safetensors", null_dtype="float16")
+    with safe_open(half, framework="pt") as handle:
+        assert json.loads(handle.metadata()["nti"])["format_version"] == 3  # older versions refuse it
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t, m: m.update(shared_null=True), r"should be \[1, tokens, width\].*shared_null"),
+        (lambda t, m: m.update(null_dtype="float16"), "are F32, expected float16"),
+        (lambda t, m: m.update(null_dtype="int4"), "null_dtype 'int4' is not one of"),
+    ],
+)
+def test_inconsistent_storage_options_are_reported(tmp_path, change, message):
+    inversion = make_inversion()
+    tensors = {"z_T": inversion.z_T, "null_embeddings": inversion.null_embeddings, "source_latent": inversion.source_latent}
+    metadata = {"format": "nti-lightning/inversion", "format_version": 3, **inversion.metadata, "prompt": "p"}
+    change(tensors, metadata)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, path, metadata={"nti": json.dumps(metadata)})
+    with pytest.raises(ArtifactError, match=message):
+        Inversion.load(path)
+
+
+def test_sdxl_pooled_nulls_share_the_storage_options(tmp_path):
+    inversion = make_inversion()
+    inversion.metadata["time_ids"] = [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]
+    inversion.null_embeddings = inversion.null_embeddings[:1].expand(4, -1, -1).clone()
+    inversion.null_pooled_embeddings = torch.randn(1, 20).expand(4, -1).clone()
+    loaded = Inversion.load(inversion.save(tmp_path / "xl.safetensors", null_dtype="float16"))
+    assert loaded.null_pooled_embeddings.shape == (4, 20) and loaded.null_pooled_embeddings.dtype == torch.float32
+    assert torch.equal(loaded.null_pooled_embeddings, inversion.null_pooled_embeddings.half().float())
+    assert torch.equal(loaded.null_embeddings, inversion.null_embeddings.half().float())
+    # a pooled null that varies with the step keeps both tensors per step
+    inversion.null_pooled_embeddings = torch.randn(4, 20)
+    again = Inversion.load(inversion.save(tmp_path / "xl2.safetensors"))
+    assert torch.equal(again.null_pooled_embeddings, inversion.null_pooled_embeddings)
+    assert torch.equal(again.null_embeddings, inversion.null_embeddings)
