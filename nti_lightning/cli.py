@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nti_lightning.data.datamodule import InversionDataModule
 from nti_lightning.errors import NtiError, OptionError
+from nti_lightning.run_config import SaveConfigBesideResults
 from nti_lightning.training.callback import NullTextWalkCallback
 from nti_lightning.training.module import NullTextInversion
 
@@ -41,6 +42,7 @@ def fit_cli(args: Optional[list[str]] = None) -> LightningCLI:
         NullTextInversion,
         InversionDataModule,
         trainer_defaults=FIT_TRAINER_DEFAULTS,
+        save_config_callback=SaveConfigBesideResults,
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,
@@ -84,6 +86,27 @@ def main(args: Optional[list[str]] = None) -> None:
         raise SystemExit(status)
 
 
+#: The commands of `nti`, each with its line of `nti --help`.
+COMMANDS = {
+    "fit": "invert images (one, a list, a folder or a manifest) into .safetensors inversions",
+    "predict": "edit inversions with Prompt-to-Prompt (replace, refine, reweight, local blend)",
+    "report": "put the reports of several fit runs in one table",
+    "train-demo": "train the built-in `shapes` demo model",
+}
+
+USAGE = "usage: nti {" + ",".join(COMMANDS) + "} [options]"
+
+
+def help_text() -> str:
+    """What `nti`, `nti -h` and `nti --help` print."""
+    width = max(map(len, COMMANDS))
+    lines = [USAGE, "", "Null-text Inversion and Prompt-to-Prompt editing with Stable Diffusion.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {line}" for name, line in COMMANDS.items()]
+    lines += ["", "`nti COMMAND --help` shows a command's options; fit and predict take `--config FILE.yaml`.",
+              "exit status: 0 done, 1 some images or edits failed, 2 usage or input error, 130/143 interrupted."]
+    return "\n".join(lines)
+
+
 def _run(args: list[str], given: Optional[list[str]]) -> int:
     """Runs one `nti` command (`args`: the words after `nti`); returns its exit status.
 
@@ -105,8 +128,13 @@ def _run(args: list[str], given: Optional[list[str]]) -> int:
 
         report_main(args[1:])
         return EXIT_OK
-    if args and args[0] not in ("fit", "-h", "--help") and not args[0].startswith("--"):
-        raise OptionError(f"unknown command {args[0]!r}; use `nti fit`, `nti predict`, `nti report` or `nti train-demo`")
+    if not args or args[0] in ("-h", "--help"):
+        print(help_text())
+        return EXIT_OK
+    if args[0].startswith("-"):
+        raise OptionError(f"the command comes first: {USAGE[len('usage: '):]} (`nti --help` lists them)")
+    if args[0] != "fit":
+        raise OptionError(f"unknown command {args[0]!r}; use one of: {', '.join(f'nti {name}' for name in COMMANDS)}")
     return _status(fit_cli(given), NullTextWalkCallback)
 
 

@@ -63,6 +63,21 @@ def test_single_image_and_prompt_from_the_command_line(tmp_path, monkeypatch, im
     ])
     assert Inversion.load(tmp_path / "out" / "cat.safetensors").prompt == "a cat"
     assert not (tmp_path / "out" / "cat.png").exists()
+    # no logger: the resolved config goes beside the artifacts, not into the current directory
+    assert "output_dir: out" in (tmp_path / "out" / "config.yaml").read_text()
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_help_lists_the_commands_that_exist(capsys):
+    main(["--help"])  # returns: exit status 0
+    printed = capsys.readouterr().out
+    commands = [line.split()[0] for line in printed.split("commands:")[1].strip().split("\n\n")[0].splitlines()]
+    assert commands == ["fit", "predict", "report", "train-demo"]
+    assert "validate" not in printed and "test" not in commands
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate"])
+    assert exit_info.value.code == 2
+    assert "unknown command 'validate'; use one of: nti fit, nti predict" in capsys.readouterr().err
 
 
 def test_missing_image_is_named_before_any_work(tmp_path, monkeypatch, capsys):

@@ -69,7 +69,7 @@ def no_command_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["nti"])
 
 
-def test_predict_writes_every_good_edit_and_reports_the_bad_ones(artifacts, tmp_path):
+def test_predict_writes_every_good_edit_and_reports_the_bad_ones(artifacts, tmp_path, capsys):
     edits_file = tmp_path / "edits.jsonl"
     lines = [json.dumps(spec) for spec in specs(artifacts)]
     lines.insert(3, "{not json")
@@ -94,7 +94,10 @@ def test_predict_writes_every_good_edit_and_reports_the_bad_ones(artifacts, tmp_
     assert "truncated.safetensors" in failures["truncated"]["error"]
     assert failures["truncated"]["where"].endswith("edits.jsonl:8")
 
-    assert list(runs.rglob("config.yaml"))
+    # the resolved config beside the edits, and a summary line as `nti fit` ends with
+    assert "edits_file: " + str(edits_file) in (out / "config.yaml").read_text()
+    assert not list(runs.rglob("config.yaml"))
+    assert f"nti: 4 edit(s) written, 5 failed; pictures in {out}, failures in {out / 'failures.jsonl'}" in capsys.readouterr().out
     (events,) = runs.rglob("events.out.tfevents.*")
     logged = EventAccumulator(str(events)).Reload().Tags()["images"]
     assert {"edit/dog", "attention/dog", "edit/cat_refine"} <= set(logged) and "edit/truncated" not in logged

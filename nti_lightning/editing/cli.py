@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from nti_lightning.editing.data import EditDataModule
 from nti_lightning.editing.module import EditModule
 from nti_lightning.editing.writer import EditWriter
+from nti_lightning.run_config import SaveConfigBesideResults
 
 
 class EditCLI(LightningCLI):
@@ -42,6 +43,7 @@ def main(args: Optional[list[str]] = None) -> EditCLI:
         EditModule,
         EditDataModule,
         args=args,
+        save_config_callback=SaveConfigBesideResults,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=False,  # editing draws no random numbers
         auto_configure_optimizers=False,  # nothing is optimised

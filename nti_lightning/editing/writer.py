@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -118,5 +119,14 @@ class EditWriter(BasePredictionWriter):
                 "%s%d edit(s) written to %s, %d failed (see %s)",
                 device, self.written, self.output_dir, self.failed, self.failures_path,
             )
-        else:
-            log.info("%s%d edit(s) written to %s", device, self.written, self.output_dir)
+        # The run's summary line, as `nti fit` ends with one: every device's counts added up
+        # (every device gets here, so the sum cannot hang).
+        counts = torch.tensor([float(self.written), float(self.failed)], device=pl_module.device)
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        written, failed = (int(value) for value in counts.tolist())
+        if trainer.is_global_zero:
+            print(
+                f"nti: {written} edit(s) written, {failed} failed; pictures in {self.output_dir}"
+                + (f", failures in {self.failures_path}" if failed else "")
+            )
