@@ -27,11 +27,14 @@ from typing import Optional, Sequence
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# The inversion benchmark's parts (`inversion_bench/`) sit beside this file; importing them puts
+# the repository on the path as well, so they come before `nti_lightning`.
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-from benchmarks.benchmark_inversion import build_pipeline, synchronize  # noqa: E402
+from inversion_bench.inputs import build_pipeline  # noqa: E402
+from inversion_bench.measure import synchronize  # noqa: E402
 from nti_lightning.diffusion.guidance import predict  # noqa: E402
 from nti_lightning.models.text import PromptEncoder  # noqa: E402
 
