@@ -9,6 +9,7 @@ from nti_lightning.api import invert, reconstruct  # noqa: E402
 from nti_lightning.editing import LocalBlend, Refine, Replace, Reweight, edit  # noqa: E402
 from nti_lightning.errors import NtiError, OptionError  # noqa: E402
 from nti_lightning.inversion.artifact import ArtifactError, Inversion  # noqa: E402
+from nti_lightning.inversion.pipeline_kwargs import pipeline_kwargs  # noqa: E402
 from nti_lightning.models.loading import load_pipeline  # noqa: E402
 from nti_lightning.training.module import NullTextInversion  # noqa: E402
 from nti_lightning.version import __version__  # noqa: E402
@@ -27,5 +28,6 @@ __all__ = [
     "edit",
     "invert",
     "load_pipeline",
+    "pipeline_kwargs",
     "reconstruct",
 ]
