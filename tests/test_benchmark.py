@@ -123,7 +123,8 @@ def test_unet_call_cost_prints_a_price_per_call_size(capsys):
     results = module.main(["--model", "tiny", "--device", "cpu", "--rows", "1", "3", "--warmup", "1", "--repeat", "2",
                            "--threads", "1"])
     assert [r["rows"] for r in results] == [1, 3]
-    # a backward pass to the null embedding costs more than the forward alone
-    assert all(0 < r["forward_ms"] < r["forward_backward_ms"] for r in results)
+    # Timings only as measured numbers: which call is faster is the script's finding, and two
+    # timings on a busy machine can come out in either order.
+    assert all(math.isfinite(r[key]) and r[key] > 0 for r in results for key in ("forward_ms", "forward_backward_ms"))
     rows = table_rows(capsys.readouterr().out, "| rows |")
     assert [row[0] for row in rows] == ["1", "3"]
