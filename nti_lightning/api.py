@@ -105,7 +105,8 @@ def invert(
         ids (sequence of `str`, *optional*): names of the images (default: file stems or image_<i>).
         progress_bar (`bool`, defaults to True): show the images done (a live bar on a terminal
             or in a notebook, a line every 30 s elsewhere); False shows nothing.
-        method (`str`, defaults to "null_text"): or "negative_prompt" / "ddim", the baselines.
+        method (`str`, defaults to "null_text"): or "negative_prompt" / "ddim" / "direct" (Direct
+            Inversion), the methods it is compared with.
         reuse_cond_output (`bool`, defaults to False): advance with the step's conditional
             output instead of a fresh two-branch UNet call (faster; float-level differences).
         early_exit (`bool`, defaults to True): end a step once all images stopped; False never

@@ -137,6 +137,45 @@ class ReferenceNullInversion:
         }
 
     @torch.no_grad()
+    def direct_inversion(self, pixels, prompt: str) -> dict:
+        """Direct Inversion (Ju et al. 2024) as cure-lab/PnPInversion computes it
+        (`offset_calculate`): the w = 1 pivot, then from z_T per step the guided step with ∅ and
+        the source prompt, its offset to the pivot, and the next step from `step + offset`."""
+        for part in self.pipe.components.values():
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False)
+        uncond, cond = self.conditions(prompt)
+        latent = self.image2latent(pixels)
+        latents = self.ddim_loop(latent, cond)
+        offsets, latent_cur = [], latents[-1]
+        for i in range(self.num_ddim_steps):
+            latent_prev = latents[len(latents) - i - 2]
+            t = self.scheduler.timesteps[i]
+            both = tuple(torch.cat([u, c]) for u, c in zip(uncond, cond))
+            noise_uncond, noise_cond = self.noise(torch.cat([latent_cur] * 2), t, both).chunk(2)
+            rec = self.prev_step(noise_uncond + self.guidance_scale * (noise_cond - noise_uncond), t, latent_cur)
+            offsets.append(latent_prev - rec)
+            latent_cur = rec + offsets[-1]
+        return {"z_T": latents[-1][0], "source_latent": latent[0], "offsets": torch.cat(offsets),
+                "null_embeddings": uncond[0].expand(self.num_ddim_steps, -1, -1)}
+
+    @torch.no_grad()
+    def sample_direct(self, z_T, null_embeddings, offsets, prompts: list[str]):
+        """PnPInversion's editing loop without a controller: `prompts[0]` is the source, whose
+        row gets the step's offset after every step."""
+        w = self.guidance_scale
+        conds = [self.conditions(prompt)[1] for prompt in prompts]
+        cond = tuple(torch.cat(parts) for parts in zip(*conds))
+        latents = z_T[None].expand(len(prompts), -1, -1, -1)
+        for i, t in enumerate(self.scheduler.timesteps):
+            null = null_embeddings[i : i + 1].expand(len(prompts), -1, -1)
+            context = (torch.cat([null, cond[0]]),)
+            noise_uncond, noise_cond = self.noise(torch.cat([latents] * 2), t, context).chunk(2)
+            latents = self.prev_step(noise_uncond + w * (noise_cond - noise_uncond), t, latents)
+            latents = torch.cat([latents[:1] + offsets[i : i + 1], latents[1:]])
+        return latents
+
+    @torch.no_grad()
     def reconstruct(self, z_T, null_embeddings, prompt: str, guidance_scale: float | None = None):
         """The notebook's text2image_ldm_stable with per-step null embeddings, no controller."""
         return self.sample(z_T, (null_embeddings,), prompt, guidance_scale)

@@ -147,3 +147,17 @@ def test_sdxl_pooled_nulls_share_the_storage_options(tmp_path):
     again = Inversion.load(inversion.save(tmp_path / "xl2.safetensors"))
     assert torch.equal(again.null_pooled_embeddings, inversion.null_pooled_embeddings)
     assert torch.equal(again.null_embeddings, inversion.null_embeddings)
+
+
+def test_direct_inversion_offsets_round_trip_and_are_checked(tmp_path):
+    inversion = make_inversion()
+    inversion.latent_offsets = torch.randn(4, 4, 8, 8)
+    loaded = Inversion.load(inversion.save(tmp_path / "direct.safetensors"))
+    assert torch.equal(loaded.latent_offsets, inversion.latent_offsets)
+    assert Inversion.load(make_inversion().save(tmp_path / "plain.safetensors")).latent_offsets is None
+    tensors = {"z_T": inversion.z_T, "null_embeddings": inversion.null_embeddings,
+               "source_latent": inversion.source_latent, "latent_offsets": torch.zeros(3, 4, 8, 8)}
+    metadata = {"format": "nti-lightning/inversion", "format_version": 3, **inversion.metadata, "prompt": "p"}
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={"nti": json.dumps(metadata)})
+    with pytest.raises(ArtifactError, match=r"latent_offsets \(3, 4, 8, 8\) F32 should be \[4, \*\(4, 8, 8\)\]"):
+        Inversion.load(tmp_path / "bad.safetensors")

@@ -22,7 +22,7 @@ from nti_lightning.editing.attention import AttentionStore, controlled_attention
 from nti_lightning.editing.controllers import AttentionController
 from nti_lightning.errors import ModelError
 from nti_lightning.inversion.artifact import Inversion
-from nti_lightning.inversion.sampling import sample
+from nti_lightning.inversion.sampling import StepCallback, sample
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.fingerprint import model_reference, pipeline_fingerprint
 from nti_lightning.models.pipelines import Pipeline, is_sdxl
@@ -107,7 +107,7 @@ def edit_latents(
     z_T = inversion.z_T.unsqueeze(0).to(device)
     null = null_conditions(inversion, cond)
     if controller is None and attention_store is None:
-        return sample(unet, schedule, z_T, null, cond, guidance_scale)
+        return sample(unet, schedule, z_T, null, cond, guidance_scale, on_step=retrace_source(inversion, prompts, None))
 
     store = attention_store if attention_store is not None else (controller.new_store() if controller else AttentionStore())
     store.reset()
@@ -120,7 +120,29 @@ def edit_latents(
 
         hook = store
     with controlled_attention(unet, hook):
+        on_step = retrace_source(inversion, prompts, on_step)
         return sample(unet, schedule, z_T, null, cond, guidance_scale, on_step=on_step)
+
+
+def retrace_source(inversion: Inversion, prompts: Sequence[str], on_step: Optional[StepCallback]) -> Optional[StepCallback]:
+    """Direct Inversion's step hook: after `on_step` (the controller's, LocalBlend included, as in
+    the method's own code), the inversion's offset of the step is added to the rows of the
+    source prompt, which then retrace the pivot; the other rows are left alone. `on_step`
+    itself for an inversion without offsets."""
+    if inversion.latent_offsets is None:
+        return on_step
+    source = torch.tensor([prompt == inversion.prompt for prompt in prompts], dtype=torch.float32)
+    if not bool(source.any()):
+        return on_step
+    offsets = inversion.latent_offsets
+
+    def step_hook(step: int, timestep: int, latents: torch.Tensor) -> torch.Tensor:
+        replaced = on_step(step, timestep, latents) if on_step is not None else None
+        latents = latents if replaced is None else replaced
+        rows = source.to(latents.device).view(-1, 1, 1, 1)
+        return latents + rows * offsets[step].to(latents.device, latents.dtype)
+
+    return step_hook
 
 
 def null_conditions(inversion: Inversion, cond: Condition) -> list[Condition]:
@@ -193,6 +215,9 @@ def check_compatible(
     steps = inversion.metadata.get("num_inference_steps", null.shape[0])
     if null.shape[0] != steps or steps < 1:
         raise ValueError(f"{name}: {null.shape[0]} null embeddings for num_inference_steps={steps}")
+    offsets = inversion.latent_offsets
+    if offsets is not None and tuple(offsets.shape) != (steps, *expected):
+        raise ValueError(f"{name}: latent offsets {tuple(offsets.shape)} should be [{steps}, {', '.join(map(str, expected))}]")
     if pipeline_xl:
         pooled, width = inversion.null_pooled_embeddings, pipeline.text_encoder_2.config.projection_dim
         if tuple(pooled.shape) != (steps, width):

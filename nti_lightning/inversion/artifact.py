@@ -14,6 +14,9 @@ them), both undone by `load`, which always gives `[T, ...]` fp32 tensors:
 * `save(path, null_dtype="float16")` stores the null tensors in half precision
   (`"null_dtype": "float16"`): half the bytes of an SD file, a reconstruction within 0.05 dB of
   the fp32 file's (docs/ARTIFACTS.md has the measurements).
+
+Direct Inversion (`method: direct`) adds `latent_offsets` `[T, C, h, w]` (fp32): per step, what
+the source branch adds to its latent to land back on the pivot (format 3 as well).
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class Inversion:
             inner iterations and final losses, package version, id; for SDXL also `time_ids`.
         null_pooled_embeddings (`torch.Tensor`, *optional*): `[T, P]` fp32, SDXL's pooled null
             embedding of step i; `None` for SD 1.x/2.x.
+        latent_offsets (`torch.Tensor`, *optional*): `[T, C, h, w]` fp32, Direct Inversion's
+            offset of step i, added to the source branch after its step; `None` for the other methods.
     """
 
     z_T: torch.Tensor
@@ -68,6 +73,7 @@ class Inversion:
     prompt: str
     metadata: dict[str, Any] = field(default_factory=dict)
     null_pooled_embeddings: Optional[torch.Tensor] = None
+    latent_offsets: Optional[torch.Tensor] = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -105,7 +111,8 @@ class Inversion:
             metadata["shared_null"] = True
         if null_dtype != "float32":
             metadata["null_dtype"] = null_dtype
-        version = FORMAT_VERSION if shared or null_dtype != "float32" else SDXL_FORMAT_VERSION if self.is_sdxl else SD_FORMAT_VERSION
+        newer = shared or null_dtype != "float32" or self.latent_offsets is not None
+        version = FORMAT_VERSION if newer else SDXL_FORMAT_VERSION if self.is_sdxl else SD_FORMAT_VERSION
         dtype = NULL_DTYPES[null_dtype][1]
         tensors = {
             "z_T": self.z_T.detach().float().contiguous().cpu(),
@@ -113,6 +120,8 @@ class Inversion:
         }
         for key, null in nulls.items():
             tensors[key] = (null[:1] if shared else null).detach().float().to(dtype).contiguous().cpu()
+        if self.latent_offsets is not None:
+            tensors["latent_offsets"] = self.latent_offsets.detach().float().contiguous().cpu()
         with atomic_path(path) as temporary:
             header = {"format": FORMAT, "format_version": version, **metadata}
             save_file(tensors, temporary, metadata={"nti": json.dumps(header)})
@@ -148,6 +157,7 @@ class Inversion:
             prompt=prompt,
             metadata=metadata,
             null_pooled_embeddings=null("null_pooled_embeddings"),
+            latent_offsets=tensors.get("latent_offsets"),
         )
 
     @staticmethod
@@ -202,6 +212,10 @@ def _validated(path: Path, layout: dict[str, tuple[tuple[int, ...], str]], metad
         )
     if null_dtype not in (NULL_DTYPES[stored][0], stored):
         raise ArtifactError(f"{path}: null_embeddings are {null_dtype}, expected {stored}")
+    if "latent_offsets" in layout:
+        offsets, offsets_dtype = layout["latent_offsets"]
+        if offsets != (steps, *z_T) or offsets_dtype not in ("F32", "float32"):
+            raise ArtifactError(f"{path}: latent_offsets {offsets} {offsets_dtype} should be [{steps}, *{z_T}] float32")
     if "null_pooled_embeddings" in layout:
         pooled, pooled_dtype = layout["null_pooled_embeddings"]
         if len(pooled) != 2 or pooled[0] != rows:

@@ -58,7 +58,8 @@ class SlotImage:
         pixels (`torch.Tensor`): `[3, H, W]` input in [-1, 1].
         pivot (`PivotTrajectory`): its pivot (batch of one).
         payload (`Any`, *optional*): what the caller wants back with the result (e.g. its sample).
-        null_embeddings, null_pooled_embeddings, iterations, losses: the per-step results so far.
+        null_embeddings, null_pooled_embeddings, iterations, losses, offsets: the per-step
+            results so far (`offsets`: Direct Inversion's, else empty).
     """
 
     id: str
@@ -70,6 +71,7 @@ class SlotImage:
     null_pooled_embeddings: list[torch.Tensor] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    offsets: list[torch.Tensor] = field(default_factory=list)
     latent: Optional[torch.Tensor] = None  # the final latent, once done (the reconstruction)
     cond: Optional[Condition] = None  # its source condition, one row
     started: float = 0.0  # `time.perf_counter()` when it entered its slot
@@ -84,6 +86,7 @@ class SlotImage:
             prompt=self.prompt,
             metadata={**metadata, "id": self.id, "inner_iterations": list(self.iterations), "final_losses": list(self.losses)},
             null_pooled_embeddings=pooled,
+            latent_offsets=torch.cat(self.offsets).cpu() if self.offsets else None,
         )
 
 
@@ -107,6 +110,8 @@ class SlotWalk:
             one row fewer per step, results equal up to float rounding).
         fixed_shapes (`bool`, defaults to False): every UNet call covers all S slots, idle ones
             masked (the inner iteration, the advance, the conditional outputs and the pivots).
+        retrace_pivot (`bool`, defaults to False): Direct Inversion: each advance records the
+            offset from where it landed to the step's pivot latent and goes on from the pivot.
     """
 
     def __init__(
@@ -122,8 +127,10 @@ class SlotWalk:
         negative_prompt: bool = False,
         reuse_cond_output: bool = False,
         fixed_shapes: bool = False,
+        retrace_pivot: bool = False,
     ) -> None:
         self.schedule = schedule
+        self.retrace_pivot = retrace_pivot
         self.null = list(null)
         self.empty = empty
         self.guidance_scale = guidance_scale
@@ -332,6 +339,9 @@ class SlotWalk:
         )
         if rows != slots:  # fixed shapes: every slot was computed, the advancing ones are kept
             frozen, stepped = frozen.rows(index), stepped[index]
+        offsets = None
+        if self.retrace_pivot:  # Direct Inversion: back onto the pivot, remembering the way
+            offsets, stepped = self.target[index] - stepped, self.target[index].clone()
         self.latent[index] = stepped
         self.unet_rows += len(rows) * (1 if self.reuse_cond_output else 2)
         finished, going_on = [], []
@@ -342,6 +352,8 @@ class SlotWalk:
                 image.null_pooled_embeddings.append(frozen.pooled[k : k + 1])
             image.iterations.append(int(self.iteration[slot]))
             image.losses.append(float(self.loss[slot]))
+            if offsets is not None:
+                image.offsets.append(offsets[k : k + 1])
             self.step[slot] += 1
             if int(self.step[slot]) == self.schedule.num_inference_steps:
                 image.latent = self.latent[slot : slot + 1].clone()

@@ -40,6 +40,8 @@ class NullTextTrajectory:
         losses (`list[torch.Tensor]`): `[B]` last loss of each finished step.
         valid (`torch.Tensor`, *optional*): `[B]` bool, slots that hold an image; an empty slot
             (the end of a short batch) is carried along but never optimised nor returned.
+        offsets (`list[torch.Tensor]`): Direct Inversion's `[B, C, h, w]` offset of each finished
+            step (empty for the other methods; see `advance`).
     """
 
     ids: list[str]
@@ -53,6 +55,7 @@ class NullTextTrajectory:
     iterations: list[torch.Tensor] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)
     valid: Optional[torch.Tensor] = None
+    offsets: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     @torch.no_grad()
@@ -104,14 +107,18 @@ class NullTextTrajectory:
         null: Condition,
         guidance_scale: float,
         reuse_cond_output: bool = False,
+        retrace_pivot: bool = False,
     ) -> None:
         """Freezes the null condition `null` as this step's result and takes the guided DDIM step with it.
 
         By default the step evaluates both branches in one UNet call, as the reference does, so
         a single image reproduces it bit for bit; `reuse_cond_output` reuses the step's
         conditional output instead (one UNet forward less per step, same maths, different
-        float rounding).
+        float rounding). With `retrace_pivot` (Direct Inversion) the step records the offset
+        from where it landed to the pivot latent of its target, `z*_{t-1} - step(z*_t)`, and the
+        walk goes on from the pivot.
         """
+        target = self.pivot[self.step]["target"]
         frozen = null.clone().to(dtype=torch.float32)
         self.latent = guided_step(
             schedule,
@@ -123,6 +130,9 @@ class NullTextTrajectory:
             guidance_scale,
             cond_output=problem.cond_output if reuse_cond_output else None,
         )
+        if retrace_pivot:
+            self.offsets.append(target - self.latent)
+            self.latent = target.clone()
         self.null_embeddings.append(frozen.embeddings)
         if frozen.pooled is not None:
             self.null_pooled_embeddings.append(frozen.pooled)
@@ -142,6 +152,7 @@ class NullTextTrajectory:
         iterations = torch.stack(self.iterations, dim=1).cpu().tolist()
         losses = torch.stack(self.losses, dim=1).cpu().tolist()
         z_T, z0 = self.pivot.z_T.cpu(), self.pivot.z0.cpu()
+        offsets = torch.stack(self.offsets, dim=1).cpu() if self.offsets else None  # [B, T, C, h, w]
         return [
             Inversion(
                 z_T=z_T[b].clone(),
@@ -150,6 +161,7 @@ class NullTextTrajectory:
                 prompt=self.prompts[b],
                 metadata={**metadata, "id": self.ids[b], "inner_iterations": iterations[b], "final_losses": losses[b]},
                 null_pooled_embeddings=None if pooled is None else pooled[b].clone(),
+                latent_offsets=None if offsets is None else offsets[b].clone(),
             )
             for b in self.slots
         ]

@@ -122,6 +122,7 @@ class NullTextWalkCallback(pl.Callback):
                 pl_module.null_condition(),
                 pl_module.hparams.guidance_scale,
                 reuse_cond_output=pl_module.hparams.reuse_cond_output,
+                retrace_pivot=pl_module.hparams.method == "direct",
             )
         slots = trajectory.valid
         step_metrics = {

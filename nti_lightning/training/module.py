@@ -32,7 +32,7 @@ from nti_lightning.models.pipelines import Pipeline
 from nti_lightning.models.text import PromptEncoder
 
 #: Inversion methods: the paper's, and the two baselines it is compared with.
-METHODS = ("null_text", "negative_prompt", "ddim")
+METHODS = ("null_text", "negative_prompt", "ddim", "direct")
 #: How the images of a batch share UNet calls (see `NullTextInversion`'s `scheduling`).
 SCHEDULINGS = ("continuous", "lockstep")
 
@@ -66,8 +66,11 @@ class NullTextInversion(pl.LightningModule):
             forward less per step, equal maths, but no longer bit-identical to the reference.
         method (`str`, defaults to "null_text"): "null_text" (the paper); "negative_prompt" (the
             source prompt's embedding as the unconditional one at every step, no optimisation,
-            Miyake et al. 2023); "ddim" (the pivot alone, sampled back with ∅). All three write
-            the same artifacts and report, so they can be compared on one dataset.
+            Miyake et al. 2023); "ddim" (the pivot alone, sampled back with ∅); "direct" (Direct
+            Inversion, Ju et al. 2024: the pivot, with ∅, and per step the offset
+            `z*_{t-1} - step(z*_t)` at w that the source branch adds while editing, so that it
+            retraces the pivot). All write the same artifacts and report, so they can be
+            compared on one dataset.
         early_exit (`bool`, defaults to True): end a timestep's inner loop once every image of
             the batch has stopped (one device-to-host read of the stop mask per iteration).
             False runs all N iterations, masked per image, with no host synchronisation inside
@@ -117,7 +120,7 @@ class NullTextInversion(pl.LightningModule):
         ddim_baseline: bool = True,
         keep_results: bool = False,
         reuse_cond_output: bool = False,
-        method: Literal["null_text", "negative_prompt", "ddim"] = "null_text",
+        method: Literal["null_text", "negative_prompt", "ddim", "direct"] = "null_text",
         early_exit: bool = True,
         channels_last: bool = False,
         compile: bool = False,

@@ -53,6 +53,7 @@ class SlotWalkCallback(NullTextWalkCallback):
             negative_prompt=hparams.method == "negative_prompt",
             reuse_cond_output=hparams.reuse_cond_output,
             fixed_shapes=not hparams.early_exit,
+            retrace_pivot=hparams.method == "direct",
         )
         # The module's optimiser is the walk's: one RowAdam over the same parameters.
         pl_module.slot_walk.optimizer = trainer.optimizers[0]
