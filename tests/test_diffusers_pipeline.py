@@ -23,7 +23,7 @@ from conftest import random_image
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
 from nti_lightning.diffusion.guidance import predict
-from nti_lightning.editing.edit import null_conditions
+from nti_lightning.editing.edit import edit_latents, null_conditions
 from nti_lightning.errors import ModelError, OptionError
 from nti_lightning.inversion.sampling import sample
 from nti_lightning.models.text import PromptEncoder
@@ -210,3 +210,13 @@ def test_v_prediction_is_within_one_level():
     image = np.asarray(pipe(**nti.pipeline_kwargs(pipe, inversion)).images[0]).astype(int)
     expected = np.asarray(nti.reconstruct(pipe, inversion, guidance_scale=inversion.guidance_scale)).astype(int)
     assert np.abs(image - expected).max() <= 1
+
+
+def test_direct_inversion_retraces_its_source_in_the_stock_pipeline():
+    """A Direct Inversion's offsets go into the source prompt's rows: `edit`'s latents to the bit."""
+    pipe = nti.load_pipeline("tiny")
+    [inversion] = nti.invert(pipe, random_image(5), PROMPT, num_inference_steps=T, method="direct", progress_bar=False)
+    prompts = [PROMPT, SWAP]
+    latents = pipe(**nti.pipeline_kwargs(pipe, inversion, prompt=prompts), output_type="latent").images
+    assert torch.equal(latents, edit_latents(pipe, inversion, prompts, guidance_scale=inversion.guidance_scale))
+    assert float((latents[0] - inversion.source_latent).abs().max()) < 1e-3  # back on the pivot's z0

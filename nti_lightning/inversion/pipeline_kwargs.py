@@ -120,6 +120,11 @@ def pipeline_kwargs(
     pooled = inversion.null_pooled_embeddings.to(device) if inversion.is_sdxl else None
     user_inputs = list(getattr(callback_on_step_end, "tensor_inputs", None) or callback_on_step_end_tensor_inputs)
     swapped = ["prompt_embeds", "add_text_embeds"] if pooled is not None else ["prompt_embeds"]
+    # Direct Inversion: the source prompt's rows get the step's offset after the step (and after
+    # the user's callback, as LocalBlend comes first in `edit`), retracing the pivot.
+    source = torch.tensor([p == inversion.prompt for p in prompts], dtype=torch.float32).view(-1, 1, 1, 1)
+    offsets = inversion.latent_offsets if inversion.latent_offsets is not None and bool(source.any()) else None
+    needed = swapped + (["latents"] if offsets is not None else [])
 
     def swap_nulls(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, torch.Tensor]) -> dict[str, Any]:
         if step >= len(timesteps) or int(timestep) != timesteps[step]:
@@ -140,6 +145,10 @@ def pipeline_kwargs(
         if callback_on_step_end is not None:
             user_outputs = callback_on_step_end(pipe, step, timestep, {**callback_kwargs, **outputs})
             outputs.update(user_outputs or {})
+        if offsets is not None:
+            latents = outputs.get("latents", callback_kwargs["latents"])
+            offset = offsets[step : step + 1].to(latents.device, latents.dtype)
+            outputs["latents"] = latents + source.to(latents.device, latents.dtype) * offset
         return outputs
 
     kwargs: dict[str, Any] = {
@@ -150,7 +159,7 @@ def pipeline_kwargs(
         "guidance_scale": guidance_scale,
         "eta": 0.0,
         "callback_on_step_end": swap_nulls,
-        "callback_on_step_end_tensor_inputs": list(dict.fromkeys(swapped + user_inputs)),
+        "callback_on_step_end_tensor_inputs": list(dict.fromkeys(needed + user_inputs)),
     }
     if pooled is not None:
         time_ids = [int(v) if float(v).is_integer() else float(v) for v in inversion.metadata["time_ids"]]
