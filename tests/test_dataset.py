@@ -58,7 +58,7 @@ def test_manifest_rows_jsonl_csv_and_folder(tmp_path):
     with pytest.raises(DatasetError, match="bad.csv: the CSV header must name 'image' and 'prompt'"):
         read_manifest(tmp_path / "bad.csv")
     (tmp_path / "a.txt").write_text("a cat on a mat\n")
-    with pytest.raises(DatasetError, match="a.txt: a manifest must be .jsonl or .csv"):
+    with pytest.raises(DatasetError, match="a.txt: a manifest must be .jsonl, .csv or a PIE-Bench mapping_file.json"):
         read_manifest(tmp_path / "a.txt")
 
     (tmp_path / "a.txt").write_text("a cat on a mat\n")

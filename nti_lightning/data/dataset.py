@@ -11,6 +11,9 @@ source `prompt`, optionally an `id` (the artifact's name; default: the file stem
 
 A folder is every image file in it (not recursive), each with its prompt in `<stem>.txt`.
 
+A `.json` manifest is PIE-Bench's `mapping_file.json` (`nti_lightning.bench.pie`): ids are its
+keys, images `annotation_images/<image_path>` beside it, prompts the `original_prompt`s.
+
 Reading a dataset never stops at one bad entry: a row without an image or a prompt, an id that
 is not one plain file name (see `nti_lightning.errors.unsafe_id_reason`), an image that is
 missing or unreadable, or a prompt sidecar that is missing is returned as a `Failure`
@@ -27,6 +30,7 @@ from typing import Any, Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from nti_lightning.bench.pie import is_mapping_file, read_mapping
 from nti_lightning.data.images import MIN_SIDE
 from nti_lightning.data.walk import ImageSample
 from nti_lightning.errors import NtiError, unsafe_id_reason
@@ -58,16 +62,23 @@ class Failure:
 
 
 def read_manifest(path: str | Path) -> tuple[list[ImageSample], list[Failure]]:
-    """Samples of a `.jsonl` or `.csv` manifest, and the rows that cannot be used."""
+    """Samples of a `.jsonl` or `.csv` manifest (or a PIE-Bench `.json` mapping file), and the
+    rows that cannot be used."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: manifest file not found")
+    if is_mapping_file(path):
+        bench, unusable = read_mapping(path)
+        samples = [ImageSample(id=s.id, prompt=s.original_prompt, image=s.image) for s in bench]
+        return samples, [Failure(id=key, image="", reason=reason) for key, reason in unusable]
     if path.suffix.lower() == ".jsonl":
         rows = _jsonl_rows(path)
     elif path.suffix.lower() == ".csv":
         rows = _csv_rows(path)
     else:
-        raise DatasetError(f"{path}: a manifest must be .jsonl or .csv, not {path.suffix or 'extensionless'}")
+        raise DatasetError(
+            f"{path}: a manifest must be .jsonl, .csv or a PIE-Bench mapping_file.json, not {path.suffix or 'extensionless'}"
+        )
     samples, failures = [], []
     for line, row in rows:
         where = f"{path}:{line}"

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from nti_lightning.bench.pie import BenchmarkFileError, benchmark_edit, read_mapping
 from nti_lightning.errors import InputNotFoundError, OptionError, unsafe_id_reason
 
 #: Characters kept in ids (they become file names).
@@ -24,25 +25,45 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 class EditDataModule(pl.LightningDataModule):
     """Edit specs (see `nti_lightning.editing.specs`) served one per predict step.
 
-    Give `edits`, `edits_file`, or both (inline specs come first). Relative artifact paths are
-    relative to the working directory.
+    Give `edits`, `edits_file`, `benchmark`, or several (inline specs come first, the benchmark's
+    last). Relative artifact paths are relative to the working directory.
 
     Args:
         edits (`list[dict]`, *optional*): specs written inline in the config.
         edits_file (`str`, *optional*): a JSONL file with one spec per line (blank lines and lines
             starting with "#" are skipped).
+        benchmark (`str`, *optional*): a PIE-Bench `mapping_file.json`: one edit per sample, of
+            `<inversions>/<id>.safetensors`, with the benchmark's settings
+            (`nti_lightning.bench.pie.benchmark_edit`).
+        inversions (`str`, defaults to "inversions"): the folder of the benchmark's inversions.
+        benchmark_options (`dict`, *optional*): overrides of the benchmark's edit settings, e.g.
+            `{"cross_replace_steps": 0.8}` (keys of `nti_lightning.bench.pie.BENCHMARK_OPTIONS`).
     """
 
-    def __init__(self, edits: Optional[list[dict[str, Any]]] = None, edits_file: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        edits: Optional[list[dict[str, Any]]] = None,
+        edits_file: Optional[str] = None,
+        benchmark: Optional[str] = None,
+        inversions: str = "inversions",
+        benchmark_options: Optional[dict[str, Any]] = None,
+    ) -> None:
         super().__init__()
-        if not edits and not edits_file:
-            raise OptionError("no edits: set `edits` (a list of specs) or `edits_file` (a JSONL file)")
+        if not edits and not edits_file and not benchmark:
+            raise OptionError(
+                "no edits: set `edits` (a list of specs), `edits_file` (a JSONL file) or `benchmark` (a PIE-Bench mapping_file.json)"
+            )
         self.edits = list(edits or [])
         self.edits_file = edits_file
+        self.benchmark = benchmark
+        self.inversions = inversions
+        self.benchmark_options = dict(benchmark_options or {})
         self.items: list[dict[str, Any]] = []
 
     def setup(self, stage: str) -> None:
-        self.items = edit_items(self.edits, self.edits_file)
+        self.items = edit_items(self.edits, self.edits_file) + benchmark_items(
+            self.benchmark, self.inversions, self.benchmark_options
+        )
 
     def predict_dataloader(self) -> DataLoader:
         # One spec per step; Lightning shards the specs across devices with its unpadded predict sampler.
@@ -83,6 +104,22 @@ def edit_items(edits: list[Any], edits_file: Optional[str]) -> list[dict[str, An
         seen[name] = seen.get(name, 0) + 1
         unique = name if seen[name] == 1 else f"{name}-{seen[name]}"
         items.append({"id": unique, "where": where, "spec": spec, "error": error})
+    return items
+
+
+def benchmark_items(mapping_file: Optional[str], inversions: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One item per sample of a PIE-Bench mapping file (none without one); an entry that cannot
+    be used becomes a failed item naming it."""
+    if not mapping_file:
+        return []
+    try:
+        samples, unusable = read_mapping(mapping_file)
+    except BenchmarkFileError as error:
+        raise InputNotFoundError(str(error)) if not Path(mapping_file).is_file() else OptionError(str(error)) from error
+    items = [{"id": key, "where": mapping_file, "spec": None, "error": reason} for key, reason in unusable]
+    for sample in samples:
+        spec = benchmark_edit(sample, Path(inversions) / f"{sample.id}.safetensors", options)
+        items.append({"id": sample.id, "where": f"{mapping_file}: sample {sample.id!r}", "spec": spec, "error": None})
     return items
 
 

@@ -1,0 +1,1 @@
+"""PIE-Bench: the field's benchmark of inversion-and-edit methods, read, edited and scored."""

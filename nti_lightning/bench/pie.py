@@ -1,0 +1,184 @@
+"""PIE-Bench's `mapping_file.json`: its samples as a dataset to invert, and as the edits to make.
+
+PIE-Bench (cure-lab/PnPInversion) ships `mapping_file.json` beside `annotation_images/`: a JSON
+object keyed by a 12-digit id, each value
+
+    {"image_path": "0_random_140/000000000000.jpg", "original_prompt": "a slanted mountain bicycle ...",
+     "editing_prompt": "a slanted [rusty] mountain bicycle ...", "editing_instruction": "...",
+     "editing_type_id": "0", "blended_word": "bicycle bicycle", "mask": [start, length, ...]}
+
+`read_mapping` gives one `BenchSample` per entry (the changed words' brackets stripped, as both of
+the benchmark's scripts strip them) and the entries that cannot be used, each with its reason.
+`benchmark_edit` turns a sample into the edit spec of the benchmark's Null-text + P2P row
+(`run_editing_p2p.py`): Refine with cross-attention replaced for 0.4 of the steps and
+self-attention for 0.6, the target blend word reweighted x2, LocalBlend on the blend words
+(threshold 0.3, from 0.2 of the steps); no blend and no reweight where `blended_word` is "".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from nti_lightning.errors import NtiError, unsafe_id_reason
+
+#: `editing_type_id` -> the edit type's name.
+EDIT_TYPES = {
+    "0": "random",
+    "1": "change object",
+    "2": "add object",
+    "3": "delete object",
+    "4": "change content",
+    "5": "change pose",
+    "6": "change colour",
+    "7": "change material",
+    "8": "change background",
+    "9": "change style",
+}
+
+#: The benchmark's edit settings for every sample (`run_editing_p2p.py`); `benchmark_edit` takes overrides.
+BENCHMARK_OPTIONS: dict[str, Any] = {
+    "cross_replace_steps": 0.4,
+    "self_replace_steps": 0.6,
+    "reweight": 2.0,  # the target blend word's factor
+    "blend_threshold": 0.3,
+    "blend_start": 0.2,
+}
+
+#: The fields every entry must have.
+REQUIRED = ("image_path", "original_prompt", "editing_prompt", "editing_type_id", "blended_word", "mask")
+
+
+class BenchmarkFileError(NtiError, ValueError):
+    """The mapping file itself cannot be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class BenchSample:
+    """One PIE-Bench sample.
+
+    Args:
+        id (`str`): its key in the mapping file.
+        image (`Path`): `annotation_images/<image_path>`, beside the mapping file.
+        image_path (`str`): the path as the file gives it (also where the authors' scripts write the edit).
+        original_prompt (`str`): the source prompt.
+        editing_prompt (`str`): the target prompt, brackets stripped.
+        editing_instruction (`str`): the instruction ("" when absent).
+        editing_type_id (`str`): "0" to "9" (see `EDIT_TYPES`).
+        blended_word (`tuple[str, str]`, *optional*): (source word, target word), `None` for "".
+        mask (`list[int]`): the edit region's runs `[start, length, ...]` over the image flattened row-major.
+    """
+
+    id: str
+    image: Path
+    image_path: str
+    original_prompt: str
+    editing_prompt: str
+    editing_instruction: str
+    editing_type_id: str
+    blended_word: Optional[tuple[str, str]]
+    mask: list[int]
+
+
+def strip_brackets(prompt: str) -> str:
+    """The prompt without the `[` and `]` that mark its changed words."""
+    return prompt.replace("[", "").replace("]", "")
+
+
+def is_mapping_file(path: str | Path) -> bool:
+    """Whether `path` looks like a PIE-Bench mapping file (a `.json` file), as opposed to a manifest."""
+    return Path(path).suffix.lower() == ".json"
+
+
+def read_mapping(path: str | Path) -> tuple[list[BenchSample], list[tuple[str, str]]]:
+    """The samples of a mapping file, in its order, and `(id, reason)` for the entries that cannot
+    be used. Raises `BenchmarkFileError` when the file is missing, not JSON or not an object of entries."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkFileError(f"{path}: mapping file not found")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BenchmarkFileError(f"{path}: not a JSON file ({error})") from error
+    if not isinstance(entries, dict):
+        raise BenchmarkFileError(f"{path}: a mapping file is a JSON object keyed by sample id, got {type(entries).__name__}")
+    images = path.parent / "annotation_images"
+    samples, failures = [], []
+    for key, entry in entries.items():
+        where = f"{path}: sample {key!r}"
+        unsafe = unsafe_id_reason(str(key))
+        if unsafe is not None:
+            failures.append((str(key), f"{where}: {unsafe}"))
+            continue
+        if not isinstance(entry, dict):
+            failures.append((key, f"{where}: not an object"))
+            continue
+        missing = [name for name in REQUIRED if name not in entry]
+        if missing:
+            failures.append((key, f"{where}: missing {', '.join(missing)}"))
+            continue
+        problem = _field_problem(entry)
+        if problem:
+            failures.append((key, f"{where}: {problem}"))
+            continue
+        words = entry["blended_word"].split()
+        samples.append(BenchSample(
+            id=key,
+            image=images / entry["image_path"],
+            image_path=entry["image_path"],
+            original_prompt=strip_brackets(entry["original_prompt"]),
+            editing_prompt=strip_brackets(entry["editing_prompt"]),
+            editing_instruction=str(entry.get("editing_instruction") or ""),
+            editing_type_id=str(entry["editing_type_id"]),
+            blended_word=(words[0], words[1]) if len(words) == 2 else None,
+            mask=list(entry["mask"]),
+        ))
+    return samples, failures
+
+
+def _field_problem(entry: dict[str, Any]) -> Optional[str]:
+    """What is wrong with an entry's fields, or `None`."""
+    for name in ("image_path", "original_prompt", "editing_prompt"):
+        if not isinstance(entry[name], str) or not entry[name].strip():
+            return f"'{name}' must be a non-empty string"
+    if str(entry["editing_type_id"]) not in EDIT_TYPES:
+        return f"editing_type_id {entry['editing_type_id']!r} is not one of {sorted(EDIT_TYPES)}"
+    blended = entry["blended_word"]
+    if not isinstance(blended, str) or len(blended.split()) not in (0, 2):
+        return f"blended_word {blended!r} must be 'source_word target_word' or ''"
+    mask = entry["mask"]
+    if not isinstance(mask, list) or len(mask) % 2 or not all(isinstance(v, int) and v >= 0 for v in mask):
+        return "mask must be a list of [start, length] pairs of non-negative integers"
+    return None
+
+
+def benchmark_edit(sample: BenchSample, artifact: str | Path, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The edit spec (see `nti_lightning.editing.specs`) of `sample`'s inversion file `artifact`
+    with the benchmark's settings (`BENCHMARK_OPTIONS`, each overridable in `overrides`)."""
+    settings = {**BENCHMARK_OPTIONS, **(overrides or {})}
+    unknown = sorted(set(settings) - set(BENCHMARK_OPTIONS))
+    if unknown:
+        raise BenchmarkFileError(f"unknown benchmark edit setting(s) {unknown}; expected some of {sorted(BENCHMARK_OPTIONS)}")
+    options: dict[str, Any] = {
+        "cross_replace_steps": settings["cross_replace_steps"],
+        "self_replace_steps": settings["self_replace_steps"],
+    }
+    spec: dict[str, Any] = {
+        "id": sample.id,
+        "artifact": str(artifact),
+        "prompts": [sample.original_prompt, sample.editing_prompt],
+        "kind": "refine",
+        "options": options,
+    }
+    if sample.blended_word is not None:
+        source_word, target_word = sample.blended_word
+        options.update(
+            blend_words=[[source_word], [target_word]],
+            blend_threshold=settings["blend_threshold"],
+            blend_start=settings["blend_start"],
+        )
+        spec.update(kind="reweight")
+        options.update(words={target_word: settings["reweight"]}, base="refine")
+    return spec
