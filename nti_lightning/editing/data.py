@@ -1,4 +1,4 @@
-"""`EditDataModule`: the edit specs of a predict run, inline or from a JSONL file.
+"""`EditDataModule`: the edit specs of a predict run, inline, from a JSONL file or from PIE-Bench.
 
 Specs are checked when they are edited, not when they are read, so that one bad spec (or one
 unreadable line of the file) becomes a reported failure instead of stopping the whole run. Each
@@ -38,6 +38,8 @@ class EditDataModule(pl.LightningDataModule):
         inversions (`str`, defaults to "inversions"): the folder of the benchmark's inversions.
         benchmark_options (`dict`, *optional*): overrides of the benchmark's edit settings, e.g.
             `{"cross_replace_steps": 0.8}` (keys of `nti_lightning.bench.pie.BENCHMARK_OPTIONS`).
+        batch_size (`int`, defaults to 8): specs sampled together, every spec's rows in each UNet
+            call; results do not depend on it (up to the float rounding of a larger batch).
     """
 
     def __init__(
@@ -47,8 +49,12 @@ class EditDataModule(pl.LightningDataModule):
         benchmark: Optional[str] = None,
         inversions: str = "inversions",
         benchmark_options: Optional[dict[str, Any]] = None,
+        batch_size: int = 8,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise OptionError(f"data.batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
         if not edits and not edits_file and not benchmark:
             raise OptionError(
                 "no edits: set `edits` (a list of specs), `edits_file` (a JSONL file) or `benchmark` (a PIE-Bench mapping_file.json)"
@@ -66,13 +72,14 @@ class EditDataModule(pl.LightningDataModule):
         )
 
     def predict_dataloader(self) -> DataLoader:
-        # One spec per step; Lightning shards the specs across devices with its unpadded predict sampler.
-        return DataLoader(self.items, batch_size=1, shuffle=False, collate_fn=_only_item)
+        # `batch_size` specs per step; Lightning shards the specs across devices with its unpadded
+        # predict sampler.
+        return DataLoader(self.items, batch_size=self.batch_size, shuffle=False, collate_fn=_as_list)
 
 
-def _only_item(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batches of one spec, passed on as the spec itself (no tensor collation of its fields)."""
-    return batch[0]
+def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A batch of specs as the list of specs (no tensor collation of their fields)."""
+    return list(batch)
 
 
 def edit_items(edits: list[Any], edits_file: Optional[str]) -> list[dict[str, Any]]:

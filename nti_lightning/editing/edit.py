@@ -10,6 +10,7 @@ exactly `nti_lightning.reconstruct`.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,7 +19,7 @@ from PIL import Image
 from nti_lightning.data.images import to_pil
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
-from nti_lightning.editing.attention import AttentionStore, controlled_attention
+from nti_lightning.editing.attention import AttentionHook, AttentionLayer, AttentionStore, controlled_attention
 from nti_lightning.editing.controllers import AttentionController
 from nti_lightning.errors import ModelError
 from nti_lightning.inversion.artifact import Inversion
@@ -87,6 +88,91 @@ def edit_latents(
 ) -> torch.Tensor:
     """`[P, C, h, w]` latents at t = 0 of `edit` (same arguments), before decoding."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    job = EditJob(inversion, prompts, controller, attention_store)
+    [latents] = edit_jobs_latents(pipeline, [job], guidance_scale, allow_model_mismatch=allow_model_mismatch)
+    return latents
+
+
+@dataclass
+class EditJob:
+    """One inversion's edit in a batch of edits (see `edit_jobs_latents`).
+
+    Args:
+        inversion (`Inversion`): the inverted image.
+        prompts (`list[str]`): its prompts (with a controller: the controller's, source first).
+        controller (`AttentionController`, *optional*): its Prompt-to-Prompt controller.
+        attention_store (`AttentionStore`, *optional*): records its cross-attention maps.
+    """
+
+    inversion: Inversion
+    prompts: list[str]
+    controller: Optional[AttentionController] = None
+    attention_store: Optional[AttentionStore] = None
+
+
+def edit_jobs_latents(
+    pipeline: Pipeline,
+    jobs: Sequence[EditJob],
+    guidance_scale: float = 7.5,
+    allow_model_mismatch: bool = False,
+) -> list[torch.Tensor]:
+    """Several edits sampled together: every job's rows in each UNet call, each job with its own
+    `z_T`, per-step nulls, controller, attention store and LocalBlend state. Each job's `[P, C, h, w]`
+    latents equal those of its edit alone up to the float rounding of a larger batch.
+
+    Args:
+        pipeline (`Pipeline`): the pipeline the inversions were made with.
+        jobs (`Sequence[EditJob]`): the edits; all with the same T.
+        guidance_scale (`float`, defaults to 7.5): w.
+        allow_model_mismatch (`bool`, defaults to False): see `edit`.
+    """
+    if not jobs:
+        return []
+    steps = {job.inversion.num_inference_steps for job in jobs}
+    if len(steps) > 1:
+        raise ValueError(f"edits sampled together need one number of steps, got {sorted(steps)}")
+    for job in jobs:
+        _check_job(pipeline, job, allow_model_mismatch)
+    unet = pipeline.unet
+    device = unet.device
+    schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, steps.pop())
+    sizes = [len(job.prompts) for job in jobs]
+    cond = PromptEncoder.of(pipeline).encode([prompt for job in jobs for prompt in job.prompts]).to(device)
+    if cond.has_pooled:  # the micro-conditioning each image was inverted with
+        time_ids = torch.cat([_time_ids(job.inversion, size) for job, size in zip(jobs, sizes)])
+        cond = Condition(cond.embeddings, cond.pooled, time_ids.to(device))
+    z_T = torch.cat([job.inversion.z_T.unsqueeze(0).expand(size, -1, -1, -1) for job, size in zip(jobs, sizes)]).to(device)
+    nulls = _batched_nulls(jobs, sizes, cond)
+
+    hooks: list[Optional[AttentionHook]] = []
+    steppers: list[Optional[StepCallback]] = []
+    for job in jobs:
+        store = job.attention_store
+        if job.controller is not None:
+            store = store if store is not None else job.controller.new_store()
+            store.reset()
+            hooks.append(job.controller.begin(schedule.num_inference_steps, store))
+            stepper: Optional[StepCallback] = job.controller.end_step
+        elif store is not None:
+            store.reset()
+            hooks.append(store)
+            stepper = _store_stepper(store)
+        else:
+            hooks.append(None)
+            stepper = None
+        steppers.append(retrace_source(job.inversion, job.prompts, stepper))
+    on_step = _split_steps(steppers, sizes)
+    if all(hook is None for hook in hooks):
+        latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=on_step)
+    else:
+        with controlled_attention(unet, _SplitHook(hooks, sizes)):
+            latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=on_step)
+    return list(latents.split(sizes))
+
+
+def _check_job(pipeline: Pipeline, job: EditJob, allow_model_mismatch: bool) -> None:
+    """Raises `ValueError` naming the problem of a job's prompts, controller or inversion."""
+    prompts, controller, inversion = job.prompts, job.controller, job.inversion
     if not prompts:
         raise ValueError("edit needs at least one prompt")
     check_compatible(pipeline, inversion, allow_model_mismatch=allow_model_mismatch)
@@ -98,30 +184,59 @@ def edit_latents(
                 f"the first prompt {prompts[0]!r} must be the inversion's source prompt {inversion.prompt!r}: "
                 "Prompt-to-Prompt takes the edits' attention from the source"
             )
-    unet = pipeline.unet
-    device = unet.device
-    schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, inversion.num_inference_steps)
-    cond = PromptEncoder.of(pipeline).encode(prompts).to(device)
-    if cond.has_pooled:  # the micro-conditioning the image was inverted with
-        cond = Condition(cond.embeddings, cond.pooled, _time_ids(inversion, len(prompts)).to(device))
-    z_T = inversion.z_T.unsqueeze(0).to(device)
-    null = null_conditions(inversion, cond)
-    if controller is None and attention_store is None:
-        return sample(unet, schedule, z_T, null, cond, guidance_scale, on_step=retrace_source(inversion, prompts, None))
 
-    store = attention_store if attention_store is not None else (controller.new_store() if controller else AttentionStore())
-    store.reset()
-    if controller is not None:
-        hook, on_step = controller.begin(schedule.num_inference_steps, store), controller.end_step
-    else:
 
-        def on_step(step: int, timestep: int, latents: torch.Tensor) -> None:
-            store.end_step()
+def _batched_nulls(jobs: Sequence[EditJob], sizes: Sequence[int], cond: Condition) -> list[Condition]:
+    """Per step, the null condition of every row: a job's null broadcast to its prompts (one row
+    for a single job, which the sampler broadcasts itself)."""
+    per_job = [null_conditions(job.inversion, cond) for job in jobs]
+    if len(jobs) == 1:
+        return per_job[0]
+    time_ids = cond.time_ids
+    return [
+        Condition(
+            torch.cat([nulls[step].embeddings.expand(size, -1, -1) for nulls, size in zip(per_job, sizes)]),
+            None if time_ids is None else torch.cat([nulls[step].pooled.expand(size, -1) for nulls, size in zip(per_job, sizes)]),
+            time_ids,
+        )
+        for step in range(len(per_job[0]))
+    ]
 
-        hook = store
-    with controlled_attention(unet, hook):
-        on_step = retrace_source(inversion, prompts, on_step)
-        return sample(unet, schedule, z_T, null, cond, guidance_scale, on_step=on_step)
+
+def _store_stepper(store: AttentionStore) -> StepCallback:
+    def on_step(step: int, timestep: int, latents: torch.Tensor) -> None:
+        store.end_step()
+
+    return on_step
+
+
+def _split_steps(steppers: Sequence[Optional[StepCallback]], sizes: Sequence[int]) -> Optional[StepCallback]:
+    """One step hook for the batch: each job's hook on its own rows."""
+    if all(stepper is None for stepper in steppers):
+        return None
+
+    def on_step(step: int, timestep: int, latents: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for stepper, part in zip(steppers, latents.split(list(sizes))):
+            replaced = stepper(step, timestep, part) if stepper is not None else None
+            parts.append(part if replaced is None else replaced)
+        return torch.cat(parts)
+
+    return on_step
+
+
+class _SplitHook:
+    """The attention hook of a batch of jobs: each job's controller (or store) on its own rows of
+    the conditional maps; rows of jobs without one pass untouched."""
+
+    def __init__(self, hooks: Sequence[Optional[AttentionHook]], sizes: Sequence[int]) -> None:
+        self.hooks, self.sizes = list(hooks), list(sizes)
+
+    def __call__(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
+        if len(self.hooks) == 1:
+            return self.hooks[0](probs, layer)
+        parts = [hook(part, layer) if hook is not None else part for hook, part in zip(self.hooks, probs.split(self.sizes))]
+        return torch.cat(parts)
 
 
 def retrace_source(inversion: Inversion, prompts: Sequence[str], on_step: Optional[StepCallback]) -> Optional[StepCallback]:

@@ -1,7 +1,8 @@
 """`EditModule`: Prompt-to-Prompt editing of inversion files as a LightningModule (`nti predict`).
 
-Each predict step takes one edit spec (`nti_lightning.editing.data`), loads its inversion,
-builds its controller and returns the pictures: the input (the VAE decoding of the stored source
+Each predict step takes a batch of edit specs (`nti_lightning.editing.data`), loads their
+inversions, builds their controllers, samples them together (every spec's rows in each UNet call,
+`edit_jobs_latents`) and returns the pictures of each: the input (the VAE decoding of the stored source
 latent), the reconstruction (the source prompt without control), the edits, and the source
 prompt's cross-attention maps. A spec that cannot be edited (unreadable or mismatched file, bad
 prompts or words) comes back as a failure record instead, so the run goes on; `EditWriter`
@@ -16,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from nti_lightning.editing.attention import AttentionStore
-from nti_lightning.editing.edit import check_compatible, edit_latents
+from nti_lightning.editing.edit import EditJob, check_compatible, edit_jobs_latents
 from nti_lightning.editing.pictures import cross_attention_picture
 from nti_lightning.editing.specs import EditSpec, EditSpecError
 from nti_lightning.inversion.artifact import Inversion
@@ -26,7 +27,7 @@ from nti_lightning.models.pipelines import Pipeline
 
 
 class EditModule(pl.LightningModule):
-    """Edits inverted images with Prompt-to-Prompt, one edit spec per predict step.
+    """Edits inverted images with Prompt-to-Prompt, a batch of edit specs per predict step.
 
     Args:
         pretrained (`str`, defaults to "tiny"): the Stable Diffusion model the images were inverted
@@ -85,23 +86,42 @@ class EditModule(pl.LightningModule):
         if self.pipeline is None:
             self.attach_pipeline(load_pipeline(self.hparams.pretrained))
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        try:
-            if batch["error"] is not None:
-                raise EditSpecError(batch["error"])
-            spec = EditSpec.from_dict(batch["spec"], batch["id"])
-            return {"id": batch["id"], "where": batch["where"], **self.edit_spec(spec)}
-        except (ValueError, OSError) as error:  # ArtifactError and EditSpecError are ValueErrors
-            return {"id": batch["id"], "where": batch["where"], "spec": batch["spec"], "error": str(error)}
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        """The pictures (or the failure record) of each spec of `batch`, sampled together."""
+        results: list[Optional[dict[str, Any]]] = [None] * len(batch)
+        prepared = []
+        for k, item in enumerate(batch):
+            try:
+                if item["error"] is not None:
+                    raise EditSpecError(item["error"])
+                spec = EditSpec.from_dict(item["spec"], item["id"])
+                prepared.append((k, spec, self.prepare(spec)))
+            except (ValueError, OSError) as error:  # ArtifactError and EditSpecError are ValueErrors
+                results[k] = _failure(item, error)
+        # Edits sampled together need one T: one sampling run per T in the batch.
+        for steps in sorted({job.inversion.num_inference_steps for _, _, job in prepared}):
+            group = [entry for entry in prepared if entry[2].inversion.num_inference_steps == steps]
+            try:
+                pictures = self.pictures([job for _, _, job in group], [spec for _, spec, _ in group])
+            except (ValueError, OSError) as error:
+                # One edit broke the batch: each on its own, so that only the faulty one fails.
+                pictures = [error] if len(group) == 1 else []
+                for _, spec, job in group if len(group) > 1 else []:
+                    try:
+                        pictures += self.pictures([job], [spec])
+                    except (ValueError, OSError) as own_error:
+                        pictures.append(own_error)
+            for (k, spec, _), picture in zip(group, pictures):
+                item = batch[k]
+                results[k] = _failure(item, picture) if isinstance(picture, Exception) else {"id": item["id"], "where": item["where"], **picture}
+        return [result for result in results if result is not None]
 
-    @torch.no_grad()
-    def edit_spec(self, spec: EditSpec) -> dict[str, Any]:
-        """The pictures of one spec: `images` `[N, 3, H, W]` in [0, 1] with their `labels`, and `attention`."""
-        pipeline = self.pipeline
+    def prepare(self, spec: EditSpec) -> EditJob:
+        """The edit of one spec: its inversion (checked against the model), prompts and controller."""
+        pipeline, hparams = self.pipeline, self.hparams
         inversion = Inversion.load(spec.artifact)
-        check_compatible(pipeline, inversion, name=spec.artifact, allow_model_mismatch=self.hparams.allow_model_mismatch)
+        check_compatible(pipeline, inversion, name=spec.artifact, allow_model_mismatch=hparams.allow_model_mismatch)
         prompts = spec.all_prompts(inversion.prompt)
-        hparams = self.hparams
         controller = spec.controller(
             prompts,
             pipeline.tokenizer,
@@ -111,32 +131,40 @@ class EditModule(pl.LightningModule):
             hparams.blend_resolution,
         )
         store = controller.new_store() if controller is not None else AttentionStore()
-        edited = edit_latents(
-            pipeline,
-            inversion,
-            prompts,
-            controller=controller,
-            guidance_scale=hparams.guidance_scale,
-            attention_store=store,
-            allow_model_mismatch=hparams.allow_model_mismatch,
-        )
-        # Without control or store the source prompt reproduces `reconstruct` exactly.
-        reconstruction = edit_latents(
-            pipeline, inversion, [inversion.prompt], guidance_scale=hparams.guidance_scale,
-            allow_model_mismatch=hparams.allow_model_mismatch,
-        )
-        source = inversion.source_latent.unsqueeze(0).to(edited.device)
-        images = vae_codec.decode(pipeline.vae, torch.cat([source, reconstruction, edited[1:]])).cpu()
-        attention = cross_attention_picture(store, pipeline.tokenizer, prompts[0]) if hparams.attention_maps else None
-        labels = list(prompts[1:])
-        if spec.kind == "reweight":  # the prompt alone would not say what changed
-            factors = ", ".join(f"{word} x{factor:g}" for word, factor in spec.options["words"].items())
-            labels = [f"{label} [{factors}]" for label in labels]
-        return {
-            "prompts": prompts,
-            "kind": spec.kind,
-            "artifact": spec.artifact,
-            "images": images,
-            "labels": ["input (VAE)", "reconstruction", *labels],
-            "attention": attention,
-        }
+        return EditJob(inversion, prompts, controller, store)
+
+    @torch.no_grad()
+    def pictures(self, jobs: list[EditJob], specs: list[EditSpec]) -> list[dict[str, Any]]:
+        """The pictures of edits of one T, sampled together: per spec `images` `[N, 3, H, W]` in
+        [0, 1] (input, reconstruction, edits) with their `labels`, and `attention`."""
+        pipeline, hparams = self.pipeline, self.hparams
+        mismatch = hparams.allow_model_mismatch
+        edited = edit_jobs_latents(pipeline, jobs, hparams.guidance_scale, allow_model_mismatch=mismatch)
+        # The source prompts without control or store: `reconstruct`, the batch's rounding aside.
+        plain = [EditJob(job.inversion, [job.inversion.prompt]) for job in jobs]
+        reconstructions = edit_jobs_latents(pipeline, plain, hparams.guidance_scale, allow_model_mismatch=mismatch)
+        sources = [job.inversion.source_latent.unsqueeze(0).to(latents.device) for job, latents in zip(jobs, edited)]
+        stacks = [torch.cat([source, reconstruction, latents[1:]]) for source, reconstruction, latents in zip(sources, reconstructions, edited)]
+        decoded = vae_codec.decode(pipeline.vae, torch.cat(stacks)).cpu().split([len(stack) for stack in stacks])
+        results = []
+        for job, spec, images in zip(jobs, specs, decoded):
+            prompts = job.prompts
+            attention = cross_attention_picture(job.attention_store, pipeline.tokenizer, prompts[0]) if hparams.attention_maps else None
+            labels = list(prompts[1:])
+            if spec.kind == "reweight":  # the prompt alone would not say what changed
+                factors = ", ".join(f"{word} x{factor:g}" for word, factor in spec.options["words"].items())
+                labels = [f"{label} [{factors}]" for label in labels]
+            results.append({
+                "prompts": prompts,
+                "kind": spec.kind,
+                "artifact": spec.artifact,
+                "images": images,
+                "labels": ["input (VAE)", "reconstruction", *labels],
+                "attention": attention,
+            })
+        return results
+
+
+def _failure(item: dict[str, Any], error: BaseException) -> dict[str, Any]:
+    """The failure record of an item that could not be edited."""
+    return {"id": item["id"], "where": item["where"], "spec": item["spec"], "error": str(error)}

@@ -65,16 +65,17 @@ class EditWriter(BasePredictionWriter):
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        prediction: dict[str, Any],
+        prediction: list[dict[str, Any]],
         batch_indices: Optional[Sequence[int]],
         batch: Any,
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        if "error" in prediction:
-            self.record_failure(prediction)
-        else:
-            self.write(trainer, prediction)
+        for result in prediction:  # one per spec of the batch
+            if "error" in result:
+                self.record_failure(result)
+            else:
+                self.write(trainer, result)
 
     def write(self, trainer: pl.Trainer, prediction: dict[str, Any]) -> None:
         """Writes the PNGs of one edit (and logs them)."""
