@@ -1,0 +1,98 @@
+"""Edit throughput: `nti predict`'s edits with many specs sampled together against one at a time.
+
+    python benchmarks/edit_throughput.py --images 16 --batch-sizes 1 8 16
+
+Inverts `--images` held-out images of the `shapes` model (DDIM inversion: the edits' cost does
+not depend on the method), then edits each with a colour swap under Prompt-to-Prompt (Replace
+with LocalBlend on the shape word, cross 0.8 / self 0.7, as the shapes quality test) through
+`nti predict` at each batch size, and prints edits per second and the speed-up over one at a
+time. Timed is `EditModule.predict_step` over all the specs (loading, checking, sampling,
+decoding: what a predict run spends per batch). Each batch size runs `--repeats` times (fastest
+kept) after one untimed warm-up batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import nti_lightning as nti
+from nti_lightning.demo.shapes import SHAPE_COLORS, heldout_samples
+from nti_lightning.editing.data import edit_items
+from nti_lightning.editing.module import EditModule
+
+
+def write_specs(folder: Path, count: int, steps: int) -> Path:
+    """Inversions of `count` held-out images and one colour-swap spec each; the specs' JSONL file."""
+    pipe = nti.load_pipeline("shapes")
+    samples = heldout_samples(count)
+    inversions = nti.invert(pipe, [s.image for s in samples], [s.caption for s in samples], num_inference_steps=steps,
+                            method="ddim", batch_size=8, progress_bar=False)
+    lines = []
+    for k, (sample, inversion) in enumerate(zip(samples, inversions)):
+        artifact = inversion.save(folder / f"img{k}.safetensors")
+        new = next(color for color in SHAPE_COLORS if color != sample.color)
+        target = sample.caption.replace(f"a {sample.color} ", f"a {new} ", 1)
+        lines.append(json.dumps({"artifact": str(artifact), "prompts": [target], "id": f"img{k}",
+                                 "options": {"cross_replace_steps": 0.8, "self_replace_steps": 0.7,
+                                             "blend_words": [[sample.shape], [sample.shape]]}}))
+    specs = folder / "edits.jsonl"
+    specs.write_text("\n".join(lines) + "\n")
+    return specs
+
+
+def run(module: EditModule, items: list[dict], batch_size: int) -> float:
+    """Seconds of `EditModule.predict_step` over every spec, `batch_size` at a time (what a
+    predict run spends per batch, without Lightning's start-up or the model's load)."""
+    started = time.perf_counter()
+    for start in range(0, len(items), batch_size):
+        results = module.predict_step(items[start : start + batch_size], start // batch_size)
+        failed = [result["error"] for result in results if "error" in result]
+        if failed:
+            raise RuntimeError(f"edits failed: {failed}")
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=16, help="edits (one per held-out image; default 16)")
+    parser.add_argument("--steps", type=int, default=50, help="T (default 50)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16], help="specs per step (default 1 8 16)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size, the fastest kept (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(temporary)
+        specs = write_specs(folder, args.images, args.steps)
+        module = EditModule(pretrained="shapes", attention_maps=False)
+        module.configure_model()
+        items = edit_items([], str(specs))
+        run(module, items[: max(args.batch_sizes)], max(args.batch_sizes))  # warm-up
+        for batch_size in args.batch_sizes:
+            seconds = [run(module, items, batch_size) for _ in range(args.repeats)]
+            rows.append({"batch_size": batch_size, "seconds": min(seconds), "seconds_of_repeats": seconds,
+                         "edits_per_second": args.images / min(seconds)})
+    one = next((row["seconds"] for row in rows if row["batch_size"] == 1), None)
+    print(f"\nshapes, {args.images} edits (Replace + LocalBlend), T={args.steps}, {torch.get_num_threads()} threads")
+    print("| specs per step | seconds | edits/s | speed-up |\n|---:|---:|---:|---:|")
+    for row in rows:
+        row["speedup"] = one / row["seconds"] if one else None
+        speedup = f"{row['speedup']:.2f}x" if one else "-"
+        print(f"| {row['batch_size']} | {row['seconds']:.2f} | {row['edits_per_second']:.2f} | {speedup} |")
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "images": args.images, "steps": args.steps, "rows": rows}
+    print(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
