@@ -207,6 +207,8 @@ def test_user_mistakes_are_one_error_line(bench, tmp_path):
     (["--bench.root", "{root}"], "--score"),
     (["--score", "{outputs}", "--bench.root", "{root}", "--bench.methods", "pix2pix"], "pix2pix"),
     (["--score", "{outputs}", "--bench.root", "{root}", "--bench.nonsense", "1"], "--bench.nonsense"),
+    (["--score", "{outputs}", "--bench.root", "{root}", "--bench.edit_types", "12"], "editing_type_id in 12"),
+    (["--score", "{outputs}", "--bench.root", "{root}", "--bench.device", "tpu-ish"], "bench.device 'tpu-ish'"),
 ])
 def test_user_mistakes_are_nti_errors(bench, tmp_path, args, culprit):
     root, outputs, _, _ = bench

@@ -59,7 +59,11 @@ def as_array(image: ImageLike) -> np.ndarray:
 
 
 def strip_brackets(prompt: str) -> str:
-    """The prompt without PIE-Bench's `[` `]` around the changed words (the evaluator drops both)."""
+    """The prompt without PIE-Bench's `[` `]` around the changed words (the evaluator drops both).
+
+    Args:
+        prompt (`str`): a prompt of `mapping_file.json`.
+    """
     return prompt.replace("[", "").replace("]", "")
 
 
@@ -75,7 +79,11 @@ def _unedited(image: ImageLike, mask: np.ndarray, device: Union[str, torch.devic
 
 
 def has_unedited_region(mask: np.ndarray) -> bool:
-    """Whether `1 - mask` keeps any pixel; when not, the unedited-region metrics are `nan`."""
+    """Whether `1 - mask` keeps any pixel; when not, the unedited-region metrics are `nan`.
+
+    Args:
+        mask (`np.ndarray`): (height, width) 0/1, 1 = edited region.
+    """
     return bool((1 - np.asarray(mask, dtype=np.float64)).sum() != 0)
 
 
@@ -100,8 +108,15 @@ def mse_unedited(source: ImageLike, edit: ImageLike, mask: np.ndarray, device: O
 def psnr_unedited(source: ImageLike, edit: ImageLike, mask: np.ndarray, device: Optional[str] = None) -> float:
     """PSNR of the masked images in [0, 1]: `10 log10(1 / MSE)` (`PeakSignalNoiseRatio(data_range=1.0)`).
 
-    Arguments as `mse_unedited`. Returns `nan` when the mask covers the whole image, `inf` for
-    identical unedited regions.
+    Args:
+        source (`np.ndarray` or `PIL.Image.Image`): the source image.
+        edit (`np.ndarray` or `PIL.Image.Image`): the edited image, of the source's size.
+        mask (`np.ndarray`): (height, width) 0/1, 1 = edited region.
+        device (`str`, *optional*): where to compute; the CPU by default.
+
+    Returns:
+        `float`: in dB; `nan` when the mask covers the whole image, `inf` for identical
+        unedited regions.
     """
     if not has_unedited_region(mask):
         return math.nan
@@ -120,8 +135,16 @@ def ssim_unedited(source: ImageLike, edit: ImageLike, mask: np.ndarray, device: 
     from torchmetrics and cropped here, so the result is the published one whichever release is
     installed.
 
-    Arguments as `mse_unedited`; `sigma` (`float`, defaults to 1.5) is the window's standard
-    deviation. Returns `nan` when the mask covers the whole image.
+    Args:
+        source (`np.ndarray` or `PIL.Image.Image`): the source image.
+        edit (`np.ndarray` or `PIL.Image.Image`): the edited image, of the source's size.
+        mask (`np.ndarray`): (height, width) 0/1, 1 = edited region.
+        device (`str`, *optional*): where to compute; the CPU by default.
+        sigma (`float`, defaults to 1.5): the Gaussian window's standard deviation (its width is
+            `2 * int(3.5 * sigma + 0.5) + 1` taps, 11 for 1.5).
+
+    Returns:
+        `float`: the mean SSIM; `nan` when the mask covers the whole image.
     """
     if not has_unedited_region(mask):
         return math.nan
@@ -138,7 +161,10 @@ def lpips_unedited(lpips: torch.nn.Module, source: ImageLike, edit: ImageLike, m
     Args:
         lpips (`torch.nn.Module`): torchmetrics' `LearnedPerceptualImagePatchSimilarity(net_type="squeeze")`
             (see `weights.load_lpips`), or any module taking two (1, 3, H, W) images in [-1, 1].
-        Other arguments as `mse_unedited`.
+        source (`np.ndarray` or `PIL.Image.Image`): the source image.
+        edit (`np.ndarray` or `PIL.Image.Image`): the edited image, of the source's size.
+        mask (`np.ndarray`): (height, width) 0/1, 1 = edited region.
+        device (`str`, *optional*): where to compute; the CPU by default.
 
     Returns:
         `float`: the distance, or `nan` when the mask covers the whole image.
@@ -158,6 +184,12 @@ def resized_size(height: int, width: int, size: int = 224, max_size: Optional[in
 
     The shorter side becomes `size` and the longer one keeps the aspect ratio (rounded down);
     when that makes the longer side exceed `max_size`, the longer side becomes `max_size` instead.
+
+    Args:
+        height (`int`): the image's height.
+        width (`int`): the image's width.
+        size (`int`, defaults to 224): the shorter side after resizing.
+        max_size (`int`, *optional*, defaults to 480): the longest the longer side may become.
 
     Returns:
         `tuple[int, int]`: (new height, new width).

@@ -126,6 +126,9 @@ def find_methods(outputs: Union[str, Path]) -> dict[str, Path]:
     """Every `<method>/annotation_images` folder under `outputs` (or `outputs` itself when it is one
     method's folder), by method name, sorted.
 
+    Args:
+        outputs (`str` or `Path`): the outputs folder.
+
     Raises:
         `InputNotFoundError`: `outputs` is not a folder, or holds no method.
     """
@@ -158,7 +161,9 @@ def score_sample(networks: BenchNetworks, source: np.ndarray, edit: np.ndarray, 
         edit (`np.ndarray`): the edit, the same shape.
         mask (`np.ndarray`): (H, W) 0/1, from `decode_mask`.
         editing_prompt (`str`): the target prompt, brackets removed.
-        cache (*optional*): reused across calls with the same source and prompt.
+        cache (`_SourceCache`, *optional*): the source's DINO self-similarity and the prompt's
+            CLIP embedding, filled on first use and reused by later calls with the same source
+            and prompt (one per sample, shared by its methods); computed afresh when not given.
     """
     cache = cache if cache is not None else _SourceCache()
     device = networks.device
@@ -212,7 +217,15 @@ def _csv_value(value: object) -> object:
 
 
 def write_rows(rows: Sequence[dict], path: Union[str, Path]) -> Path:
-    """Writes the per-image rows as CSV (`COLUMNS`; "nan" undefined, "n/a" unavailable), atomically."""
+    """Writes the per-image rows as CSV (`COLUMNS`; "nan" undefined, "n/a" unavailable), atomically.
+
+    Args:
+        rows (`Sequence[dict]`): `BenchScores.rows`.
+        path (`str` or `Path`): the CSV file; its folder is created.
+
+    Returns:
+        `Path`: `path`.
+    """
     path = Path(path)
     with atomic_text(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
@@ -237,8 +250,13 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
         methods (`Sequence[str]`, *optional*): the methods to score; all found by default.
         networks (`BenchNetworks`, *optional*): already loaded networks; else loaded from `dino`,
             `clip`, `lpips` and `device` (see `weights.load_networks`).
-        dino, clip, lpips (`str`, *optional*): where the networks' weights are; "none" turns one off.
-        device (`str`, *optional*): "cuda" when there is a GPU, else "cpu".
+        dino (`str`, *optional*, defaults to "facebook/dino-vitb8"): DINO ViT-B/8's folder or cached
+            hub id; `None` or "none" turns the structure distance off.
+        clip (`str`, *optional*, defaults to "openai/clip-vit-large-patch14"): CLIP's folder or cached
+            hub id; `None` or "none" turns the CLIP similarities off.
+        lpips (`str`, *optional*, defaults to "squeeze"): "squeeze" (the torch hub cache) or a torch
+            hub folder; `None` or "none" turns LPIPS off.
+        device (`str`, *optional*): "cuda" when there is a GPU and none is named, else "cpu".
         edit_types (`Sequence[str]`, *optional*): score only these `editing_type_id`s.
         csv_path (`str` or `Path`, *optional*): where to write the per-image rows.
         markdown_path (`str` or `Path`, *optional*): where to write the summary tables.
@@ -252,6 +270,8 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
     """
     root = Path(root)
     samples = read_samples(root, edit_types)
+    if not samples:
+        raise OptionError(f"{root / MAPPING_FILE}: no sample to score" + (f" with editing_type_id in {', '.join(edit_types)}" if edit_types else ""))
     found = find_methods(outputs)
     if methods:
         unknown = [m for m in methods if m not in found]
@@ -302,7 +322,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(args: Optional[Sequence[str]] = None) -> BenchScores:
-    """`nti bench --score OUTPUTS --bench.root ROOT [options]`: scores a folder of PIE-Bench outputs."""
+    """`nti bench --score OUTPUTS --bench.root ROOT [options]`: scores a folder of PIE-Bench outputs.
+
+    Args:
+        args (`Sequence[str]`, *optional*): the words after `nti bench`; the command line's by default.
+
+    Returns:
+        `BenchScores`, after writing the CSV and the Markdown summary (beside the outputs unless
+        `--bench.output` / `--bench.summary` say otherwise) and printing the summary.
+    """
     parser = _Parser(prog="nti bench", description="Score a folder of PIE-Bench outputs with the benchmark's metrics.")
     parser.add_argument("--score", metavar="OUTPUTS", required=True,
                         help="folder of <method>/annotation_images/<image_path> outputs (or one method's folder)")

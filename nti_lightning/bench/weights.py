@@ -15,6 +15,8 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from nti_lightning.errors import OptionError
+
 #: Where the evaluator's networks live on the Hugging Face hub (transformers form).
 DINO_DEFAULT = "facebook/dino-vitb8"
 CLIP_DEFAULT = "openai/clip-vit-large-patch14"
@@ -58,7 +60,12 @@ class BenchNetworks:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def mark_unavailable(self, network: str, reason: str) -> None:
-        """Records `reason` for every metric of `network` ("dino", "lpips" or "clip")."""
+        """Records `reason` for every metric of `network`.
+
+        Args:
+            network (`str`): "dino", "lpips" or "clip".
+            reason (`str`): why, shown beside the metric's "n/a".
+        """
         for metric in NETWORK_METRICS[network]:
             self.unavailable[metric] = reason
 
@@ -211,6 +218,26 @@ def load_lpips(source: str = LPIPS_DEFAULT, device: Union[str, torch.device] = "
     return metric.to(device).eval()
 
 
+def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
+    """`device` as a `torch.device` ("cuda" when there is a GPU and none is named, else "cpu").
+
+    Args:
+        device (`str` or `torch.device`, *optional*): a device name such as "cpu" or "cuda:1".
+
+    Raises:
+        `OptionError`: an unknown device name, or CUDA asked for where there is none.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise OptionError(f"bench.device {device!r}: not a device name (cpu, cuda, cuda:1, ...)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"bench.device {device!r}: CUDA is not available on this machine")
+    return resolved
+
+
 def _names_a_missing_path(source: str) -> bool:
     """Whether `source` is written as a path (not a hub id, which has no leading `/`, `.` or `~`
     and at most one `/`) and names nothing on disk; transformers would report it as a bad hub id."""
@@ -233,8 +260,11 @@ def load_networks(dino: Optional[str] = DINO_DEFAULT, clip: Optional[str] = CLIP
 
     Returns:
         `BenchNetworks`: never raises for a missing network; see its `unavailable`.
+
+    Raises:
+        `OptionError`: `device` names no usable device.
     """
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     networks = BenchNetworks(device=device)
     for name, source, load in (("dino", dino, load_dino), ("clip", clip, load_clip), ("lpips", lpips, load_lpips)):
         if source is None or str(source).strip().lower() in OFF:
