@@ -162,7 +162,7 @@ def test_summary_in_paper_units_without_nan_rows(scored):
     assert markdown == result.markdown
     assert "| ddim+p2p | 4 |" in markdown and "| null-text-inversion+p2p | 3 |" in markdown
     assert "9 change style" in markdown and "LPIPS x10^3: n/a, turned off" in markdown
-    assert "1 images without an output" in markdown and "211000000000" in markdown
+    assert "1 image without an output" in markdown and "211000000000" in markdown
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
 
 

@@ -165,7 +165,8 @@ def markdown_summary(summary: Summary, metrics: Sequence[str] = METRICS, unavail
     for method, ids in (missing or {}).items():
         if ids:
             shown = ", ".join(list(ids)[:10]) + (", ..." if len(ids) > 10 else "")
-            lines.append(f"- {method}: {len(ids)} images without an output, not scored ({shown})")
+            noun = "image" if len(ids) == 1 else "images"
+            lines.append(f"- {method}: {len(ids)} {noun} without an output, not scored ({shown})")
     return "\n".join(lines) + "\n"
 
 
