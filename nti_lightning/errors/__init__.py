@@ -37,6 +37,10 @@ class OutputError(NtiError, OSError):
     """An output file or folder cannot be written (read-only, disk full, not a folder)."""
 
 
+class BenchmarkError(NtiError, ValueError):
+    """A benchmark's annotations or outputs do not fit its layout (a bad mask, a missing image)."""
+
+
 def unsafe_id_reason(name: str) -> str | None:
     """Why `name` cannot be an artifact name, or `None` when it is one plain file name.
 

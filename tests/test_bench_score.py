@@ -1,0 +1,228 @@
+"""Scoring a folder of PIE-Bench outputs: a tiny benchmark in the authors' layout, two methods,
+strips of four panels, small random DINO and CLIP models saved as local folders.
+
+Every CSV value is checked against tests/bench_reference.py applied to the images read back from
+disk (the edit cut out of the strip with numpy), and the summary against means of the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import bench_reference as ref
+from nti_lightning.bench.metrics import METRICS
+from nti_lightning.bench.score import edit_panel, main, score_folder
+from nti_lightning.bench.summary import PAPER_SCALE
+from nti_lightning.cli import EXIT_USAGE, help_text
+from nti_lightning.errors import BenchmarkError, NtiError
+from nti_lightning.models.tokenizer import clip_tokenizer
+from test_bench_metrics import edited, image, small_clip, small_vit
+
+SIDE = 64
+#: id -> (image_path, editing_type_id, editing_prompt, mask runs)
+SAMPLES = {
+    "000000000000": ("0_random_140/000000000000.jpg", "0", "a [red] cat on a sofa", [10 * 64 + 5, 200, 40 * 64, 300]),
+    "111000000000": ("1_change_object_80/1_artificial/1_animal/111000000000.jpg", "1", "a [dog] in the snow",
+                     [20 * 64 + 20, 20, 21 * 64 + 20, 20, 22 * 64 + 20, 20]),
+    "211000000000": ("2_add_object_80/1_artificial/1_animal/211000000000.jpg", "2", "a bird [with a hat]", [100, 900]),
+    "900000000000": ("9_change_style_40/1_artificial/1_animal/900000000000.jpg", "9", "a [watercolor] painting", [0, 64 * 64]),
+}
+METHODS = {"ddim+p2p": 11, "null-text-inversion+p2p": 12}
+MISSING = ("null-text-inversion+p2p", "211000000000")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """(root, outputs, dino folder, clip folder) of a four-image benchmark with two methods."""
+    base = tmp_path_factory.mktemp("pie")
+    root, outputs = base / "PIE-Bench_v1", base / "output"
+    mapping = {}
+    for n, (key, (path, kind, prompt, runs)) in enumerate(SAMPLES.items()):
+        mapping[key] = {"image_path": path, "original_prompt": prompt.replace("[", "").replace("]", ""),
+                        "editing_prompt": prompt, "editing_instruction": "", "editing_type_id": kind,
+                        "blended_word": "", "mask": runs}
+        source = image(20 + n, (SIDE, SIDE))
+        (root / "annotation_images" / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(source).save(root / "annotation_images" / path)
+        for method, seed in METHODS.items():
+            if (method, key) == MISSING:
+                continue
+            strip = np.concatenate([np.full((SIDE, SIDE, 3), 255, np.uint8), source, edited(source, seed),
+                                    edited(source, seed + 100 + n)], axis=1)
+            target = outputs / method / "annotation_images" / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(strip).save(target)
+    (root / "mapping_file.json").write_text(json.dumps(mapping))
+    small_vit().save_pretrained(base / "dino")
+    clip = base / "clip"
+    small_clip().save_pretrained(clip)
+    clip_tokenizer().save_pretrained(clip)
+    return root, outputs, base / "dino", clip
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def expected_rows(root: Path, outputs: Path, dino: Path, clip: Path) -> dict:
+    from transformers import CLIPModel, ViTModel
+
+    vit = ViTModel.from_pretrained(dino, add_pooling_layer=False).eval()
+    clip_model = CLIPModel.from_pretrained(clip).eval()
+    tokenizer = clip_tokenizer()
+    rows = {}
+    for key, (path, kind, prompt, runs) in SAMPLES.items():
+        source = _read(root / "annotation_images" / path)
+        mask = ref.decode(runs, SIDE, SIDE)
+        text = prompt.replace("[", "").replace("]", "")
+        for method in METHODS:
+            if (method, key) == MISSING:
+                continue
+            edit = _read(outputs / method / "annotation_images" / path)[:, -SIDE:]
+            rows[key, method] = {
+                "editing_type_id": kind,
+                "structure_distance": ref.structure_distance(vit, source, edit, layer=1, eps=1e-6),
+                "psnr_unedited": ref.psnr(source, edit, mask),
+                "mse_unedited": ref.mse(source, edit, mask),
+                "ssim_unedited": ref.ssim(source, edit, mask),
+                "clip_whole": ref.clip_score(clip_model, tokenizer, edit, text),
+                "clip_edited": ref.clip_score(clip_model, tokenizer, edit, text, mask),
+            }
+    return rows
+
+
+TOLERANCE = {"structure_distance": dict(rel=1e-4), "psnr_unedited": dict(abs=1e-4), "mse_unedited": dict(rel=1e-5),
+             "ssim_unedited": dict(abs=2e-5), "clip_whole": dict(abs=1e-4), "clip_edited": dict(abs=1e-4)}
+
+
+@pytest.fixture(scope="module")
+def scored(bench, tmp_path_factory):
+    root, outputs, dino, clip = bench
+    out = tmp_path_factory.mktemp("scores")
+    result = score_folder(root, outputs, dino=str(dino), clip=str(clip), lpips="none", device="cpu",
+                          csv_path=out / "rows.csv", markdown_path=out / "summary.md", tensorboard_dir=out / "tb")
+    return result, out
+
+
+def test_csv_rows_are_the_evaluators_formulas(bench, scored):
+    result, out = scored
+    with open(out / "rows.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["id", "method", "editing_type_id", *METRICS]
+    expected = expected_rows(*bench)
+    assert {(r["id"], r["method"]) for r in rows} == set(expected)  # the missing output is not a row
+    for row in rows:
+        want = expected[row["id"], row["method"]]
+        assert row["editing_type_id"] == want["editing_type_id"]
+        assert row["lpips_unedited"] == "n/a"
+        for metric, tolerance in TOLERANCE.items():
+            if math.isnan(want[metric]):
+                assert row[metric] == "nan", (row["id"], metric)
+            else:
+                assert float(row[metric]) == pytest.approx(want[metric], **tolerance), (row["id"], metric)
+    assert sum(r["psnr_unedited"] == "nan" for r in rows) == 2  # the style edit, for both methods
+    assert result.missing == {"ddim+p2p": [], "null-text-inversion+p2p": ["211000000000"]}
+
+
+def test_summary_in_paper_units_without_nan_rows(scored):
+    result, out = scored
+    with open(out / "rows.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        for group in ["all", *sorted({r["editing_type_id"] for r in mine})]:
+            members = [r for r in mine if group in ("all", r["editing_type_id"])]
+            for metric in METRICS:
+                mean = result.summary[method][group][metric]
+                if metric == "lpips_unedited":
+                    assert mean is None
+                    continue
+                values = [float(r[metric]) for r in members if r[metric] != "nan"]
+                assert mean.count == len(values) and mean.nan == len(members) - len(values)
+                if values:
+                    assert mean.mean == pytest.approx(np.mean(values) * PAPER_SCALE[metric], rel=1e-12)
+                else:
+                    assert math.isnan(mean.mean)
+        overall = result.summary[method]["all"]
+        assert overall["psnr_unedited"].nan == 1 and overall["structure_distance"].nan == 0
+    assert result.summary["null-text-inversion+p2p"]["all"]["clip_whole"].count == 3
+    markdown = (out / "summary.md").read_text()
+    assert markdown == result.markdown
+    assert "| ddim+p2p | 4 |" in markdown and "| null-text-inversion+p2p | 3 |" in markdown
+    assert "9 change style" in markdown and "LPIPS x10^3: n/a, turned off" in markdown
+    assert "1 image without an output" in markdown and "211000000000" in markdown
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
+
+
+def test_edit_panel_is_the_last_square():
+    strip = np.arange(4 * 16 * 3, dtype=np.uint8).reshape(4, 16, 3)
+    np.testing.assert_array_equal(np.asarray(edit_panel(Image.fromarray(strip))), strip[:, -4:])
+    square = Image.fromarray(strip[:, :4])
+    assert edit_panel(square) is square
+    with pytest.raises(BenchmarkError, match="sample 7"):
+        edit_panel(Image.fromarray(strip.transpose(1, 0, 2).copy()), sample="7")
+
+
+def test_the_command(bench, tmp_path, capsys):
+    root, outputs, dino, clip = bench
+    main(["--score", str(outputs), "--bench.root", str(root), "--bench.dino", str(dino), "--bench.clip", "none",
+          "--bench.lpips", "none", "--bench.device", "cpu", "--bench.methods", "ddim+p2p", "--bench.edit_types", "0,9",
+          "--bench.output", str(tmp_path / "b.csv"), "--bench.summary", str(tmp_path / "b.md")])
+    printed = capsys.readouterr().out
+    assert "| ddim+p2p | 2 |" in printed and "written:" in printed
+    rows = list(csv.DictReader(open(tmp_path / "b.csv", newline="")))
+    assert [(r["id"], r["clip_whole"]) for r in rows] == [("000000000000", "n/a"), ("900000000000", "n/a")]
+    assert "bench" in help_text()
+
+
+def nti(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    code = "from nti_lightning.cli import main; main()"
+    env = {k: v for k, v in os.environ.items() if k != "NTI_DEBUG"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_user_mistakes_are_one_error_line(bench, tmp_path):
+    root, outputs, _, _ = bench
+    result = nti("bench", "--score", str(outputs), "--bench.root", str(tmp_path), cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("nti: error:")]
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "Traceback" not in result.stderr and len(lines) == 1 and "mapping_file.json" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--score", "{tmp}/nope", "--bench.root", "{root}"], "nope"),
+    (["--bench.root", "{root}"], "--score"),
+    (["--score", "{outputs}", "--bench.root", "{root}", "--bench.methods", "pix2pix"], "pix2pix"),
+    (["--score", "{outputs}", "--bench.root", "{root}", "--bench.nonsense", "1"], "--bench.nonsense"),
+    (["--score", "{outputs}", "--bench.root", "{root}", "--bench.edit_types", "12"], "editing_type_id in 12"),
+    (["--score", "{outputs}", "--bench.root", "{root}", "--bench.device", "tpu-ish"], "bench.device 'tpu-ish'"),
+])
+def test_user_mistakes_are_nti_errors(bench, tmp_path, args, culprit):
+    root, outputs, _, _ = bench
+    args = [a.format(tmp=tmp_path, root=root, outputs=outputs) for a in args]
+    with pytest.raises(NtiError, match=re.escape(culprit)):
+        main(args + ["--bench.dino", "none", "--bench.clip", "none", "--bench.lpips", "none"])
+
+
+def test_a_damaged_mask_names_its_sample(bench, tmp_path):
+    root, outputs, _, _ = bench
+    damaged = tmp_path / "root"
+    shutil.copytree(root, damaged)
+    mapping = json.loads((damaged / "mapping_file.json").read_text())
+    mapping["111000000000"]["mask"] = [5, 3, 7]
+    (damaged / "mapping_file.json").write_text(json.dumps(mapping))
+    with pytest.raises(BenchmarkError, match="sample 111000000000: the mask has 3 entries"):
+        score_folder(damaged, outputs, dino="none", clip="none", lpips="none", device="cpu")
