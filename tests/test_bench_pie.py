@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT, random_image
 from nti_lightning import Inversion
-from nti_lightning.bench.pie import BenchmarkFileError, benchmark_edit, read_mapping, strip_brackets
+from nti_lightning.bench.pie import benchmark_edit, read_mapping, strip_brackets
+from nti_lightning.errors import BenchmarkError
 from nti_lightning.cli import main
 from nti_lightning.editing.specs import EditSpec
 
@@ -54,7 +55,7 @@ def test_the_mapping_file_reads_as_samples_and_reasons(tmp_path):
     assert "missing editing_prompt, editing_type_id, blended_word, mask" in reasons["100000000003"]
     assert strip_brackets("[a] b [c d]") == "a b c d"
     (tmp_path / "list.json").write_text("[1, 2]")
-    with pytest.raises(BenchmarkFileError, match="list.json: a mapping file is a JSON object keyed by sample id"):
+    with pytest.raises(BenchmarkError, match="list.json: a mapping file is a JSON object keyed by sample id"):
         read_mapping(tmp_path / "list.json")
 
 
@@ -71,7 +72,7 @@ def test_the_benchmarks_edit_settings(tmp_path):
     assert plain["kind"] == "refine" and plain["options"] == {"cross_replace_steps": 0.8, "self_replace_steps": 0.6}
     for made in (spec, plain):
         EditSpec.from_dict(made, made["id"])  # what nti predict accepts
-    with pytest.raises(BenchmarkFileError, match="unknown benchmark edit setting"):
+    with pytest.raises(BenchmarkError, match="unknown benchmark edit setting"):
         benchmark_edit(cat, "x", {"cross_steps": 1})
 
 

@@ -26,6 +26,8 @@ from PIL import Image
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from nti_lightning.bench.pie import strip_brackets  # noqa: F401  (re-exported: the evaluator strips prompts so)
+
 #: The metrics, in the order of the paper's table (and of the CSV's columns).
 METRICS = (
     "structure_distance",
@@ -56,15 +58,6 @@ def as_array(image: ImageLike) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a (height, width, 3) uint8 image, got {image.dtype} {image.shape}")
     return image
-
-
-def strip_brackets(prompt: str) -> str:
-    """The prompt without PIE-Bench's `[` `]` around the changed words (the evaluator drops both).
-
-    Args:
-        prompt (`str`): a prompt of `mapping_file.json`.
-    """
-    return prompt.replace("[", "").replace("]", "")
 
 
 # --------------------------------------------------------------------------- unedited region

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from nti_lightning.errors import NtiError, unsafe_id_reason
+from nti_lightning.errors import BenchmarkError, unsafe_id_reason
 
 #: `editing_type_id` -> the edit type's name.
 EDIT_TYPES = {
@@ -49,10 +49,6 @@ BENCHMARK_OPTIONS: dict[str, Any] = {
 
 #: The fields every entry must have.
 REQUIRED = ("image_path", "original_prompt", "editing_prompt", "editing_type_id", "blended_word", "mask")
-
-
-class BenchmarkFileError(NtiError, ValueError):
-    """The mapping file itself cannot be read; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -94,16 +90,16 @@ def is_mapping_file(path: str | Path) -> bool:
 
 def read_mapping(path: str | Path) -> tuple[list[BenchSample], list[tuple[str, str]]]:
     """The samples of a mapping file, in its order, and `(id, reason)` for the entries that cannot
-    be used. Raises `BenchmarkFileError` when the file is missing, not JSON or not an object of entries."""
+    be used. Raises `BenchmarkError` when the file is missing, not JSON or not an object of entries."""
     path = Path(path)
     if not path.is_file():
-        raise BenchmarkFileError(f"{path}: mapping file not found")
+        raise BenchmarkError(f"{path}: mapping file not found")
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BenchmarkFileError(f"{path}: not a JSON file ({error})") from error
+        raise BenchmarkError(f"{path}: not a JSON file ({error})") from error
     if not isinstance(entries, dict):
-        raise BenchmarkFileError(f"{path}: a mapping file is a JSON object keyed by sample id, got {type(entries).__name__}")
+        raise BenchmarkError(f"{path}: a mapping file is a JSON object keyed by sample id, got {type(entries).__name__}")
     images = path.parent / "annotation_images"
     samples, failures = [], []
     for key, entry in entries.items():
@@ -160,7 +156,7 @@ def benchmark_edit(sample: BenchSample, artifact: str | Path, overrides: Optiona
     settings = {**BENCHMARK_OPTIONS, **(overrides or {})}
     unknown = sorted(set(settings) - set(BENCHMARK_OPTIONS))
     if unknown:
-        raise BenchmarkFileError(f"unknown benchmark edit setting(s) {unknown}; expected some of {sorted(BENCHMARK_OPTIONS)}")
+        raise BenchmarkError(f"unknown benchmark edit setting(s) {unknown}; expected some of {sorted(BENCHMARK_OPTIONS)}")
     options: dict[str, Any] = {
         "cross_replace_steps": settings["cross_replace_steps"],
         "self_replace_steps": settings["self_replace_steps"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from nti_lightning.bench.masks import decode_mask
+from nti_lightning.bench.pie import BenchSample, read_mapping
 from nti_lightning.bench.metrics import (
     METRICS,
     as_array,
@@ -32,7 +32,6 @@ from nti_lightning.bench.metrics import (
     mse_unedited,
     psnr_unedited,
     ssim_unedited,
-    strip_brackets,
     structure_distance,
 )
 from nti_lightning.bench.summary import Summary, log_tensorboard, markdown_summary, summarize
@@ -46,54 +45,24 @@ IMAGES = "annotation_images"
 COLUMNS = ("id", "method", "editing_type_id", *METRICS)
 
 
-@dataclass(frozen=True)
-class BenchSample:
-    """One entry of `mapping_file.json`.
-
-    Attributes:
-        id (`str`): the 12-digit key.
-        image_path (`str`): relative to `annotation_images/` (and to each method's folder).
-        editing_type_id (`str`): "0".."9".
-        editing_prompt (`str`): the target prompt, `[` `]` removed.
-        mask (`list[int]`): the run-length mask (`masks.decode_mask`).
-    """
-
-    id: str
-    image_path: str
-    editing_type_id: str
-    editing_prompt: str
-    mask: list
-
-
 def read_samples(root: Union[str, Path], edit_types: Optional[Sequence[str]] = None) -> list[BenchSample]:
-    """The samples of `root/mapping_file.json`, in the file's order.
+    """The samples of `root/mapping_file.json` (`pie.read_mapping`), in the file's order.
 
     Args:
         root (`str` or `Path`): the benchmark folder.
         edit_types (`Sequence[str]`, *optional*): keep only these `editing_type_id`s.
 
     Raises:
-        `InputNotFoundError`: no mapping file; `BenchmarkError`: it is not the benchmark's JSON.
+        `InputNotFoundError`: no mapping file; `BenchmarkError`: it is not the benchmark's JSON, or
+        an entry cannot be scored (the benchmark's own annotations must all be usable).
     """
     path = Path(root) / MAPPING_FILE
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no PIE-Bench mapping file (bench.root must be the folder holding {MAPPING_FILE} and {IMAGES}/)")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise BenchmarkError(f"{path}: cannot read it as JSON ({error})") from error
-    if not isinstance(entries, dict):
-        raise BenchmarkError(f"{path}: expected a JSON object keyed by image id")
-    samples = []
-    for key, entry in entries.items():
-        try:
-            sample = BenchSample(str(key), str(entry["image_path"]), str(entry["editing_type_id"]),
-                                 strip_brackets(str(entry["editing_prompt"])), list(entry["mask"]))
-        except (KeyError, TypeError) as error:
-            raise BenchmarkError(f"{path}: sample {key}: missing or malformed field {error}") from error
-        if edit_types is None or sample.editing_type_id in edit_types:
-            samples.append(sample)
-    return samples
+    samples, unusable = read_mapping(path)
+    if unusable:
+        raise BenchmarkError("; ".join(reason for _, reason in unusable[:3]) + (f" (and {len(unusable) - 3} more)" if len(unusable) > 3 else ""))
+    return [sample for sample in samples if edit_types is None or sample.editing_type_id in edit_types]
 
 
 def _open(path: Path, what: str) -> Image.Image:

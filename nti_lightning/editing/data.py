@@ -15,8 +15,8 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from nti_lightning.bench.pie import BenchmarkFileError, benchmark_edit, read_mapping
-from nti_lightning.errors import InputNotFoundError, OptionError, unsafe_id_reason
+from nti_lightning.bench.pie import benchmark_edit, read_mapping
+from nti_lightning.errors import BenchmarkError, InputNotFoundError, OptionError, unsafe_id_reason
 
 #: Characters kept in ids (they become file names).
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -121,7 +121,7 @@ def benchmark_items(mapping_file: Optional[str], inversions: str, options: dict[
         return []
     try:
         samples, unusable = read_mapping(mapping_file)
-    except BenchmarkFileError as error:
+    except BenchmarkError as error:
         raise InputNotFoundError(str(error)) if not Path(mapping_file).is_file() else OptionError(str(error)) from error
     items = [{"id": key, "where": mapping_file, "spec": None, "error": reason} for key, reason in unusable]
     for sample in samples:
