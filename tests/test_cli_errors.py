@@ -229,7 +229,8 @@ def test_a_write_failure_is_named_and_keeps_what_was_written(tmp_path, monkeypat
     assert f"nti: error: {Path('out') / 'p1.safetensors'}: cannot write (No space left on device)" in err
     assert "Traceback" not in err
     assert Inversion.load(tmp_path / "out" / "p0.safetensors").prompt == "a photo"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.png", "p0.safetensors"]  # no temp, no lock
+    # no temporary file, no lock; the run's config beside the artifact
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml", "p0.png", "p0.safetensors"]
 
 
 def test_an_inversion_is_refused_by_a_model_with_other_weights(tmp_path, images, caplog):
