@@ -93,7 +93,7 @@ COMMANDS = {
     "predict": "edit inversions with Prompt-to-Prompt (replace, refine, reweight, local blend)",
     "report": "put the reports of several fit runs in one table",
     "train-demo": "train the built-in `shapes` demo model",
-    "bench": "score a folder of PIE-Bench outputs: nti bench --score DIR --bench.root PIE_ROOT",
+    "bench": "PIE-Bench end to end (nti bench --config FILE), or score a folder of outputs (--score DIR)",
 }
 
 USAGE = "usage: nti {" + ",".join(COMMANDS) + "} [options]"
@@ -126,7 +126,10 @@ def _run(args: list[str], given: Optional[list[str]]) -> int:
         train_demo_main(args[1:])
         return EXIT_OK
     if args and args[0] == "bench":
-        from nti_lightning.bench.score import main as bench_main
+        if "--score" in args[1:]:
+            from nti_lightning.bench.score import main as bench_main
+        else:
+            from nti_lightning.bench.run import main as bench_main
 
         bench_main(args[1:])
         return EXIT_OK

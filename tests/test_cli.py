@@ -8,7 +8,10 @@ from nti_lightning import Inversion
 from nti_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "tests" / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "tests" / "configs").glob("*.yaml"))
+#: `nti bench` configs (their own format); every other config is a LightningCLI's.
+BENCH_CONFIGS = [config for config in ALL_CONFIGS if config.stem in ("bench_demo", "pie_bench") or config.stem.startswith("bench_")]
+CONFIGS = [config for config in ALL_CONFIGS if config not in BENCH_CONFIGS]
 
 
 def subcommand(config: Path) -> str:
@@ -22,6 +25,14 @@ def test_every_config_parses(config, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model:" in printed and "trainer:" in printed
+
+
+@pytest.mark.parametrize("config", BENCH_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_bench_config_loads(config):
+    from nti_lightning.bench.run import BenchConfig
+
+    loaded = BenchConfig.load(config)
+    assert loaded.methods and loaded.model["pretrained"]
 
 
 def test_fit_writes_artifacts_grids_and_tensorboard(tmp_path, monkeypatch, images):

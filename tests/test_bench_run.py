@@ -1,0 +1,92 @@
+"""`nti bench --config`: the offline shapes benchmark inverted, edited and scored for several
+methods on the tiny model, in PIE-Bench's layout, and a rerun that redoes nothing finished."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT
+from nti_lightning.bench.masks import decode_mask
+from nti_lightning.bench.pie import read_mapping
+from nti_lightning.bench.shapes_set import write_shapes_bench
+from nti_lightning.cli import main
+from nti_lightning.demo.shapes import heldout_samples
+from nti_lightning.errors import OptionError
+
+
+def test_the_offline_benchmark_is_pie_bench_shaped(tmp_path):
+    samples, failures = read_mapping(write_shapes_bench(tmp_path, 6, start=3))
+    assert not failures and [s.editing_type_id for s in samples] == ["6", "1", "8"] * 2
+    for sample, source in zip(samples, heldout_samples(6, start=3)):
+        assert sample.original_prompt == source.caption and sample.image.is_file()
+        mask = decode_mask(sample.mask, (32, 32), sample=sample.id)
+        shape = source.coverage > 0.5
+        inner = np.zeros_like(shape)
+        inner[1:-1, 1:-1] = True  # the border is the benchmark's: always 1
+        if sample.editing_type_id == "6":  # recolour: the shape exactly
+            assert np.array_equal(mask[inner], shape[inner]) and sample.blended_word == (source.shape, source.shape)
+        elif sample.editing_type_id == "8":  # background: all but the shape
+            assert np.array_equal(mask[inner], ~shape[inner]) and sample.blended_word == ("background", "background")
+        else:  # another shape: the shape and its box
+            assert mask[shape].all() and sample.blended_word[0] == source.shape != sample.blended_word[1]
+        assert sample.editing_prompt != sample.original_prompt
+
+
+def test_bench_inverts_edits_scores_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["nti"])
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump({
+        "root": "pie", "demo_samples": 3, "methods": ["ddim", "null_text", "direct"], "output_dir": "out", "batch_size": 2,
+        "model": {"pretrained": "tiny", "num_inference_steps": 4, "num_inner_steps": 2},
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False},
+        "score": {"dino": "none", "clip": "none", "lpips": "none", "device": "cpu"},
+    }))
+    main(["bench", "--config", str(config)])
+    samples, _ = read_mapping(tmp_path / "pie" / "mapping_file.json")
+    out = tmp_path / "out"
+    files = {}
+    for method in ("ddim", "null_text", "direct"):
+        for sample in samples:
+            strip = out / method / "annotation_images" / sample.image_path
+            assert strip.is_file() and (out / method / "inversions" / f"{sample.id}.safetensors").is_file()
+            files[strip] = strip.stat().st_mtime_ns
+            artifact = out / method / "inversions" / f"{sample.id}.safetensors"
+            files[artifact] = artifact.stat().st_mtime_ns
+    with (out / "pie_bench.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((row["method"], row["id"]) for row in rows) == sorted((m, s.id) for m in ("ddim", "null_text", "direct") for s in samples)
+    assert all(float(row["psnr_unedited"]) > 0 for row in rows)
+    summary = (out / "pie_bench.md").read_text()
+    assert "null_text" in summary and "direct" in summary and "n/a" in summary  # DINO and CLIP: no weights here
+
+    # as if killed before the last strip of one method and an artifact of another were written
+    lost_strip = out / "direct" / "annotation_images" / samples[-1].image_path
+    lost_artifact = out / "ddim" / "inversions" / f"{samples[0].id}.safetensors"
+    lost_strip.unlink()
+    lost_artifact.unlink()
+    main(["bench", "--config", str(config)])
+    for path, stamp in files.items():
+        if path not in (lost_strip, lost_artifact):
+            assert path.stat().st_mtime_ns == stamp, path  # finished work is not redone
+    assert lost_strip.is_file() and lost_artifact.is_file()
+
+
+def test_bench_config_mistakes_are_named(tmp_path):
+    config = tmp_path / "bench.yaml"
+    config.write_text("methods: [null_text, magic]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--config", str(config)])
+    assert exit_info.value.code == 2
+    from nti_lightning.bench.run import BenchConfig
+
+    with pytest.raises(OptionError, match=r"bench.yaml: methods \['magic'\] not among"):
+        BenchConfig.load(config)
+    config.write_text("rooot: x\n")
+    with pytest.raises(OptionError, match=r"unknown key\(s\) \['rooot'\]"):
+        BenchConfig.load(config)
