@@ -1,5 +1,6 @@
 """The `nti` command: `nti fit` inverts images, `nti predict` edits inversions, `nti report`
-puts the reports of several runs in one table, `nti train-demo` trains the built-in demo model.
+puts the reports of several runs in one table, `nti train-demo` trains the built-in demo model,
+`nti app` serves an editor in the browser.
 
 `fit` and `predict` are `LightningCLI`s, so every argument of the module, the data module and the Trainer
 can come from YAML (`--config`), the command line, or both; `--print_config` shows the result.
@@ -92,6 +93,7 @@ COMMANDS = {
     "predict": "edit inversions with Prompt-to-Prompt (replace, refine, reweight, local blend)",
     "report": "put the reports of several fit runs in one table",
     "train-demo": "train the built-in `shapes` demo model",
+    "app": "invert a photo once and edit it live in the browser (needs the [app] extra: Gradio)",
 }
 
 USAGE = "usage: nti {" + ",".join(COMMANDS) + "} [options]"
@@ -122,6 +124,11 @@ def _run(args: list[str], given: Optional[list[str]]) -> int:
         from nti_lightning.demo.train import main as train_demo_main
 
         train_demo_main(args[1:])
+        return EXIT_OK
+    if args and args[0] == "app":
+        from nti_lightning.app.cli import main as app_main
+
+        app_main(args[1:])
         return EXIT_OK
     if args and args[0] == "report":
         from nti_lightning.inversion.dataset_report import main as report_main
