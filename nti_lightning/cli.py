@@ -91,9 +91,9 @@ def main(args: Optional[list[str]] = None) -> None:
 COMMANDS = {
     "fit": "invert images (one, a list, a folder or a manifest) into .safetensors inversions",
     "predict": "edit inversions with Prompt-to-Prompt (replace, refine, reweight, local blend)",
+    "app": "invert a photo once and edit it live in the browser (needs the [app] extra: Gradio)",
     "report": "put the reports of several fit runs in one table",
     "train-demo": "train the built-in `shapes` demo model",
-    "app": "invert a photo once and edit it live in the browser (needs the [app] extra: Gradio)",
 }
 
 USAGE = "usage: nti {" + ",".join(COMMANDS) + "} [options]"

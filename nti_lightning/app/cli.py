@@ -99,13 +99,14 @@ def example_image(folder: Path) -> str:
     return str(path)
 
 
-def build(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any:
-    """Loads the model and returns the page's Blocks, queue set up, for `args` (`parser()`'s)."""
+def make_page(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any:
+    """Loads the model and returns the `Page` (its `Editor` at `.editor`) for `args` (`parser()`'s)."""
     require_gradio()
     from nti_lightning.app.cache import InversionCache
     from nti_lightning.app.editor import Editor
     from nti_lightning.app.layout import Page
     from nti_lightning.app.requests import EditRequest, InversionSettings
+    from nti_lightning.inversion.atomic import ensure_folder
     from nti_lightning.models.loading import load_pipeline
 
     settings = InversionSettings(args.method, args.steps, args.guidance_scale, args.inner_steps, args.epsilon, args.learning_rate).checked()
@@ -114,9 +115,14 @@ def build(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any:
     cache = InversionCache(args.cache_dir)
     pipeline = load_pipeline(args.pretrained).to(device)
     editor = Editor(pipeline, cache, precision=args.precision, accelerator=accelerator, defaults=settings)
-    downloads = downloads or Path(tempfile.mkdtemp(prefix="nti-app-"))
-    page = Page(editor, edit_defaults, example=(example_image(downloads), EXAMPLE_PROMPT), downloads=downloads)
-    return page.build().queue(default_concurrency_limit=1, max_size=args.max_queue)
+    downloads = ensure_folder(downloads) if downloads else Path(tempfile.mkdtemp(prefix="nti-app-"))
+    return Page(editor, edit_defaults, example=(example_image(downloads), EXAMPLE_PROMPT), downloads=downloads)
+
+
+def build(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any:
+    """`make_page(args)`'s Blocks with the queue set up: one model call at a time, at most
+    `--max-queue` waiting."""
+    return make_page(args, downloads).build().queue(default_concurrency_limit=1, max_size=args.max_queue)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

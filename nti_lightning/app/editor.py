@@ -33,6 +33,8 @@ from nti_lightning.models.pipelines import Pipeline
 from nti_lightning.training.module import METHODS
 from nti_lightning.training.progress import WalkProgress
 
+#: Tokens per row of the cross-attention picture (a squarer picture than one long row).
+ATTENTION_COLUMNS = 4
 #: Largest image accepted, in pixels (its size is read before it is decoded).
 MAX_PIXELS = 100_000_000
 #: Largest inversion file accepted, in bytes (an SDXL file at T = 50 is about 16 MB).
@@ -222,7 +224,7 @@ class Editor:
         with self.lock, torch.no_grad():
             latents = edit_latents(self.pipeline, inversion, prompts, controller=controller, guidance_scale=w, attention_store=store)
             edits = [to_pil(image) for image in vae_codec.decode(self.pipeline.vae, latents[1:])]
-        attention = cross_attention_picture(store, tokenizer, prompts[0])
+        attention = cross_attention_picture(store, tokenizer, prompts[0], columns=ATTENTION_COLUMNS)
         grid = labelled_grid([entry.input_image, entry.reconstruction, *edits], ["input", "reconstruction", *prompts[1:]])
         kind = request.resolved_kind(inversion.prompt) + (" + reweight" if request.reweights else "")
         return EditResult(kind, prompts, edits, grid, attention, time.perf_counter() - started)

@@ -40,6 +40,9 @@ DISPLAY_SIDE = 256
 MODEL_QUEUE = "model"
 METHOD_NAMES = {"null_text": "Null-text", "negative_prompt": "negative prompt", "ddim": "DDIM"}
 
+#: Small pictures are enlarged by the browser pixel for pixel, not blurred.
+CSS = "#image img, #inversion img, #results img { image-rendering: pixelated; } #image img { height: 192px; width: auto; }"
+
 DESCRIPTION = """# Null-text Inversion editor
 Invert a photo once (the slow part), then edit it with Prompt-to-Prompt as often as you like.
 Inversions are kept on disk: the same image, prompt, model and settings are never inverted twice."""
@@ -152,6 +155,9 @@ class Page:
         progress(0.0, desc="preparing")
 
         def on_progress(walk: WalkProgress) -> None:
+            if walk.stage == "pivot":
+                progress(0.0, desc=f"DDIM inversion (the pivot, {walk.num_steps} steps)")
+                return
             progress(
                 walk.fraction,
                 desc=f"step {walk.step + 1}/{walk.num_steps}, t = {walk.timestep}, iteration {walk.iteration}/{walk.num_inner_steps}",
@@ -209,6 +215,7 @@ class Page:
         """The Blocks of the page (queue set up; call `.launch()`)."""
         defaults, edit_defaults = self.editor.defaults, self.edit_defaults
         with gr.Blocks(title="nti-lightning editor", analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as blocks:
+            gr.HTML(f"<style>{CSS}</style>", padding=False)
             gr.Markdown(DESCRIPTION)
             key = gr.State(None)
             with gr.Row():
@@ -237,7 +244,7 @@ class Page:
                     download = gr.File(label="Inversion (.safetensors)", interactive=False, elem_id="download")
             gr.Markdown("## Edit")
             with gr.Row():
-                with gr.Column():
+                with gr.Column(scale=2):
                     targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets",
                                          placeholder="the source prompt with words changed, e.g. a blue circle on a green background")
                     with gr.Row():
@@ -250,8 +257,8 @@ class Page:
                                        elem_id="blend")
                     edit_w = gr.Slider(1, 15, value=defaults.guidance_scale, step=0.5, label="Guidance scale (w)")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
-                with gr.Column():
-                    results = gr.Gallery(label="Edits", columns=2, format="png", object_fit="contain", elem_id="results")
+                with gr.Column(scale=3):
+                    results = gr.Gallery(label="Edits", columns=3, format="png", object_fit="contain", elem_id="results")
                     files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="files")
 
             inversion_outputs = [key, inversion_gallery, status, download]

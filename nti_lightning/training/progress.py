@@ -215,6 +215,8 @@ class WalkProgress:
         iteration (`int`): inner iterations done so far at that step.
         num_inner_steps (`int`): N (1 for the methods without optimisation).
         fraction (`float`): the share of the run's steps done, from 0 to 1.
+        stage (`str`): "pivot" when the walk starts (the DDIM inversion of the first images is
+            being computed: T UNet calls), "walk" after each inner iteration.
     """
 
     images_done: int
@@ -225,11 +227,12 @@ class WalkProgress:
     iteration: int
     num_inner_steps: int
     fraction: float
+    stage: str = "walk"
 
 
 class ProgressHook(pl.Callback):
-    """Calls `report(WalkProgress)` when the walk starts and after every training batch (one inner
-    iteration). An exception raised by `report` stops the run: `invert` raises it, having written
+    """Calls `report(WalkProgress)` when the walk starts (before the pivot) and after every training
+    batch (one inner iteration). An exception raised by `report` stops the run: `invert` raises it, having written
     nothing (with `output_dir`, the artifacts of images finished before it are kept), so a front
     end can cancel a run from its own thread by raising in `report`.
     """
@@ -261,4 +264,5 @@ def walk_progress(trainer: pl.Trainer, pl_module: Any, batch: Optional[dict[str,
     share = sum(min(1.0, (s + i / inner) / steps) for s, i in places)
     fraction = (done + share) / images if images else 0.0
     timestep = int(pl_module.schedule.timesteps[min(step, steps - 1)]) if pl_module.schedule is not None else 0
-    return WalkProgress(done, images, step, steps, timestep, iteration, inner, min(1.0, fraction))
+    stage = "pivot" if batch is None else "walk"
+    return WalkProgress(done, images, step, steps, timestep, iteration, inner, min(1.0, fraction), stage)
