@@ -47,6 +47,14 @@ def edit(session: Client, targets: str = BLUE_PROMPT, kind: str = "auto", reweig
     return session.predict(targets, kind, 0.8, 0.7, reweights, blend, 7.5, api_name="/edit")
 
 
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def cache_files(app) -> list[str]:
     return sorted(path.name for path in app.editor.cache.folder.iterdir())
 
@@ -92,7 +100,7 @@ def test_methods_side_by_side(app):
     invert(session)
     gallery, status, _ = invert(session, method="ddim")
     captions = [item["caption"] for item in gallery]
-    # The input, then every method cached for this image, prompt and settings, in METHODS order.
+    # The input, the method just run, then the others cached for this image, prompt and settings.
     assert captions[0] == "input" and captions[1].startswith("DDIM, ") and captions[2].startswith("Null-text, ")
     assert "**DDIM**" in status
 
@@ -137,6 +145,7 @@ def bad_files(folder: Path, other_model: Path) -> dict[str, Path]:
     return {"notes": notes, "tiny": tiny, "huge": huge, "corrupt": corrupt, "other_model": other_model}
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Gradio opens the upload too
 def test_bad_input_gets_a_message_and_the_app_keeps_serving(app, tmp_path, other_model_artifact):
     files = bad_files(tmp_path, other_model_artifact)
     fresh = client(app)
@@ -218,17 +227,17 @@ def test_two_clients_at_once_each_get_their_own_inversion(app, tmp_path):
     other_image = tmp_path / "other.png"
     other.image.save(other_image)
     first, second = client(app), client(app)
-    # Settings no test used before (and quick ones): both are real inversions, one queued behind the other.
-    jobs = [
-        first.submit(handle_file(str(DEMO_IMAGE)), DEMO_PROMPT, "null_text", 10, 5, 7.5, api_name="/invert"),
-        second.submit(handle_file(str(other_image)), other.caption, "null_text", 10, 5, 7.5, api_name="/invert"),
-    ]
+    # Settings no test used before (and quick ones): both are real inversions; the second is
+    # sent once the first runs, so it waits in the queue.
+    jobs = [first.submit(handle_file(str(DEMO_IMAGE)), DEMO_PROMPT, "null_text", 10, 5, 7.5, api_name="/invert")]
+    wait_until(lambda: jobs[0].status().code.name in ("PROGRESS", "PROCESSING"), "the first inversion to start")
+    jobs.append(second.submit(handle_file(str(other_image)), other.caption, "null_text", 10, 5, 7.5, api_name="/invert"))
     places = []
     while not all(job.done() for job in jobs):
         status = jobs[1].status()
         if status.code.name == "IN_QUEUE" and status.rank is not None:
             places.append(status.rank)
-        time.sleep(0.05)
+        time.sleep(0.02)
     results = [job.result() for job in jobs]
     print(f"\nsecond client's places in the queue: {sorted(set(places))}")
     assert places and min(places) == 0, "the waiting client sees its place in the queue"

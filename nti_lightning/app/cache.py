@@ -84,10 +84,11 @@ class InversionCache:
 
     Args:
         folder (`str` or `Path`): where the entries go (created when missing).
-        memory_items (`int`, defaults to 32): entries kept loaded for quick hits.
+        memory_items (`int`, defaults to 8): entries kept loaded for quick hits (an SDXL inversion
+            is about 16 MB).
     """
 
-    def __init__(self, folder: str | Path, memory_items: int = 32) -> None:
+    def __init__(self, folder: str | Path, memory_items: int = 8) -> None:
         self.folder = ensure_folder(Path(folder).expanduser())
         self.memory_items = memory_items
         self._memory: OrderedDict[str, CachedInversion] = OrderedDict()

@@ -23,8 +23,9 @@ from nti_lightning.errors import NtiError, OptionError
 
 #: Where inversions are kept unless `--cache-dir` says otherwise.
 DEFAULT_CACHE = "~/.cache/nti-lightning/app"
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+#: Largest upload the server takes (a 100-megapixel photo fits).
+MAX_UPLOAD = "300mb"
 #: The example offered on the page: the demo image of the README (held-out image 8 of `shapes`).
 EXAMPLE_PROMPT = "a red circle on a green background"
 EXAMPLE_INDEX = 8
@@ -42,6 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    from nti_lightning.training.callback import SUPPORTED_PRECISIONS
     from nti_lightning.training.module import METHODS
 
     p = _Parser(prog="nti app", description="Invert a photo once and edit it live in the browser (Gradio).")
@@ -57,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
                    help="edits: share of the steps with cross-attention replaced (default 0.8)")
     p.add_argument("--model.self_replace_steps", dest="self_replace_steps", type=float, default=0.4,
                    help="edits: share of the steps with self-attention replaced (default 0.4)")
-    p.add_argument("--trainer.precision", dest="precision", choices=PRECISIONS, default="32-true")
+    p.add_argument("--trainer.precision", dest="precision", choices=SUPPORTED_PRECISIONS, default="32-true",
+                   help="the inversion's precision, as in nti fit (16-mixed: CUDA only)")
     p.add_argument("--trainer.accelerator", dest="accelerator", choices=ACCELERATORS, default="auto",
                    help="where the model runs: auto (a GPU when there is one), cpu, gpu/cuda, mps")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
@@ -77,8 +80,8 @@ def require_gradio() -> Any:
     return gradio
 
 
-def device_for(accelerator: str) -> tuple[str, str]:
-    """(torch device, Lightning accelerator) for `--trainer.accelerator`."""
+def device_for(accelerator: str, precision: str = "32-true") -> tuple[str, str]:
+    """(torch device, Lightning accelerator) for `--trainer.accelerator` (and a precision it can run)."""
     import torch
 
     if accelerator == "auto":
@@ -87,6 +90,8 @@ def device_for(accelerator: str) -> tuple[str, str]:
         accelerator = "cuda"
     if accelerator == "cuda" and not torch.cuda.is_available():
         raise OptionError("--trainer.accelerator gpu: no CUDA device is available (use cpu or auto)")
+    if precision == "16-mixed" and accelerator != "cuda":
+        raise OptionError(f"--trainer.precision 16-mixed needs a CUDA device, not {accelerator}; use bf16-mixed or 32-true")
     return accelerator, accelerator
 
 
@@ -111,7 +116,7 @@ def make_page(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any
 
     settings = InversionSettings(args.method, args.steps, args.guidance_scale, args.inner_steps, args.epsilon, args.learning_rate).checked()
     edit_defaults = EditRequest.from_fields("-", "auto", args.cross_replace_steps, args.self_replace_steps)
-    device, accelerator = device_for(args.accelerator)
+    device, accelerator = device_for(args.accelerator, args.precision)
     cache = InversionCache(args.cache_dir)
     pipeline = load_pipeline(args.pretrained).to(device)
     editor = Editor(pipeline, cache, precision=args.precision, accelerator=accelerator, defaults=settings)
@@ -135,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     blocks = build(args)
     try:
         blocks.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
-                      prevent_thread_lock=True, quiet=True, footer_links=["api"])
+                      prevent_thread_lock=True, quiet=True, footer_links=["api"], max_file_size=MAX_UPLOAD)
     except OSError as error:  # the port is taken, the address is not this machine's
         raise OptionError(f"cannot serve on {args.host}:{args.port}: {error}") from None
     print(f"nti app: ready on http://{args.host}:{args.port} ({args.pretrained}, {time.perf_counter() - started:.1f} s)", flush=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,11 +48,13 @@ class Cancelled(NtiError):
 
 @dataclass(frozen=True)
 class InversionResult:
-    """What an inversion gives the page: the entry, whether the cache had it, and how long it took."""
+    """What an inversion gives the page: the entry, whether the cache had it, how long it took, and
+    the settings it was asked with (None for an uploaded file)."""
 
     entry: CachedInversion
     cached: bool
     seconds: float
+    settings: Optional[InversionSettings] = None
 
 
 @dataclass(frozen=True)
@@ -109,13 +112,18 @@ class Editor:
         """The image at `path` as the model sees it (RGB, centre square, model resolution)."""
         if not path:
             raise ImageError("no image: upload, drop or paste one (or pick the example)")
+        too_large = f"{Path(path).name}: {{}} is too large (at most {MAX_PIXELS // 1_000_000} megapixels)"
         try:
-            with Image.open(path) as probe:
-                width, height = probe.size
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # answered below
+                with Image.open(path) as probe:  # reads the header only
+                    width, height = probe.size
+        except Image.DecompressionBombError:
+            raise ImageError(too_large.format("the image")) from None
+        except (OSError, ValueError, SyntaxError):
             width = height = 0  # open_image names the problem
         if width * height > MAX_PIXELS:
-            raise ImageError(f"{Path(path).name}: {width}x{height} px is too large (at most {MAX_PIXELS // 1_000_000} megapixels)")
+            raise ImageError(too_large.format(f"{width}x{height} px"))
         return center_square(open_image(path), self.resolution)
 
     def key(self, image: Image.Image, prompt: str, settings: InversionSettings) -> str:
@@ -143,7 +151,7 @@ class Editor:
         key = self.key(image, prompt, settings)
         entry = self.cache.get(key)
         if entry is not None:
-            return InversionResult(entry, True, time.perf_counter() - started)
+            return InversionResult(entry, True, time.perf_counter() - started, settings)
 
         def report(progress: WalkProgress) -> None:
             if cancel is not None and cancel.is_set():
@@ -154,7 +162,7 @@ class Editor:
         with self.lock:
             entry = self.cache.get(key)  # made by another user while this one waited
             if entry is not None:
-                return InversionResult(entry, True, time.perf_counter() - started)
+                return InversionResult(entry, True, time.perf_counter() - started, settings)
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the inversion was cancelled")
             [inversion] = invert(
@@ -163,18 +171,18 @@ class Editor:
             )
             reconstruction = reconstruct(self.pipeline, inversion, guidance_scale=inversion.guidance_scale)
             entry = self.cache.put(key, inversion, image, reconstruction)
-        return InversionResult(entry, False, time.perf_counter() - started)
+        return InversionResult(entry, False, time.perf_counter() - started, settings)
 
-    def compare(self, path: str | Path, prompt: Optional[str], settings: Optional[InversionSettings] = None) -> list[CachedInversion]:
-        """The cached inversions of this image and prompt by every method, in `METHODS` order
-        (the other settings as given): the methods side by side, without inverting anything."""
-        settings = (settings or self.defaults).checked()
-        prompt, image = source_prompt(prompt), self.prepare_image(path)
+    def compare(self, result: InversionResult) -> list[CachedInversion]:
+        """The cached inversions of `result`'s image and prompt by every method, in `METHODS` order
+        (the other settings as `result`'s): the methods side by side, without inverting anything."""
+        if result.settings is None:
+            return [result.entry]
+        image, prompt = result.entry.input_image, result.entry.inversion.prompt
         entries = []
         for method in METHODS:
-            other = InversionSettings(method, *(getattr(settings, name) for name in
-                                                ("num_inference_steps", "guidance_scale", "num_inner_steps", "early_stop_epsilon", "learning_rate")))
-            entry = self.cache.get(self.key(image, prompt, other))
+            key = self.key(image, prompt, replace(result.settings, method=method))
+            entry = result.entry if key == result.entry.key else self.cache.get(key)
             if entry is not None:
                 entries.append(entry)
         return entries

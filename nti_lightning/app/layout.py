@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Pictures smaller than this (a side, in pixels) are enlarged for the page, pixel for pixel.
 DISPLAY_SIDE = 256
+#: Seconds the files offered for download are kept in the app's own folder.
+DOWNLOADS_KEPT_S = 3600
 #: Every model call shares this queue slot: one at a time on the accelerator.
 MODEL_QUEUE = "model"
 METHOD_NAMES = {"null_text": "Null-text", "negative_prompt": "negative prompt", "ddim": "DDIM"}
@@ -110,10 +113,20 @@ class Page:
             self._cancels[_session(request)] = event
         return event
 
+    def _folder(self) -> Path:
+        """A new folder for the files of one answer (Gradio copies them into its own cache, so
+        folders older than an hour are removed on the way)."""
+        for old in self.downloads.iterdir():
+            try:
+                if old.is_dir() and time.time() - old.stat().st_mtime > DOWNLOADS_KEPT_S:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        return Path(tempfile.mkdtemp(dir=self.downloads))
+
     def _offer(self, source: Path, name: str) -> str:
-        """A copy of `source` named `name` in a folder of its own, for the page to offer."""
-        folder = Path(tempfile.mkdtemp(dir=self.downloads))
-        return str(shutil.copyfile(source, folder / name))
+        """A copy of `source` named `name`, for the page to offer."""
+        return str(shutil.copyfile(source, self._folder() / name))
 
     def _offer_image(self, image: Image.Image, folder: Path, name: str) -> str:
         path = folder / name
@@ -122,7 +135,7 @@ class Page:
 
     def _inversion_outputs(self, entry: CachedInversion, others: list[CachedInversion], cached: bool, seconds: float) -> tuple:
         inversion = entry.inversion
-        entries = [entry] + [other for other in others if other.key != entry.key]
+        entries = [entry] + [other for other in others if other.key != entry.key]  # this method first
         gallery = [(display(entry.input_image), "input")]
         gallery += [(display(e.reconstruction), _reconstruction_label(e)) for e in entries]
         psnr = f", reconstruction PSNR **{entry.psnr:.2f} dB**" if entry.psnr is not None else ""
@@ -168,8 +181,7 @@ class Page:
         except Cancelled:
             gr.Warning("The inversion was cancelled; nothing of it was kept.")
             return gr.skip(), gr.skip(), "Inversion cancelled.", gr.skip()
-        others = self.editor.compare(image, prompt, settings)
-        return self._inversion_outputs(result.entry, others, result.cached, result.seconds)
+        return self._inversion_outputs(result.entry, self.editor.compare(result), result.cached, result.seconds)
 
     def cancel(self, request: gr.Request) -> None:
         """Stops the session's running inversion at its next inner iteration."""
@@ -204,7 +216,7 @@ class Page:
         gallery = [(result.grid, "input | reconstruction | edits")]
         gallery += [(display(image), target) for image, target in zip(result.edits, targets)]
         gallery.append((result.attention, f"cross-attention of '{result.prompts[0]}', per token"))
-        folder = Path(tempfile.mkdtemp(dir=self.downloads))
+        folder = self._folder()
         files = [self._offer_image(image, folder, f"{k + 1}-{slug(target)}.png") for k, (image, target) in enumerate(zip(result.edits, targets))]
         files += [self._offer_image(result.grid, folder, "grid.png"), self._offer_image(result.attention, folder, "attention.png")]
         note = f"**{result.kind.capitalize()}**, {len(targets)} edit(s) in {result.seconds:.2f} s"
