@@ -58,6 +58,8 @@ def running_app(cache_dir: Path, downloads: Path, *extra: str) -> Iterator[Runni
         "--model.num_inference_steps", str(STEPS), "--model.num_inner_steps", str(INNER_STEPS),
         "--model.self_replace_steps", str(SELF_REPLACE_STEPS), *extra,
     ])
+    from nti_lightning.app.layout import launch_options
+
     page = make_page(args, downloads)
     blocks = page.build().queue(default_concurrency_limit=1, max_size=args.max_queue)
     app = RunningApp("", page, blocks)
@@ -67,7 +69,7 @@ def running_app(cache_dir: Path, downloads: Path, *extra: str) -> Iterator[Runni
 
     hook = page.editor.pipeline.unet.register_forward_pre_hook(count)
     port = free_port()
-    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, **launch_options())
     app.url = f"http://127.0.0.1:{port}/"
     try:
         yield app

@@ -114,6 +114,7 @@ def test_edit_red_to_blue(app):
     assert captions == ["input | reconstruction | edits", BLUE_PROMPT, f"cross-attention of '{DEMO_PROMPT}', per token"]
     assert note.startswith("**Replace**")
     edited = np.asarray(Image.open(gallery[1]["image"]).convert("RGB"), dtype=np.float64)
+    assert edited.shape == (32, 32, 3)  # the model's own resolution, as shown and downloaded
     print(f"\nred -> blue through the API: {assert_recoloured(edited)}")
     names = [Path(path).name for path in files]
     assert names == ["1-a-blue-circle-on-a-green-background.png", "grid.png", "attention.png"]

@@ -68,6 +68,16 @@ class CachedInversion:
     path: Path
 
     @property
+    def input_path(self) -> Path:
+        """The input picture's PNG."""
+        return self.path.with_suffix(".input.png")
+
+    @property
+    def reconstruction_path(self) -> Path:
+        """The reconstruction's PNG."""
+        return self.path.with_suffix(".reconstruction.png")
+
+    @property
     def psnr(self) -> Optional[float]:
         """PSNR (dB) of the reconstruction against the input, when the inversion recorded it."""
         metrics = self.inversion.metadata.get("metrics") or {}

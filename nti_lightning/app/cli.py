@@ -24,8 +24,6 @@ from nti_lightning.errors import NtiError, OptionError
 #: Where inversions are kept unless `--cache-dir` says otherwise.
 DEFAULT_CACHE = "~/.cache/nti-lightning/app"
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-#: Largest upload the server takes (a 100-megapixel photo fits).
-MAX_UPLOAD = "300mb"
 #: The example offered on the page: the demo image of the README (held-out image 8 of `shapes`).
 EXAMPLE_PROMPT = "a red circle on a green background"
 EXAMPLE_INDEX = 8
@@ -138,9 +136,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine unasked
     started = time.perf_counter()
     blocks = build(args)
+    from nti_lightning.app.layout import launch_options
+
     try:
-        blocks.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
-                      prevent_thread_lock=True, quiet=True, footer_links=["api"], max_file_size=MAX_UPLOAD)
+        blocks.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True, **launch_options())
     except OSError as error:  # the port is taken, the address is not this machine's
         raise OptionError(f"cannot serve on {args.host}:{args.port}: {error}") from None
     print(f"nti app: ready on http://{args.host}:{args.port} ({args.pretrained}, {time.perf_counter() - started:.1f} s)", flush=True)

@@ -14,7 +14,6 @@ cache key). A user's mistake is shown as a message on the page (`gr.Error`), nev
 
 import functools
 import logging
-import math
 import re
 import shutil
 import tempfile
@@ -35,20 +34,28 @@ from nti_lightning.training.progress import WalkProgress
 
 log = logging.getLogger(__name__)
 
-#: Pictures smaller than this (a side, in pixels) are enlarged for the page, pixel for pixel.
-DISPLAY_SIDE = 256
 #: Seconds the files offered for download are kept in the app's own folder.
 DOWNLOADS_KEPT_S = 3600
+#: Largest upload the server takes (a 100-megapixel photo fits).
+MAX_UPLOAD = "300mb"
 #: Every model call shares this queue slot: one at a time on the accelerator.
 MODEL_QUEUE = "model"
 METHOD_NAMES = {"null_text": "Null-text", "negative_prompt": "negative prompt", "ddim": "DDIM"}
 
-#: Small pictures are enlarged by the browser pixel for pixel, not blurred.
-CSS = "#image img, #inversion img, #results img { image-rendering: pixelated; } #image img { height: 192px; width: auto; }"
+#: Pictures are shown at their own resolution, small ones (32 px with `shapes`) enlarged by the
+#: browser pixel for pixel, not blurred.
+CSS = "#image img, #inversion img, #results img { image-rendering: pixelated; } #image img { width: 192px !important; height: 192px !important; object-fit: contain; }"
 
 DESCRIPTION = """# Null-text Inversion editor
 Invert a photo once (the slow part), then edit it with Prompt-to-Prompt as often as you like.
 Inversions are kept on disk: the same image, prompt, model and settings are never inverted twice."""
+
+
+def launch_options() -> dict[str, Any]:
+    """`Blocks.launch` keywords of the app: the system's fonts (the page fetches nothing from the
+    internet), no server-side rendering process, Gradio's banner and analytics off."""
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    return {"theme": theme, "ssr_mode": False, "quiet": True, "footer_links": ["api"], "max_file_size": MAX_UPLOAD}
 
 
 def shown_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -68,12 +75,6 @@ def shown_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise gr.Error(f"unexpected error ({type(error).__name__}); the server's log has the details", print_exception=False) from None
 
     return handler
-
-
-def display(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
-    """`image` enlarged pixel for pixel until a side reaches `side` (small models' 32 px images)."""
-    scale = math.ceil(side / max(image.size)) if max(image.size) < side else 1
-    return image if scale == 1 else image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -136,8 +137,9 @@ class Page:
     def _inversion_outputs(self, entry: CachedInversion, others: list[CachedInversion], cached: bool, seconds: float) -> tuple:
         inversion = entry.inversion
         entries = [entry] + [other for other in others if other.key != entry.key]  # this method first
-        gallery = [(display(entry.input_image), "input")]
-        gallery += [(display(e.reconstruction), _reconstruction_label(e)) for e in entries]
+        # The cached files themselves: nothing to encode again on a cache hit.
+        gallery = [(str(entry.input_path), "input")]
+        gallery += [(str(e.reconstruction_path), _reconstruction_label(e)) for e in entries]
         psnr = f", reconstruction PSNR **{entry.psnr:.2f} dB**" if entry.psnr is not None else ""
         where = f"from the cache in {seconds:.2f} s" if cached else f"made in {seconds:.1f} s"
         status = (
@@ -214,7 +216,7 @@ class Page:
         result = self.editor.edit(key, request)
         targets = result.prompts[1:]
         gallery = [(result.grid, "input | reconstruction | edits")]
-        gallery += [(display(image), target) for image, target in zip(result.edits, targets)]
+        gallery += [(image, target) for image, target in zip(result.edits, targets)]
         gallery.append((result.attention, f"cross-attention of '{result.prompts[0]}', per token"))
         folder = self._folder()
         files = [self._offer_image(image, folder, f"{k + 1}-{slug(target)}.png") for k, (image, target) in enumerate(zip(result.edits, targets))]
