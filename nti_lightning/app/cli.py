@@ -113,7 +113,10 @@ def make_page(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any
     from nti_lightning.models.loading import load_pipeline
 
     settings = InversionSettings(args.method, args.steps, args.guidance_scale, args.inner_steps, args.epsilon, args.learning_rate).checked()
-    edit_defaults = EditRequest.from_fields("-", "auto", args.cross_replace_steps, args.self_replace_steps)
+    for name in ("cross_replace_steps", "self_replace_steps"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise OptionError(f"--model.{name} must be a fraction between 0 and 1, got {getattr(args, name)}")
+    edit_defaults = EditRequest(targets=[], cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps)
     device, accelerator = device_for(args.accelerator, args.precision)
     cache = InversionCache(args.cache_dir)
     pipeline = load_pipeline(args.pretrained).to(device)
