@@ -215,12 +215,13 @@ class Page:
         request = EditRequest.from_fields(targets, kind, cross_replace_steps, self_replace_steps, reweights, blend_words, guidance_scale)
         result = self.editor.edit(key, request)
         targets = result.prompts[1:]
-        gallery = [(result.grid, "input | reconstruction | edits")]
-        gallery += [(image, target) for image, target in zip(result.edits, targets)]
-        gallery.append((result.attention, f"cross-attention of '{result.prompts[0]}', per token"))
+        # Each picture is encoded once: the gallery shows the files offered for download.
         folder = self._folder()
-        files = [self._offer_image(image, folder, f"{k + 1}-{slug(target)}.png") for k, (image, target) in enumerate(zip(result.edits, targets))]
-        files += [self._offer_image(result.grid, folder, "grid.png"), self._offer_image(result.attention, folder, "attention.png")]
+        edits = [self._offer_image(image, folder, f"{k + 1}-{slug(target)}.png") for k, (image, target) in enumerate(zip(result.edits, targets))]
+        grid, attention = self._offer_image(result.grid, folder, "grid.png"), self._offer_image(result.attention, folder, "attention.png")
+        gallery = [(grid, "input | reconstruction | edits"), *zip(edits, targets)]
+        gallery.append((attention, f"cross-attention of '{result.prompts[0]}', per token"))
+        files = [*edits, grid, attention]
         note = f"**{result.kind.capitalize()}**, {len(targets)} edit(s) in {result.seconds:.2f} s"
         return gallery, files, note
 
