@@ -1,6 +1,6 @@
 """How long `nti app` makes a user wait: start to ready, a cache hit, an edit of a cached inversion.
 
-    python benchmarks/app_latency.py --threads 2          # shapes, T = 50, N = 10, on the CPU
+    python benchmarks/app_latency.py                      # shapes, T = 50, N = 10, on the CPU
 
 1. **Start to ready**: `nti app` is started as a user starts it (a new process, a fresh cache
    folder) `--starts` times; the time from the process's start until the page answers
@@ -59,7 +59,8 @@ def start_app(args: argparse.Namespace, cache: Path) -> tuple[subprocess.Popen, 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
     command = [sys.executable, "-m", "nti_lightning.cli", "app", "--port", str(port), "--cache-dir", str(cache),
                "--model.pretrained", args.model, "--trainer.accelerator", args.device,
-               "--model.num_inference_steps", str(args.steps), "--model.num_inner_steps", str(args.inner_steps)]
+               "--model.num_inference_steps", str(args.steps), "--model.num_inner_steps", str(args.inner_steps),
+               "--threads", str(args.threads)]
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
@@ -88,7 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--device", default="cpu", help="--trainer.accelerator of the app")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS, torch.set_num_threads)")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="CPU threads of the model (the app's default: every core but one)")
     parser.add_argument("--steps", type=int, default=50, help="T (the app's default, 50)")
     parser.add_argument("--inner-steps", type=int, default=10, help="N (the app's default, 10)")
     parser.add_argument("--starts", type=int, default=3, help="app starts timed")

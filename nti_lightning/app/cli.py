@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the inversion's precision, as in nti fit (16-mixed: CUDA only)")
     p.add_argument("--trainer.accelerator", dest="accelerator", choices=ACCELERATORS, default="auto",
                    help="where the model runs: auto (a GPU when there is one), cpu, gpu/cuda, mps")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the model (default: OMP_NUM_THREADS when set, else every core but one, "
+                        "which serves the page)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
@@ -93,6 +96,23 @@ def device_for(accelerator: str, precision: str = "32-true") -> tuple[str, str]:
     return accelerator, accelerator
 
 
+def set_threads(threads: Optional[int]) -> int:
+    """Sets torch's CPU threads for `--threads`; returns the number used.
+
+    The page's server needs a core of its own: with every core computing, the threads of a CPU
+    model wait on each other whenever the server runs (on 2 cores, an inversion took 2.4 times
+    as long with 2 threads as with 1; BENCHMARKS.md).
+    """
+    import torch
+
+    if threads is None:
+        threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else max(1, (os.cpu_count() or 2) - 1)
+    if threads < 1:
+        raise OptionError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def example_image(folder: Path) -> str:
     """The README's demo image, drawn by the `shapes` generator (no file needs to ship)."""
     from nti_lightning.demo.shapes import make_sample
@@ -118,6 +138,7 @@ def make_page(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any
             raise OptionError(f"--model.{name} must be a fraction between 0 and 1, got {getattr(args, name)}")
     edit_defaults = EditRequest(targets=[], cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps)
     device, accelerator = device_for(args.accelerator, args.precision)
+    set_threads(args.threads)
     cache = InversionCache(args.cache_dir)
     pipeline = load_pipeline(args.pretrained).to(device)
     editor = Editor(pipeline, cache, precision=args.precision, accelerator=accelerator, defaults=settings)
