@@ -145,8 +145,13 @@ def main() -> None:
     direct_edits = timed(lambda: editor.edit(key, request), args.repeats)
 
     median = statistics.median
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
     result = {
         "date": time.strftime("%Y-%m-%d"),
+        "commit": commit or None,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "model": args.model,
