@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 
 from nti_lightning.app.cli import make_page, parser
@@ -53,7 +54,9 @@ class RunningApp:
 def running_app(cache_dir: Path, downloads: Path, *extra: str) -> Iterator[RunningApp]:
     """`nti app --cache-dir CACHE --model.num_inference_steps 25 ...` served until the block ends."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # The test process's own thread count: the rest of the suite runs in this process too.
     args = parser().parse_args([
+        "--threads", str(torch.get_num_threads()),
         "--cache-dir", str(cache_dir), "--trainer.accelerator", "cpu",
         "--model.num_inference_steps", str(STEPS), "--model.num_inner_steps", str(INNER_STEPS),
         "--model.self_replace_steps", str(SELF_REPLACE_STEPS), *extra,
