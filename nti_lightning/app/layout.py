@@ -227,7 +227,7 @@ class Page:
 
     # --------------------------------------------------------------------------- layout
     def build(self) -> gr.Blocks:
-        """The Blocks of the page (queue set up; call `.launch()`)."""
+        """The Blocks of the page (then `.queue(...)` and `.launch(**launch_options())`, as `nti app` does)."""
         defaults, edit_defaults = self.editor.defaults, self.edit_defaults
         with gr.Blocks(title="nti-lightning editor", analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as blocks:
             gr.HTML(f"<style>{CSS}</style>", padding=False)
@@ -243,9 +243,12 @@ class Page:
                     with gr.Accordion("Inversion settings", open=False):
                         method = gr.Radio(list(METHODS), value=defaults.method, label="Method",
                                           info="null_text: the paper's; negative_prompt and ddim: the baselines, to compare")
-                        steps = gr.Slider(1, 200, value=defaults.num_inference_steps, step=1, label="Steps (T)")
-                        inner_steps = gr.Slider(1, 50, value=defaults.num_inner_steps, step=1, label="Inner steps (N)")
-                        invert_w = gr.Slider(1, 15, value=defaults.guidance_scale, step=0.5, label="Guidance scale (w)")
+                        steps = gr.Slider(1, max(200, defaults.num_inference_steps), value=defaults.num_inference_steps, step=1,
+                                          label="Steps (T)")
+                        inner_steps = gr.Slider(1, max(50, defaults.num_inner_steps), value=defaults.num_inner_steps, step=1,
+                                                label="Inner steps (N)")
+                        invert_w = gr.Slider(0, max(15, defaults.guidance_scale), value=defaults.guidance_scale, step=0.5,
+                                             label="Guidance scale (w)")
                     with gr.Row():
                         invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
                         cancel_button = gr.Button("Cancel", elem_id="cancel")
@@ -270,7 +273,8 @@ class Page:
                     reweights = gr.Textbox("", label="Word weights", placeholder="word=factor, e.g. fluffy=2, red=0.5", elem_id="reweights")
                     blend = gr.Textbox("", label="LocalBlend words", placeholder="words whose region may change, e.g. circle",
                                        elem_id="blend")
-                    edit_w = gr.Slider(1, 15, value=defaults.guidance_scale, step=0.5, label="Guidance scale (w)")
+                    edit_w = gr.Slider(0, max(15, defaults.guidance_scale), value=defaults.guidance_scale, step=0.5,
+                                       label="Guidance scale (w)")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
                 with gr.Column(scale=3):
                     results = gr.Gallery(label="Edits", columns=3, format="png", object_fit="contain", elem_id="results")
