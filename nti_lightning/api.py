@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +23,7 @@ from nti_lightning.models.fingerprint import model_reference
 from nti_lightning.models.pipelines import Pipeline
 from nti_lightning.training.callback import NullTextWalkCallback
 from nti_lightning.training.module import NullTextInversion
+from nti_lightning.training.progress import ProgressHook, WalkProgress
 
 ImageInput = Union[Image.Image, str]
 
@@ -80,6 +81,7 @@ def invert(
     gradient_checkpointing: bool = False,
     scheduling: str = "continuous",
     null_dtype: str = "float32",
+    on_progress: Optional[Callable[[WalkProgress], None]] = None,
 ) -> Inversions:
     """Null-text inversion of `images` with their source `prompts`.
 
@@ -122,6 +124,10 @@ def invert(
             together (same results; lockstep computes stopped images until their batch is done).
         null_dtype (`str`, defaults to "float32"): how files in `output_dir` store the null
             embeddings; "float16" halves them (see `Inversion.save`).
+        on_progress (callable, *optional*): called with a `WalkProgress` (images done, step,
+            timestep, inner iteration, fraction done) when the walk starts and after every inner
+            iteration, for a progress display of one's own (a web page, a GUI). An exception it
+            raises stops the run and is raised by `invert`: a way to cancel from another thread.
 
     Returns:
         `Inversions`: a list of one `Inversion` per image, in input order, with `summary` and `report`.
@@ -171,6 +177,7 @@ def invert(
                 use_distributed_sampler=False,
                 num_sanity_val_steps=0,
                 max_epochs=-1,  # the walk sets its own length
+                callbacks=[ProgressHook(on_progress)] if on_progress is not None else None,
             )
             trainer.fit(module, datamodule=data)
     finally:

@@ -1,6 +1,7 @@
 """The `nti` command: `nti fit` inverts images, `nti predict` edits inversions, `nti report`
 puts the reports of several runs in one table, `nti train-demo` trains the built-in demo model,
-`nti bench --score DIR` scores a folder of PIE-Bench outputs.
+`nti bench` runs PIE-Bench end to end (`--config FILE`) or scores a folder of outputs (`--score DIR`).
+`nti app` serves an editor in the browser.
 
 `fit` and `predict` are `LightningCLI`s, so every argument of the module, the data module and the Trainer
 can come from YAML (`--config`), the command line, or both; `--print_config` shows the result.
@@ -91,6 +92,7 @@ def main(args: Optional[list[str]] = None) -> None:
 COMMANDS = {
     "fit": "invert images (one, a list, a folder or a manifest) into .safetensors inversions",
     "predict": "edit inversions with Prompt-to-Prompt (replace, refine, reweight, local blend)",
+    "app": "invert a photo once and edit it live in the browser (needs the [app] extra: Gradio)",
     "report": "put the reports of several fit runs in one table",
     "train-demo": "train the built-in `shapes` demo model",
     "bench": "PIE-Bench end to end (nti bench --config FILE), or score a folder of outputs (--score DIR)",
@@ -132,6 +134,11 @@ def _run(args: list[str], given: Optional[list[str]]) -> int:
             from nti_lightning.bench.run import main as bench_main
 
         bench_main(args[1:])
+        return EXIT_OK
+    if args and args[0] == "app":
+        from nti_lightning.app.cli import main as app_main
+
+        app_main(args[1:])
         return EXIT_OK
     if args and args[0] == "report":
         from nti_lightning.inversion.dataset_report import main as report_main

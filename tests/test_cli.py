@@ -83,7 +83,7 @@ def test_help_lists_the_commands_that_exist(capsys):
     main(["--help"])  # returns: exit status 0
     printed = capsys.readouterr().out
     commands = [line.split()[0] for line in printed.split("commands:")[1].strip().split("\n\n")[0].splitlines()]
-    assert commands == ["fit", "predict", "report", "train-demo", "bench"]
+    assert commands == ["fit", "predict", "app", "report", "train-demo", "bench"]
     assert "validate" not in printed and "test" not in commands
     with pytest.raises(SystemExit) as exit_info:
         main(["validate"])

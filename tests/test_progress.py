@@ -57,3 +57,41 @@ def test_live_bar_where_someone_watches():
 
     assert is_interactive(Terminal()) and not is_interactive(io.StringIO())
     assert [duration(s) for s in (5, 65, 3 * 3600 + 12 * 60 + 7)] == ["5s", "1m05s", "3h12m"]
+
+
+def test_on_progress_follows_the_walk_and_can_stop_it(tmp_path):
+    pipe = nti.load_pipeline("tiny")
+    images = [random_image(seed) for seed in range(3)]
+    for scheduling in ("continuous", "lockstep"):
+        seen = []
+        nti.invert(pipe, images, "a red circle", num_inference_steps=3, num_inner_steps=2, batch_size=2,
+                   progress_bar=False, scheduling=scheduling, on_progress=seen.append)
+        assert seen[0].stage == "pivot" and seen[0].fraction == 0.0 and {p.stage for p in seen[1:]} == {"walk"}
+        fractions = [p.fraction for p in seen]
+        assert fractions == sorted(fractions) and 0.9 <= fractions[-1] <= 1.0, (scheduling, fractions)
+        assert all(p.images == 3 and p.num_steps == 3 and p.num_inner_steps == 2 for p in seen)
+        assert {p.timestep for p in seen[1:]} == set(_timesteps(pipe, 3))
+        assert {p.iteration for p in seen[1:]} <= {1, 2}
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_two(progress) -> None:
+        if progress.step == 1:
+            raise Stop
+
+    output = tmp_path / "out"
+    try:
+        nti.invert(pipe, images[0], "a red circle", num_inference_steps=3, num_inner_steps=2, progress_bar=False,
+                   output_dir=str(output), on_progress=stop_at_step_two)
+    except Stop:
+        pass
+    else:
+        raise AssertionError("the exception raised by on_progress must stop invert")
+    assert not list(output.glob("*.safetensors")) and not list(output.glob(".*.tmp"))
+
+
+def _timesteps(pipe, steps: int) -> list[int]:
+    from nti_lightning.diffusion.ddim import DDIMSchedule
+
+    return [int(t) for t in DDIMSchedule.from_scheduler_config(pipe.scheduler.config, steps).timesteps]

@@ -15,6 +15,9 @@ Counts cover all ranks. Lockstep ranks walk their batches together (Lightning sy
 at every batch), so the plan says how many images the batches finished so far hold. Continuous
 ranks agree on their counts every `sync_every` batches; in between a rank's own count shows,
 and the last line adds up every rank's count, so it is the true total.
+
+`ProgressHook` hands the same walk to a function of one's own (`invert(on_progress=...)`), for
+front ends that draw their own progress (the `nti app` web page) and may cancel the run.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Optional, TextIO
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, TextIO
 
 import lightning.pytorch as pl
 import torch
@@ -194,3 +198,71 @@ def _slot_postfix(pl_module: Any) -> dict[str, str]:
 
 def _plan(trainer: pl.Trainer) -> Any:
     return getattr(getattr(trainer, "datamodule", None), "plan", None)
+
+
+# ------------------------------------------------------------------ a hook for other front ends
+@dataclass(frozen=True)
+class WalkProgress:
+    """Where an inversion run stands, as `invert(on_progress=...)` reports it after every inner iteration.
+
+    Attributes:
+        images_done (`int`): images finished so far.
+        images (`int`): images of the run.
+        step (`int`): step of the least advanced image being walked, 0-based (step 0 is the
+            noisiest timestep; the walk goes from T to 1).
+        num_steps (`int`): T.
+        timestep (`int`): the model's timestep at that step (e.g. 981 for step 0 of 50 on SD).
+        iteration (`int`): inner iterations done so far at that step.
+        num_inner_steps (`int`): N (1 for the methods without optimisation).
+        fraction (`float`): the share of the run's steps done, from 0 to 1.
+        stage (`str`): "pivot" when the walk starts (the DDIM inversion of the first images is
+            being computed: T UNet calls), "walk" after each inner iteration.
+    """
+
+    images_done: int
+    images: int
+    step: int
+    num_steps: int
+    timestep: int
+    iteration: int
+    num_inner_steps: int
+    fraction: float
+    stage: str = "walk"
+
+
+class ProgressHook(pl.Callback):
+    """Calls `report(WalkProgress)` when the walk starts (before the pivot) and after every training
+    batch (one inner iteration). An exception raised by `report` stops the run: `invert` raises it, having written
+    nothing (with `output_dir`, the artifacts of images finished before it are kept), so a front
+    end can cancel a run from its own thread by raising in `report`.
+    """
+
+    def __init__(self, report: Callable[[WalkProgress], None]) -> None:
+        self.report = report
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.report(walk_progress(trainer, pl_module))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.report(walk_progress(trainer, pl_module, batch))
+
+
+def walk_progress(trainer: pl.Trainer, pl_module: Any, batch: Optional[dict[str, Any]] = None) -> WalkProgress:
+    """The run's `WalkProgress` after `batch` (before the first batch when None)."""
+    plan = _plan(trainer)
+    images = plan.num_images if plan is not None else 0
+    steps, inner = pl_module.hparams.num_inference_steps, pl_module.inner_iterations
+    done = len(pl_module.results)  # the Python API keeps each finished image
+    if batch is None or "tick" in batch:  # continuous batching: each slot at its own place
+        walk = pl_module.slot_walk
+        busy = [s for s, image in enumerate(walk.images) if image is not None] if walk is not None else []
+        places = [(int(walk.step[s]), min(int(walk.iteration[s]), inner)) for s in busy]
+    else:
+        in_flight = max(0, min(pl_module.batch_slots, images - done))
+        places = [(int(batch["step"]), int(batch["iteration"]) + 1)] * in_flight
+    step, iteration = min(places) if places else (0, 0)
+    share = sum(min(1.0, (s + i / inner) / steps) for s, i in places)
+    fraction = (done + share) / images if images else 0.0
+    timestep = int(pl_module.schedule.timesteps[min(step, steps - 1)]) if pl_module.schedule is not None else 0
+    stage = "pivot" if batch is None else "walk"
+    return WalkProgress(done, images, step, steps, timestep, iteration, inner, min(1.0, fraction), stage)

@@ -1,0 +1,324 @@
+"""The page of `nti app`: Gradio Blocks over an `Editor`.
+
+Invert (left): an image (upload, drop, paste, or the example) or an inversion file, its source
+prompt, the method and settings; a progress bar fed by the walk, a cancel button, then the input
+beside its reconstruction by every method cached for it (with PSNR) and the `.safetensors` file.
+Edit (below): target prompts, Replace or Refine (auto-picked, shown, overridable), the replace
+steps, word weights, LocalBlend words and w; a gallery (the input | reconstruction | edits grid,
+each edit, the source prompt's cross-attention maps) and the files to download.
+
+Every model call goes through one queue slot (`concurrency_id="model"`), so a waiting user sees
+their place in the queue; each browser session keeps its own inversion (a `gr.State` holding its
+cache key). A user's mistake is shown as a message on the page (`gr.Error`), never a traceback.
+"""
+
+import functools
+import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import gradio as gr
+from PIL import Image
+
+from nti_lightning.app.cache import CachedInversion
+from nti_lightning.app.editor import Cancelled, Editor
+from nti_lightning.app.requests import KINDS, EditRequest, InversionSettings, kind_note
+from nti_lightning.errors import NtiError
+from nti_lightning.training.module import METHODS
+from nti_lightning.training.progress import WalkProgress
+
+log = logging.getLogger(__name__)
+
+#: Seconds the files offered for download are kept in the app's own folder.
+DOWNLOADS_KEPT_S = 3600
+#: Largest upload the server takes (a 100-megapixel photo fits).
+MAX_UPLOAD = "300mb"
+#: Every model call shares this queue slot: one at a time on the accelerator.
+MODEL_QUEUE = "model"
+METHOD_NAMES = {"null_text": "Null-text", "negative_prompt": "negative prompt", "ddim": "DDIM"}
+
+#: Pictures are shown at their own resolution, small ones (32 px with `shapes`) enlarged by the
+#: browser pixel for pixel, not blurred.
+CSS = "#image img, #inversion img, #results img { image-rendering: pixelated; } #image img { width: 192px !important; height: 192px !important; object-fit: contain; }"
+
+DESCRIPTION = """# Null-text Inversion editor
+Invert a photo once (the slow part), then edit it with Prompt-to-Prompt as often as you like.
+Inversions are kept on disk: the same image, prompt, model and settings are never inverted twice."""
+
+
+def launch_options() -> dict[str, Any]:
+    """`Blocks.launch` keywords of the app: the system's fonts (the page fetches nothing from the
+    internet), no server-side rendering process, Gradio's banner and analytics off."""
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    return {"theme": theme, "ssr_mode": False, "quiet": True, "footer_links": ["api"], "max_file_size": MAX_UPLOAD}
+
+
+def shown_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs a handler; a user's mistake becomes a message on the page, anything else is logged
+    and reported in one line. The app goes on serving either way."""
+
+    @functools.wraps(fn)
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (NtiError, ValueError, OSError) as error:  # the package's messages name the culprit
+            raise gr.Error(" ".join(str(error).split()), print_exception=False) from None
+        except Exception as error:
+            log.exception("nti app: %s failed", fn.__name__)
+            raise gr.Error(f"unexpected error ({type(error).__name__}); the server's log has the details", print_exception=False) from None
+
+    return handler
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe form of `text`."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+class Page:
+    """The page's handlers, around one `Editor`.
+
+    Args:
+        editor (`Editor`): the model, cache and lock.
+        edit_defaults (`EditRequest`, *optional*): the edit fields' starting values.
+        example (`(str, str)`, *optional*): an example image path and its prompt.
+        downloads (`str` or `Path`, *optional*): where files offered for download are put.
+    """
+
+    def __init__(
+        self,
+        editor: Editor,
+        edit_defaults: Optional[EditRequest] = None,
+        example: Optional[tuple[str, str]] = None,
+        downloads: Optional[str | Path] = None,
+    ) -> None:
+        self.editor = editor
+        self.edit_defaults = edit_defaults or EditRequest(targets=[])
+        self.example = example
+        self.downloads = Path(downloads or tempfile.mkdtemp(prefix="nti-app-"))
+        self._cancels: dict[str, threading.Event] = {}
+        self._cancels_lock = threading.Lock()
+
+    # -------------------------------------------------------------------------- helpers
+    def _cancel_event(self, request: Optional[gr.Request]) -> threading.Event:
+        """A fresh cancel flag for the session's new inversion."""
+        event = threading.Event()
+        with self._cancels_lock:
+            self._cancels[_session(request)] = event
+        return event
+
+    def _folder(self) -> Path:
+        """A new folder for the files of one answer (Gradio copies them into its own cache, so
+        folders older than an hour are removed on the way)."""
+        for old in self.downloads.iterdir():
+            try:
+                if old.is_dir() and time.time() - old.stat().st_mtime > DOWNLOADS_KEPT_S:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        return Path(tempfile.mkdtemp(dir=self.downloads))
+
+    def _offer(self, source: Path, name: str) -> str:
+        """A copy of `source` named `name`, for the page to offer."""
+        return str(shutil.copyfile(source, self._folder() / name))
+
+    def _offer_image(self, image: Image.Image, folder: Path, name: str) -> str:
+        path = folder / name
+        image.save(path, format="PNG")
+        return str(path)
+
+    def _inversion_outputs(self, entry: CachedInversion, others: list[CachedInversion], cached: bool, seconds: float) -> tuple:
+        inversion = entry.inversion
+        entries = [entry] + [other for other in others if other.key != entry.key]  # this method first
+        # The cached files themselves: nothing to encode again on a cache hit.
+        gallery = [(str(entry.input_path), "input")]
+        gallery += [(str(e.reconstruction_path), _reconstruction_label(e)) for e in entries]
+        psnr = f", reconstruction PSNR **{entry.psnr:.2f} dB**" if entry.psnr is not None else ""
+        where = f"from the cache in {seconds:.2f} s" if cached else f"made in {seconds:.1f} s"
+        status = (
+            f"**{METHOD_NAMES.get(entry.method, entry.method)}** inversion of *{inversion.prompt}* "
+            f"(T = {inversion.num_inference_steps}, w = {inversion.guidance_scale:g}){psnr}; {where}."
+        )
+        name = f"{slug(inversion.prompt)}-{entry.method}-T{inversion.num_inference_steps}.safetensors"
+        return entry.key, gallery, status, self._offer(entry.path, name)
+
+    # ------------------------------------------------------------------------- handlers
+    def invert(
+        self,
+        image: Optional[str],
+        prompt: Optional[str],
+        method: str,
+        steps: float,
+        inner_steps: float,
+        guidance_scale: float,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple:
+        """Inverts the image (or finds it in the cache); the session's inversion becomes it."""
+        defaults = self.editor.defaults
+        settings = InversionSettings(
+            method, steps, guidance_scale, inner_steps, defaults.early_stop_epsilon, defaults.learning_rate
+        )
+        cancel = self._cancel_event(request)
+        progress(0.0, desc="preparing")
+
+        def on_progress(walk: WalkProgress) -> None:
+            if walk.stage == "pivot":
+                progress(0.0, desc=f"DDIM inversion (the pivot, {walk.num_steps} steps)")
+                return
+            progress(
+                walk.fraction,
+                desc=f"step {walk.step + 1}/{walk.num_steps}, t = {walk.timestep}, iteration {walk.iteration}/{walk.num_inner_steps}",
+            )
+
+        try:
+            result = self.editor.invert(image, prompt, settings, on_progress=on_progress, cancel=cancel)
+        except Cancelled:
+            gr.Warning("The inversion was cancelled; nothing of it was kept.")
+            return gr.skip(), gr.skip(), "Inversion cancelled.", gr.skip()
+        return self._inversion_outputs(result.entry, self.editor.compare(result), result.cached, result.seconds)
+
+    def cancel(self, request: gr.Request) -> None:
+        """Stops the session's running inversion at its next inner iteration."""
+        with self._cancels_lock:
+            event = self._cancels.get(_session(request))
+        if event is not None:
+            event.set()
+
+    def load_inversion(self, file: Optional[str]) -> tuple:
+        """Takes an uploaded `.safetensors` inversion as the session's inversion."""
+        if not file:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        result = self.editor.load_artifact(file, Path(file).name)
+        key, gallery, status, download = self._inversion_outputs(result.entry, [], result.cached, result.seconds)
+        return key, gallery, status, download, result.entry.inversion.prompt
+
+    def edit(
+        self,
+        key: Optional[str],
+        targets: Optional[str],
+        kind: str,
+        cross_replace_steps: float,
+        self_replace_steps: float,
+        reweights: Optional[str],
+        blend_words: Optional[str],
+        guidance_scale: float,
+    ) -> tuple:
+        """Edits the session's inversion; the gallery gets the grid, each edit and the attention maps."""
+        request = EditRequest.from_fields(targets, kind, cross_replace_steps, self_replace_steps, reweights, blend_words, guidance_scale)
+        result = self.editor.edit(key, request)
+        targets = result.prompts[1:]
+        # Each picture is encoded once: the gallery shows the files offered for download.
+        folder = self._folder()
+        edits = [self._offer_image(image, folder, f"{k + 1}-{slug(target)}.png") for k, (image, target) in enumerate(zip(result.edits, targets))]
+        grid, attention = self._offer_image(result.grid, folder, "grid.png"), self._offer_image(result.attention, folder, "attention.png")
+        gallery = [(grid, "input | reconstruction | edits"), *zip(edits, targets)]
+        gallery.append((attention, f"cross-attention of '{result.prompts[0]}', per token"))
+        files = [*edits, grid, attention]
+        note = f"**{result.kind.capitalize()}**, {len(targets)} edit(s) in {result.seconds:.2f} s"
+        return gallery, files, note
+
+    # --------------------------------------------------------------------------- layout
+    def build(self) -> gr.Blocks:
+        """The Blocks of the page (then `.queue(...)` and `.launch(**launch_options())`, as `nti app` does)."""
+        defaults, edit_defaults = self.editor.defaults, self.edit_defaults
+        with gr.Blocks(title="nti-lightning editor", analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as blocks:
+            gr.HTML(f"<style>{CSS}</style>", padding=False)
+            gr.Markdown(DESCRIPTION)
+            key = gr.State(None)
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                     format="png", elem_id="image")
+                    _readable_images(image)
+                    prompt = gr.Textbox(label="Source prompt", placeholder="what the image shows, e.g. a red circle on a green background",
+                                        elem_id="prompt")
+                    with gr.Accordion("Inversion settings", open=False):
+                        method = gr.Radio(list(METHODS), value=defaults.method, label="Method",
+                                          info="null_text: the paper's; negative_prompt and ddim: the baselines, to compare")
+                        steps = gr.Slider(1, max(200, defaults.num_inference_steps), value=defaults.num_inference_steps, step=1,
+                                          label="Steps (T)")
+                        inner_steps = gr.Slider(1, max(50, defaults.num_inner_steps), value=defaults.num_inner_steps, step=1,
+                                                label="Inner steps (N)")
+                        invert_w = gr.Slider(0, max(15, defaults.guidance_scale), value=defaults.guidance_scale, step=0.5,
+                                             label="Guidance scale (w)")
+                    with gr.Row():
+                        invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
+                        cancel_button = gr.Button("Cancel", elem_id="cancel")
+                    artifact = gr.File(label="...or an inversion file (.safetensors)", file_types=[".safetensors"], elem_id="artifact")
+                    if self.example is not None:
+                        gr.Examples([list(self.example)], inputs=[image, prompt], label="Example")
+                with gr.Column():
+                    inversion_gallery = gr.Gallery(label="Input and reconstructions", columns=4, format="png",
+                                                   object_fit="contain", elem_id="inversion")
+                    status = gr.Markdown("Invert an image to start.", label="Status", elem_id="status")
+                    download = gr.File(label="Inversion (.safetensors)", interactive=False, elem_id="download")
+            gr.Markdown("## Edit")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets",
+                                         placeholder="the source prompt with words changed, e.g. a blue circle on a green background")
+                    with gr.Row():
+                        kind = gr.Radio(list(KINDS), value=edit_defaults.kind, label="Kind", elem_id="kind")
+                        note = gr.Markdown(kind_note(None, None, edit_defaults.kind), label="Kind used", elem_id="kind-note")
+                    cross = gr.Slider(0, 1, value=edit_defaults.cross_replace_steps, step=0.05, label="Cross-attention replace steps")
+                    self_ = gr.Slider(0, 1, value=edit_defaults.self_replace_steps, step=0.05, label="Self-attention replace steps")
+                    reweights = gr.Textbox("", label="Word weights", placeholder="word=factor, e.g. fluffy=2, red=0.5", elem_id="reweights")
+                    blend = gr.Textbox("", label="LocalBlend words", placeholder="words whose region may change, e.g. circle",
+                                       elem_id="blend")
+                    edit_w = gr.Slider(0, max(15, defaults.guidance_scale), value=defaults.guidance_scale, step=0.5,
+                                       label="Guidance scale (w)")
+                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
+                with gr.Column(scale=3):
+                    results = gr.Gallery(label="Edits", columns=3, format="png", object_fit="contain", elem_id="results")
+                    files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="files")
+
+            inversion_outputs = [key, inversion_gallery, status, download]
+            invert_event = invert_button.click(
+                shown_errors(self.invert), [image, prompt, method, steps, inner_steps, invert_w], inversion_outputs,
+                api_name="invert", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+            )
+            cancel_button.click(shown_errors(self.cancel), None, None, cancels=[invert_event], queue=False, api_name="cancel")
+            artifact.upload(
+                shown_errors(self.load_inversion), [artifact], [*inversion_outputs, prompt],
+                api_name="load_inversion", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+            )
+            edit_button.click(
+                shown_errors(self.edit), [key, targets, kind, cross, self_, reweights, blend, edit_w], [results, files, note],
+                api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+            )
+            gr.on([targets.change, kind.change, prompt.change], kind_note, [prompt, targets, kind], note,
+                  queue=False, show_progress="hidden", api_visibility="private")
+        return blocks
+
+
+def _reconstruction_label(entry: CachedInversion) -> str:
+    name = METHOD_NAMES.get(entry.method, entry.method)
+    return f"{name}, {entry.psnr:.2f} dB" if entry.psnr is not None else name
+
+
+def _session(request: Optional[gr.Request]) -> str:
+    return str(getattr(request, "session_hash", None) or "")
+
+
+def _readable_images(component: gr.Image) -> None:
+    """Makes the image field say which upload is not a readable image (Gradio opens it before
+    any handler runs), instead of failing without a message."""
+    preprocess = component.preprocess
+
+    def checked(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except Exception as error:  # PIL cannot identify it, or refuses its size
+            name = getattr(payload, "orig_name", None) or "the upload"
+            reason = "too large to decode" if isinstance(error, Image.DecompressionBombError) else "not a readable image"
+            raise gr.Error(f"{name}: {reason} (PNG, JPEG, WebP, ... expected)", print_exception=False) from None
+
+    component.preprocess = checked  # type: ignore[method-assign]

@@ -1,0 +1,287 @@
+"""`nti app` through its HTTP API (`gradio_client`), as a program or a second browser would use it.
+
+One app is served for the module (the `shapes` model at T = 10, N = 5, a fresh cache folder);
+each test opens its own client, that is its own browser session.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason='the app needs its extra: pip install -e ".[app]"')
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import nti_lightning as nti  # noqa: E402
+from nti_lightning.app import Editor, InversionCache  # noqa: E402
+from app_server import BLUE_PROMPT, DEMO_IMAGE, DEMO_PROMPT, INNER_STEPS, STEPS, assert_recoloured, running_app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    with running_app(cache, tmp_path_factory.mktemp("downloads")) as served:
+        yield served
+
+
+def client(app) -> Client:
+    return Client(app.url, verbose=False)
+
+
+def invert(session: Client, image: Path = DEMO_IMAGE, prompt: str = DEMO_PROMPT, steps: int = STEPS, method: str = "null_text",
+           inner_steps: int = INNER_STEPS):
+    return session.predict(handle_file(str(image)), prompt, method, steps, inner_steps, 7.5, api_name="/invert")
+
+
+def edit(session: Client, targets: str = BLUE_PROMPT, kind: str = "auto", reweights: str = "", blend: str = "circle"):
+    return session.predict(targets, kind, 0.8, 0.7, reweights, blend, 7.5, api_name="/edit")
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def cache_files(app) -> list[str]:
+    return sorted(path.name for path in app.editor.cache.folder.iterdir())
+
+
+def assert_cache_complete(app) -> None:
+    """Every entry has its three files, every inversion loads, and no temporary file is left."""
+    names = cache_files(app)
+    assert not [name for name in names if name.startswith(".") or name.endswith(".tmp")], names
+    keys = {name.split(".")[0] for name in names}
+    for key in keys:
+        assert {f"{key}.input.png", f"{key}.reconstruction.png", f"{key}.safetensors"} <= set(names), names
+        nti.Inversion.load(app.editor.cache.folder / f"{key}.safetensors")
+
+
+# ------------------------------------------------------------------------------ invert
+def test_invert_then_the_same_image_comes_from_the_cache_without_a_unet_call(app):
+    session = client(app)
+    gallery, status, download = invert(session)
+    assert [item["caption"] for item in gallery][:2] == ["input", gallery[1]["caption"]]
+    assert gallery[1]["caption"].startswith("Null-text, ") and "dB" in status and "made in" in status
+    downloaded = nti.Inversion.load(download)
+    assert downloaded.prompt == DEMO_PROMPT and downloaded.num_inference_steps == STEPS
+    assert Path(download).name == f"a-red-circle-on-a-green-background-null_text-T{STEPS}.safetensors"
+
+    calls = app.unet_calls[0]
+    started = time.perf_counter()
+    _, status, again = invert(client(app))  # another session, the same image
+    print(f"\ncache hit through the API: {time.perf_counter() - started:.3f} s")
+    assert app.unet_calls[0] == calls, "a cache hit must not call the UNet"
+    assert "from the cache" in status
+    assert Path(again).read_bytes() == Path(download).read_bytes()
+
+    # Across restarts: a new Editor on the same folder (nothing in memory) finds it too.
+    editor = Editor(app.editor.pipeline, InversionCache(app.editor.cache.folder), accelerator="cpu", defaults=app.editor.defaults)
+    result = editor.invert(DEMO_IMAGE, DEMO_PROMPT)
+    assert result.cached and app.unet_calls[0] == calls
+    assert result.entry.inversion.prompt == DEMO_PROMPT
+    assert_cache_complete(app)
+
+
+def test_methods_side_by_side(app):
+    session = client(app)
+    invert(session)
+    gallery, status, _ = invert(session, method="ddim")
+    captions = [item["caption"] for item in gallery]
+    # The input, the method just run, then the others cached for this image, prompt and settings.
+    assert captions[0] == "input" and captions[1].startswith("DDIM, ") and captions[2].startswith("Null-text, ")
+    assert "**DDIM**" in status
+
+
+# -------------------------------------------------------------------------------- edit
+def test_edit_red_to_blue(app):
+    session = client(app)
+    invert(session)
+    gallery, files, note = edit(session)
+    captions = [item["caption"] for item in gallery]
+    assert captions == ["input | reconstruction | edits", BLUE_PROMPT, f"cross-attention of '{DEMO_PROMPT}', per token"]
+    assert note.startswith("**Replace**")
+    edited = np.asarray(Image.open(gallery[1]["image"]).convert("RGB"), dtype=np.float64)
+    assert edited.shape == (32, 32, 3)  # the model's own resolution, as shown and downloaded
+    print(f"\nred -> blue through the API: {assert_recoloured(edited)}")
+    names = [Path(path).name for path in files]
+    assert names == ["1-a-blue-circle-on-a-green-background.png", "grid.png", "attention.png"]
+    assert Image.open(files[0]).size == (32, 32)  # the download is the model's own resolution
+
+    # More words than the source: auto picks Refine; reweighting stays within the edit.
+    gallery, _, note = edit(session, "a red circle on a green background, bright", blend="", reweights="bright=2")
+    assert note.startswith("**Refine + reweight**") and len(gallery) == 3
+
+
+# -------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def other_model_artifact(tmp_path_factory) -> Path:
+    """An inversion made with `tiny` (the shapes of `shapes`, other weights)."""
+    pipe = nti.load_pipeline("tiny")
+    [inversion] = nti.invert(pipe, str(DEMO_IMAGE), DEMO_PROMPT, num_inference_steps=2, num_inner_steps=1, progress_bar=False)
+    return inversion.save(tmp_path_factory.mktemp("tiny") / "tiny-inversion.safetensors")
+
+
+def bad_files(folder: Path, other_model: Path) -> dict[str, Path]:
+    notes = folder / "notes.txt"
+    notes.write_text("not a picture")
+    tiny = folder / "tiny.png"
+    Image.new("RGB", (4, 4), "red").save(tiny)
+    huge = folder / "huge.png"
+    Image.new("1", (11_000, 10_000)).save(huge)  # 110 megapixels, a few kilobytes of PNG
+    corrupt = folder / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return {"notes": notes, "tiny": tiny, "huge": huge, "corrupt": corrupt, "other_model": other_model}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Gradio opens the upload too
+def test_bad_input_gets_a_message_and_the_app_keeps_serving(app, tmp_path, other_model_artifact):
+    files = bad_files(tmp_path, other_model_artifact)
+    fresh = client(app)
+    with pytest.raises(AppError, match="no inversion yet: invert an image"):
+        edit(fresh)
+
+    session = client(app)
+    invert(session)
+    before = cache_files(app)
+    cases = [
+        (lambda: invert(session, files["notes"]), r"notes.txt: not a readable image"),
+        (lambda: invert(session, files["huge"]), r"huge.png: 11000x10000 px is too large"),
+        (lambda: invert(session, files["tiny"]), r"degenerate image \(4x4 px"),
+        (lambda: invert(session, prompt="   "), r"the source prompt is empty"),
+        (lambda: invert(session, steps=0), r"Value 0 is less than minimum value 1"),  # the slider's own check
+        (lambda: edit(session, "  \n "), r"no target prompt"),
+        (lambda: edit(session, blend="square"), r"LocalBlend word\(s\) 'square' in none of the prompts"),
+        (lambda: edit(session, reweights="fluffy=2"), r"word 'fluffy' is not in prompt"),
+        (lambda: edit(session, reweights="blue=lots"), r"the factor of 'blue' must be a number"),
+        (lambda: edit(session, "a big blue circle on a green background", kind="replace", blend=""),
+         r"Replace needs prompts with the same number of words"),
+        (lambda: session.predict(handle_file(str(files["other_model"])), api_name="/load_inversion"),
+         r"tiny-inversion.safetensors: made with 'tiny' .* but this model .* has other weights"),
+        (lambda: session.predict(handle_file(str(files["corrupt"])), api_name="/load_inversion"),
+         r"corrupt.safetensors: not a readable inversion file"),
+    ]
+    for call, message in cases:
+        with pytest.raises(AppError, match=message) as raised:
+            call()
+        assert "Traceback" not in str(raised.value)
+        # ...and the next good request is served, with this session's inversion intact.
+        gallery, _, note = edit(session)
+        assert gallery[1]["caption"] == BLUE_PROMPT and note.startswith("**Replace**")
+    assert cache_files(app) == before  # nothing of a refused input reaches the cache
+    assert_cache_complete(app)
+
+
+def test_an_uploaded_inversion_replaces_the_image(app):
+    session = client(app)
+    _, _, download = invert(session)
+    gallery, status, _, prompt = session.predict(handle_file(download), api_name="/load_inversion")
+    assert prompt == DEMO_PROMPT and [item["caption"] for item in gallery][0] == "input"
+    assert "**Null-text**" in status
+    gallery, _, _ = edit(session)
+    assert gallery[1]["caption"] == BLUE_PROMPT
+
+
+def test_cancel_stops_a_running_inversion_and_keeps_nothing(app):
+    session = client(app)
+    before = cache_files(app)
+    # T = 200, N = 20 would take minutes on a CPU.
+    job = session.submit(handle_file(str(DEMO_IMAGE)), DEMO_PROMPT, "null_text", 200, 20, 7.5, api_name="/invert")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        progress = job.status().progress_data
+        if progress and progress[0].desc and progress[0].desc.startswith("step "):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("no progress from the walk within a minute")
+    assert "t = " in progress[0].desc and "iteration" in progress[0].desc, progress
+    cancelled = time.monotonic()
+    session.predict(api_name="/cancel")
+    _, status, _ = job.result(timeout=60)
+    assert status == "Inversion cancelled."
+    # The model is free again at once: the next requests are served right after.
+    invert(session)  # in the cache already
+    edit(session)
+    print(f"\ncancel to the next requests served: {time.monotonic() - cancelled:.2f} s")
+    assert cache_files(app) == before
+    assert_cache_complete(app)
+
+
+# ------------------------------------------------------------------------ two users
+def test_two_clients_at_once_each_get_their_own_inversion(app, tmp_path):
+    from nti_lightning.demo.shapes import heldout_samples
+
+    other = next(s for s in heldout_samples(64) if s.color == "yellow" and s.shape != "circle")
+    other_image = tmp_path / "other.png"
+    other.image.save(other_image)
+    first, second = client(app), client(app)
+    # Settings no test used before (and quick ones): both are real inversions; the second is
+    # sent once the first runs, so it waits in the queue.
+    jobs = [first.submit(handle_file(str(DEMO_IMAGE)), DEMO_PROMPT, "null_text", 10, 5, 7.5, api_name="/invert")]
+    wait_until(lambda: jobs[0].status().code.name in ("PROGRESS", "PROCESSING"), "the first inversion to start")
+    jobs.append(second.submit(handle_file(str(other_image)), other.caption, "null_text", 10, 5, 7.5, api_name="/invert"))
+    places = []
+    while not all(job.done() for job in jobs):
+        status = jobs[1].status()
+        if status.code.name == "IN_QUEUE" and status.rank is not None:
+            places.append(status.rank)
+        time.sleep(0.02)
+    results = [job.result() for job in jobs]
+    print(f"\nsecond client's places in the queue: {sorted(set(places))}")
+    assert places and min(places) == 0, "the waiting client sees its place in the queue"
+    assert f"*{DEMO_PROMPT}*" in results[0][1] and f"*{other.caption}*" in results[1][1]
+    assert nti.Inversion.load(results[0][2]).prompt == DEMO_PROMPT
+    assert nti.Inversion.load(results[1][2]).prompt == other.caption
+
+    # Each session edits its own inversion, also when both edit at once.
+    target = other.caption.replace(other.color, "blue", 1)
+    edits = {}
+
+    def run(name: str, session: Client, targets: str) -> None:
+        edits[name] = edit(session, targets, blend="")
+
+    threads = [threading.Thread(target=run, args=("first", first, BLUE_PROMPT)),
+               threading.Thread(target=run, args=("second", second, target))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert edits["first"][0][-1]["caption"] == f"cross-attention of '{DEMO_PROMPT}', per token"
+    assert edits["second"][0][-1]["caption"] == f"cross-attention of '{other.caption}', per token"
+    assert edits["second"][0][1]["caption"] == target
+
+
+# -------------------------------------------------------------------------- the command
+def test_nti_app_without_gradio_says_how_to_install_it(tmp_path):
+    # A `gradio` that cannot be imported, ahead of the real one on the path.
+    (tmp_path / "gradio").mkdir()
+    (tmp_path / "gradio" / "__init__.py").write_text("raise ImportError('No module named gradio')\n")
+    result = subprocess.run(
+        [sys.executable, "-c", "from nti_lightning.cli import main; main(['app', '--cache-dir', 'cache'])"],
+        cwd=tmp_path, env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ['nti: error: nti app needs Gradio: pip install -e ".[app]" (or pip install "nti-lightning[app]")']
+
+
+def test_nti_app_option_mistakes_are_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "nti_lightning.cli", "app", "--trainer.precision", "64"],
+        cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("nti: error: nti app: argument --trainer.precision: invalid choice: '64'")

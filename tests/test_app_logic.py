@@ -1,0 +1,100 @@
+"""The app's logic without a browser or Gradio: the cache, the page's fields, the `Editor`."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nti_lightning as nti
+from nti_lightning.app import AppInputError, Cancelled, EditRequest, Editor, InversionCache, InversionSettings
+from nti_lightning.app.cache import inversion_key
+from nti_lightning.app.requests import auto_kind, kind_note, parse_reweights
+from app_server import BLUE_PROMPT, DEMO_IMAGE, DEMO_PROMPT
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return nti.load_pipeline("shapes")
+
+
+QUICK = InversionSettings(num_inference_steps=4, num_inner_steps=2)
+
+
+def test_the_key_covers_pixels_prompt_model_and_settings():
+    image = Image.open(DEMO_IMAGE).convert("RGB")
+    settings = {**QUICK.invert_kwargs(), "precision": "32-true"}
+    key = inversion_key(image, DEMO_PROMPT, "f" * 16, settings)
+    assert key == inversion_key(image.copy(), DEMO_PROMPT, "f" * 16, dict(settings))
+    pixels = np.asarray(image).copy()
+    pixels[0, 0, 0] ^= 1
+    others = [
+        inversion_key(Image.fromarray(pixels), DEMO_PROMPT, "f" * 16, settings),
+        inversion_key(image, BLUE_PROMPT, "f" * 16, settings),
+        inversion_key(image, DEMO_PROMPT, "e" * 16, settings),
+        inversion_key(image, DEMO_PROMPT, "f" * 16, {**settings, "method": "ddim"}),
+        inversion_key(image, DEMO_PROMPT, "f" * 16, {**settings, "num_inference_steps": 5}),
+        inversion_key(image, DEMO_PROMPT, "f" * 16, {**settings, "precision": "bf16-mixed"}),
+    ]
+    assert len({key, *others}) == 7
+
+
+def test_the_page_fields_are_read_and_checked():
+    assert parse_reweights(" fluffy=2, red = 0.5 ;") == {"fluffy": 2.0, "red": 0.5}
+    for text, message in (("fluffy", "word=factor"), ("a b=2", "word=factor"), ("x=y", "must be a number"), ("x=-1", "non-negative")):
+        with pytest.raises(AppInputError, match=message):
+            parse_reweights(text)
+    assert auto_kind("a red circle", ["a blue circle", "a big circle"]) == "replace"
+    assert auto_kind("a red circle", ["a big red circle"]) == "refine"
+    assert kind_note("a red circle", "a big red circle", "auto") == "auto: **Refine** (the word counts differ)"
+    assert kind_note("a red circle", "a big red circle", "replace") == "**Replace** (chosen)"
+    request = EditRequest.from_fields(f"\n  {BLUE_PROMPT}  \n\n", "auto", 0.8, 0.7, "", "circle, square", 7.5)
+    assert request.targets == [BLUE_PROMPT] and request.blend_words == ["circle", "square"]
+    for fields, message in (
+        (("  ",), "no target prompt"),
+        ((BLUE_PROMPT, "sideways"), "edit kind must be one of"),
+        ((BLUE_PROMPT, "auto", 1.5), "cross-attention replace steps must be a fraction"),
+    ):
+        with pytest.raises(AppInputError, match=message):
+            EditRequest.from_fields(*fields)
+    with pytest.raises(AppInputError, match="method must be one of"):
+        InversionSettings(method="magic").checked()
+    with pytest.raises(AppInputError, match="whole number"):
+        InversionSettings(num_inference_steps=2.5).checked()
+
+
+def test_a_failed_or_cancelled_inversion_leaves_nothing_in_the_cache(pipe, tmp_path, monkeypatch):
+    editor = Editor(pipe, InversionCache(tmp_path / "cache"), accelerator="cpu", defaults=QUICK)
+    cancel = threading.Event()
+    steps = []
+
+    def cancel_at_step_two(progress) -> None:
+        steps.append(progress.step)
+        if progress.step == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        editor.invert(DEMO_IMAGE, DEMO_PROMPT, on_progress=cancel_at_step_two, cancel=cancel)
+    assert max(steps) == 2 and not list((tmp_path / "cache").iterdir())
+
+    # A write that fails half-way (the disk fills while the inversion file is written).
+    def full_disk(self, path, null_dtype="float32"):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nti.Inversion, "save", full_disk)
+    with pytest.raises(OSError):
+        editor.invert(DEMO_IMAGE, DEMO_PROMPT)
+    monkeypatch.undo()
+    names = sorted(path.name for path in (tmp_path / "cache").iterdir())
+    assert not any(name.endswith(".safetensors") or name.endswith(".tmp") for name in names), names
+    assert editor.cache.get(editor.key(editor.prepare_image(DEMO_IMAGE), DEMO_PROMPT, QUICK)) is None
+
+    # Then it works, and the lock was released by both failures.
+    result = editor.invert(DEMO_IMAGE, DEMO_PROMPT)
+    assert not result.cached and result.entry.inversion.num_inference_steps == 4
+    assert editor.invert(DEMO_IMAGE, DEMO_PROMPT).cached
+    edited = editor.edit(result.entry.key, EditRequest.from_fields(BLUE_PROMPT, blend_words="circle"))
+    assert edited.kind == "replace" and len(edited.edits) == 1 and edited.edits[0].size == (32, 32)
+    assert edited.grid.width > 3 * 32 and edited.attention.width > 0
