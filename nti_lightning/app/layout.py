@@ -40,7 +40,7 @@ DOWNLOADS_KEPT_S = 3600
 MAX_UPLOAD = "300mb"
 #: Every model call shares this queue slot: one at a time on the accelerator.
 MODEL_QUEUE = "model"
-METHOD_NAMES = {"null_text": "Null-text", "negative_prompt": "negative prompt", "ddim": "DDIM"}
+METHOD_NAMES = {"null_text": "Null-text", "negative_prompt": "negative prompt", "ddim": "DDIM", "direct": "Direct Inversion"}
 
 #: Pictures are shown at their own resolution, small ones (32 px with `shapes`) enlarged by the
 #: browser pixel for pixel, not blurred.
@@ -242,7 +242,7 @@ class Page:
                                         elem_id="prompt")
                     with gr.Accordion("Inversion settings", open=False):
                         method = gr.Radio(list(METHODS), value=defaults.method, label="Method",
-                                          info="null_text: the paper's; negative_prompt and ddim: the baselines, to compare")
+                                          info="null_text: the paper's; negative_prompt, ddim and direct: the methods it is compared with")
                         steps = gr.Slider(1, max(200, defaults.num_inference_steps), value=defaults.num_inference_steps, step=1,
                                           label="Steps (T)")
                         inner_steps = gr.Slider(1, max(50, defaults.num_inner_steps), value=defaults.num_inner_steps, step=1,
