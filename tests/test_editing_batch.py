@@ -64,14 +64,16 @@ def test_jobs_together_equal_each_alone(model):
     for job, latents in zip(jobs_for(pipe), together):
         alone = edit_latents(pipe, job.inversion, job.prompts, controller=job.controller, attention_store=job.attention_store)
         assert latents.shape == alone.shape
-        torch.testing.assert_close(latents, alone, rtol=0, atol=1e-4)  # the rounding of a larger batch
+        # The rounding of a larger batch: at most 3.4e-5 measured (SD and SDXL); 5e-4 leaves a factor
+        # over 10 for other CPUs' kernels and stays far below the 1e-3 effect checked below.
+        torch.testing.assert_close(latents, alone, rtol=0, atol=5e-4)
     # the store of the fifth job saw its own rows' maps, as alone
     side = recorded.resolutions()[0]
     torch.testing.assert_close(recorded.maps(side), job.attention_store.maps(side), rtol=0, atol=1e-5)
     # the controllers did something, each to its own rows only
     plain = edit_jobs_latents(pipe, [EditJob(job.inversion, job.prompts) for job in jobs_for(pipe)])
     assert all(float((a[1:] - b[1:]).abs().max()) > 1e-3 for a, b in zip(together[:3], plain[:3]))
-    torch.testing.assert_close(together[3], plain[3], rtol=0, atol=1e-4)
+    torch.testing.assert_close(together[3], plain[3], rtol=0, atol=5e-4)
 
 
 def test_a_batch_needs_one_number_of_steps():
