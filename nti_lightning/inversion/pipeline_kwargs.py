@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from nti_lightning.diffusion.ddim import ddim_scheduler
-from nti_lightning.editing.edit import check_compatible
+from nti_lightning.editing.edit import check_compatible, retrace_source
 from nti_lightning.errors import ModelError, OptionError
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.models.pipelines import Pipeline
@@ -122,9 +122,8 @@ def pipeline_kwargs(
     swapped = ["prompt_embeds", "add_text_embeds"] if pooled is not None else ["prompt_embeds"]
     # Direct Inversion: the source prompt's rows get the step's offset after the step (and after
     # the user's callback, as LocalBlend comes first in `edit`), retracing the pivot.
-    source = torch.tensor([p == inversion.prompt for p in prompts], dtype=torch.float32).view(-1, 1, 1, 1)
-    offsets = inversion.latent_offsets if inversion.latent_offsets is not None and bool(source.any()) else None
-    needed = swapped + (["latents"] if offsets is not None else [])
+    retrace = retrace_source(inversion, prompts, None)
+    needed = swapped + (["latents"] if retrace is not None else [])
 
     def swap_nulls(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, torch.Tensor]) -> dict[str, Any]:
         if step >= len(timesteps) or int(timestep) != timesteps[step]:
@@ -145,10 +144,8 @@ def pipeline_kwargs(
         if callback_on_step_end is not None:
             user_outputs = callback_on_step_end(pipe, step, timestep, {**callback_kwargs, **outputs})
             outputs.update(user_outputs or {})
-        if offsets is not None:
-            latents = outputs.get("latents", callback_kwargs["latents"])
-            offset = offsets[step : step + 1].to(latents.device, latents.dtype)
-            outputs["latents"] = latents + source.to(latents.device, latents.dtype) * offset
+        if retrace is not None:
+            outputs["latents"] = retrace(step, int(timestep), outputs.get("latents", callback_kwargs["latents"]))
         return outputs
 
     kwargs: dict[str, Any] = {
