@@ -219,4 +219,12 @@ def test_direct_inversion_retraces_its_source_in_the_stock_pipeline():
     prompts = [PROMPT, SWAP]
     latents = pipe(**nti.pipeline_kwargs(pipe, inversion, prompt=prompts), output_type="latent").images
     assert torch.equal(latents, edit_latents(pipe, inversion, prompts, guidance_scale=inversion.guidance_scale))
-    assert float((latents[0] - inversion.source_latent).abs().max()) < 1e-3  # back on the pivot's z0
+    # Back on the pivot's z0, up to the rounding a two-prompt batch amplifies over the guided steps
+    # of this random model: 6.4e-3 relative measured at 1 thread, 8.2e-3 at 2 (an absolute 1e-3
+    # sat on the measured 1.15e-3). Without the offsets the source row lands 56 away: 0.05 leaves
+    # a factor 6 and still tells the two apart by a thousand.
+    z0 = inversion.source_latent
+    relative = lambda a: float((a - z0).norm() / z0.norm())  # noqa: E731
+    plain = nti.Inversion(inversion.z_T, inversion.null_embeddings, z0, inversion.prompt, inversion.metadata)
+    assert relative(latents[0]) < 0.05
+    assert relative(edit_latents(pipe, plain, prompts, guidance_scale=inversion.guidance_scale)[0]) > 1.0
