@@ -82,6 +82,7 @@ def invert(
     scheduling: str = "continuous",
     null_dtype: str = "float32",
     on_progress: Optional[Callable[[WalkProgress], None]] = None,
+    pivot_dir: Optional[str] = None,
 ) -> Inversions:
     """Null-text inversion of `images` with their source `prompts`.
 
@@ -128,6 +129,8 @@ def invert(
             timestep, inner iteration, fraction done) when the walk starts and after every inner
             iteration, for a progress display of one's own (a web page, a GUI). An exception it
             raises stops the run and is raised by `invert`: a way to cancel from another thread.
+        pivot_dir (`str`, *optional*): keep the images' DDIM pivots there and reuse those that
+            fit: inverting the same images with another method then skips the pivot.
 
     Returns:
         `Inversions`: a list of one `Inversion` per image, in input order, with `summary` and `report`.
@@ -157,6 +160,7 @@ def invert(
         gradient_checkpointing=gradient_checkpointing,
         scheduling=scheduling,
         null_dtype=null_dtype,
+        pivot_dir=pivot_dir,
     ).attach_pipeline(pipeline)
     # Lightning moves the module to the CPU when fit ends: gigabytes each way per call for SD on
     # a GPU. The module lets go of the pipeline's networks first instead.

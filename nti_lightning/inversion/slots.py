@@ -45,6 +45,7 @@ from nti_lightning.diffusion.guidance import guide, guided_step, predict
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.null_text import early_stop_threshold, step_learning_rate
 from nti_lightning.inversion.pivot import PivotTrajectory, ddim_invert
+from nti_lightning.inversion.pivot_store import PivotStore, load_or_compute
 from nti_lightning.inversion.row_adam import RowAdam
 
 
@@ -112,6 +113,8 @@ class SlotWalk:
             masked (the inner iteration, the advance, the conditional outputs and the pivots).
         retrace_pivot (`bool`, defaults to False): Direct Inversion: each advance records the
             offset from where it landed to the step's pivot latent and goes on from the pivot.
+        pivot_store (`PivotStore`, *optional*): pivots read from (and written to) disk, computed
+            only where none fits (`nti_lightning.inversion.pivot_store`).
     """
 
     def __init__(
@@ -128,8 +131,10 @@ class SlotWalk:
         reuse_cond_output: bool = False,
         fixed_shapes: bool = False,
         retrace_pivot: bool = False,
+        pivot_store: Optional[PivotStore] = None,
     ) -> None:
         self.schedule = schedule
+        self.pivot_store = pivot_store
         self.retrace_pivot = retrace_pivot
         self.null = list(null)
         self.empty = empty
@@ -199,16 +204,8 @@ class SlotWalk:
             payloads (`Sequence`, *optional*): handed back with each finished image.
         """
         count = z0.shape[0]
-        if self.fixed_shapes and count < self.slots:  # pad the pivot's calls to S rows
-            pad = self.slots - count
-            pivot = ddim_invert(
-                unet, self.schedule, torch.cat([z0, z0[:1].expand(pad, *z0.shape[1:])]),
-                Condition.cat([cond, cond.rows(0).expand(pad)]),
-            )
-            self.unet_rows += self.slots * self.schedule.num_inference_steps
-        else:
-            pivot = ddim_invert(unet, self.schedule, z0, cond)
-            self.unet_rows += count * self.schedule.num_inference_steps
+        invert = lambda rows, rows_cond: self._invert(unet, rows, rows_cond)  # noqa: E731
+        pivot, _ = load_or_compute(self.pivot_store, invert, self.schedule, z0, cond, ids, prompts)
         for k in range(count):
             single = PivotTrajectory(latents=pivot.latents[:, k : k + 1].clone(), timesteps=pivot.timesteps)
             self.waiting.append(
@@ -217,6 +214,20 @@ class SlotWalk:
                     cond=cond.rows(k).clone(),
                 )
             )
+
+    def _invert(self, unet: UNet2DConditionModel, z0: torch.Tensor, cond: Condition) -> PivotTrajectory:
+        """The DDIM inversion of some new images (`prepare`'s, less those in the pivot store)."""
+        count = z0.shape[0]
+        if self.fixed_shapes and count < self.slots:  # pad the pivot's calls to S rows
+            pad = self.slots - count
+            pivot = ddim_invert(
+                unet, self.schedule, torch.cat([z0, z0[:1].expand(pad, *z0.shape[1:])]),
+                Condition.cat([cond, cond.rows(0).expand(pad)]),
+            )
+            self.unet_rows += self.slots * self.schedule.num_inference_steps
+            return PivotTrajectory(latents=pivot.latents[:, :count], timesteps=pivot.timesteps)
+        self.unet_rows += count * self.schedule.num_inference_steps
+        return ddim_invert(unet, self.schedule, z0, cond)
 
     @torch.no_grad()
     def admit(self, unet: UNet2DConditionModel) -> list[int]:

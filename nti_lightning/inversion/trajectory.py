@@ -20,6 +20,7 @@ from nti_lightning.diffusion.guidance import guided_step
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.null_text import TimestepProblem
 from nti_lightning.inversion.pivot import PivotTrajectory, ddim_invert
+from nti_lightning.inversion.pivot_store import PivotStore, load_or_compute
 
 
 @dataclass
@@ -69,11 +70,16 @@ class NullTextTrajectory:
         ids: list[str],
         prompts: list[str],
         valid: Optional[torch.Tensor] = None,
+        pivot_store: Optional[PivotStore] = None,
     ) -> "NullTextTrajectory":
-        """Computes the pivot of images `pixels` with VAE latents `z0` (step 1 of docs/ALGORITHM.md)."""
-        pivot = ddim_invert(unet, schedule, z0, cond)
+        """Computes the pivot of images `pixels` with VAE latents `z0` (step 1 of docs/ALGORITHM.md),
+        or reads it from `pivot_store` (see `nti_lightning.inversion.pivot_store`)."""
         if valid is None:
             valid = torch.ones(len(ids), dtype=torch.bool)
+        pivot, _ = load_or_compute(
+            pivot_store, lambda rows, rows_cond: ddim_invert(unet, schedule, rows, rows_cond), schedule, z0, cond, ids,
+            prompts, valid.tolist(),
+        )
         valid = valid.to(z0.device)
         return cls(ids, prompts, pixels, cond, pivot, latent=pivot.z_T.clone(), valid=valid)
 

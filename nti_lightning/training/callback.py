@@ -69,6 +69,7 @@ class NullTextWalkCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         # One epoch per (image batch, timestep): the walk's length decides when fit ends.
         trainer.fit_loop.max_epochs = trainer.train_dataloader.sampler.num_epochs
+        pl_module.open_pivot_store()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: dict[str, Any], batch_idx: int) -> None:
         if batch["iteration"] != 0:
@@ -107,7 +108,7 @@ class NullTextWalkCallback(pl.Callback):
         z0 = vae_codec.encode(pl_module.vae, pixels)
         with trainer.precision_plugin.forward_context():
             pl_module.trajectory = NullTextTrajectory.start(
-                pl_module.denoiser, pl_module.schedule, pixels, z0, cond, ids, prompts, valid
+                pl_module.denoiser, pl_module.schedule, pixels, z0, cond, ids, prompts, valid, pl_module.pivot_store
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:

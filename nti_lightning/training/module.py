@@ -22,6 +22,7 @@ from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import NULL_DTYPES, Inversion
 from nti_lightning.inversion.null_text import TimestepProblem, keep_inactive, objective
+from nti_lightning.inversion.pivot_store import PivotStore
 from nti_lightning.inversion.row_adam import RowAdam
 from nti_lightning.inversion.slots import SlotWalk
 from nti_lightning.inversion.trajectory import NullTextTrajectory
@@ -105,6 +106,10 @@ class NullTextInversion(pl.LightningModule):
         null_dtype (`str`, defaults to "float32"): how the artifacts store the null embeddings;
             "float16" halves an SD file for a reconstruction within 0.05 dB of the fp32 one
             (docs/ARTIFACTS.md). Optimisation is fp32 either way.
+        pivot_dir (`str`, *optional*): keep each image's DDIM pivot in this folder and use the one
+            stored there when it fits (same model, precision, schedule, prompt and image): runs of
+            several methods on the same images compute each pivot once (`nti bench` does). Same
+            results as without it, up to the float rounding of another batch composition.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class NullTextInversion(pl.LightningModule):
         scheduling: Literal["continuous", "lockstep"] = "continuous",
         sync_every: int = 8,
         null_dtype: Literal["float32", "float16"] = "float32",
+        pivot_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         if num_inference_steps < 1 or num_inner_steps < 1:
@@ -165,6 +171,7 @@ class NullTextInversion(pl.LightningModule):
         self.problem: Optional[TimestepProblem] = None
         self.empty: Optional[Condition] = None  # ∅: the pipeline's own unconditional input, one row
         self.results: list[Inversion] = []
+        self.pivot_store: Optional[PivotStore] = None  # with pivot_dir: set when the run starts
         #: Images per trajectory: the embedding's batch dimension, set by the data module before
         #: the model is configured so that it never changes shape during a run (DDP wraps it).
         self.batch_slots = 1
@@ -223,6 +230,16 @@ class NullTextInversion(pl.LightningModule):
         if self.release_after_fit:
             self.unet = self.vae = self.text_encoder = self.text_encoder_2 = None
             object.__setattr__(self, "_compiled_unet", None)
+
+    def open_pivot_store(self) -> Optional[PivotStore]:
+        """The run's `PivotStore` under `pivot_dir` (None without one): pivots depend on the
+        weights, the precision the UNet runs under and the schedule."""
+        if self.hparams.pivot_dir is None:
+            self.pivot_store = None
+        else:
+            context = f"{self.model_fingerprint}|{self.trainer.precision}"
+            self.pivot_store = PivotStore(self.hparams.pivot_dir, context, self.schedule)
+        return self.pivot_store
 
     @property
     def continuous(self) -> bool:

@@ -54,6 +54,7 @@ class SlotWalkCallback(NullTextWalkCallback):
             reuse_cond_output=hparams.reuse_cond_output,
             fixed_shapes=not hparams.early_exit,
             retrace_pivot=hparams.method == "direct",
+            pivot_store=pl_module.open_pivot_store(),
         )
         # The module's optimiser is the walk's: one RowAdam over the same parameters.
         pl_module.slot_walk.optimizer = trainer.optimizers[0]
