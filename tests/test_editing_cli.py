@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -157,3 +158,24 @@ def test_ids_are_unique_and_file_name_safe(tmp_path):
     assert "edits[2]: id '../up/../x y' holds a path separator" == items[2]["error"]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         edit_items([], str(tmp_path / "missing.jsonl"))
+
+
+def test_without_the_reconstruction_the_edits_are_the_same_and_inputs_can_be_saved(artifacts, tmp_path):
+    """`model.reconstruction false` (what `nti bench` runs) skips the source's plain sampling and
+    changes no edit; `writer.save_inputs` adds the VAE round trip of each input."""
+    chosen = [spec for spec in specs(artifacts) if spec.get("id") in ("dog", None)][:2]  # a blended replace, a refine
+    edits_file = tmp_path / "edits.jsonl"
+    edits_file.write_text("\n".join(json.dumps(spec) for spec in chosen) + "\n")
+    common = ["predict", "--config", CONFIG, "--data.edits_file", str(edits_file), "--trainer.logger", "false",
+              "--model.attention_maps", "false"]
+    main([*common, "--writer.output_dir", str(tmp_path / "full")])
+    main([*common, "--writer.output_dir", str(tmp_path / "lean"), "--model.reconstruction", "false",
+          "--writer.save_inputs", "true"])
+    for name, edits in (("dog", 1), ("cat_refine", 2)):
+        for k in range(1, edits + 1):
+            full = np.asarray(Image.open(tmp_path / "full" / f"{name}_edit{k}.png"), dtype=int)
+            lean = np.asarray(Image.open(tmp_path / "lean" / f"{name}_edit{k}.png"), dtype=int)
+            assert np.abs(full - lean).max() <= 1, name  # a smaller batch: float rounding at most
+        assert Image.open(tmp_path / "lean" / f"{name}.png").width < Image.open(tmp_path / "full" / f"{name}.png").width
+        assert (tmp_path / "lean" / f"{name}_input.png").is_file() and not (tmp_path / "full" / f"{name}_input.png").exists()
+    assert not (tmp_path / "lean" / "cat_refine_edit3.png").exists()

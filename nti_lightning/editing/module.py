@@ -45,6 +45,9 @@ class EditModule(pl.LightningModule):
             for specs that do not set it; defaults to the coarsest (16 for SD 1.x at 512 px, 32
             for SDXL at 1024 px).
         attention_maps (`bool`, defaults to True): also draw the source prompt's cross-attention maps.
+        reconstruction (`bool`, defaults to True): also sample each source prompt without control
+            (the grid's "reconstruction" panel); False saves that sampling run, a third of the
+            UNet rows of a one-edit spec (`nti bench` needs only the edits).
         allow_model_mismatch (`bool`, defaults to False): edit inversions made with other weights
             than this model's (each is refused otherwise, as a failed edit naming both models).
     """
@@ -58,6 +61,7 @@ class EditModule(pl.LightningModule):
         self_replace_max_queries: int = 1024,
         blend_resolution: Optional[int] = None,
         attention_maps: bool = True,
+        reconstruction: bool = True,
         allow_model_mismatch: bool = False,
     ) -> None:
         super().__init__()
@@ -136,16 +140,20 @@ class EditModule(pl.LightningModule):
     @torch.no_grad()
     def pictures(self, jobs: list[EditJob], specs: list[EditSpec]) -> list[dict[str, Any]]:
         """The pictures of edits of one T, sampled together: per spec `images` `[N, 3, H, W]` in
-        [0, 1] (input, reconstruction, edits) with their `labels`, and `attention`."""
+        [0, 1] (input, reconstruction unless turned off, edits) with their `labels`, the index of
+        the first edit (`first_edit`), and `attention`."""
         pipeline, hparams = self.pipeline, self.hparams
         mismatch = hparams.allow_model_mismatch
         edited = edit_jobs_latents(pipeline, jobs, hparams.guidance_scale, allow_model_mismatch=mismatch)
-        # The source prompts without control or store: `reconstruct`, the batch's rounding aside.
-        plain = [EditJob(job.inversion, [job.inversion.prompt]) for job in jobs]
-        reconstructions = edit_jobs_latents(pipeline, plain, hparams.guidance_scale, allow_model_mismatch=mismatch)
         sources = [job.inversion.source_latent.unsqueeze(0).to(latents.device) for job, latents in zip(jobs, edited)]
-        stacks = [torch.cat([source, reconstruction, latents[1:]]) for source, reconstruction, latents in zip(sources, reconstructions, edited)]
+        if hparams.reconstruction:
+            # The source prompts without control or store: `reconstruct`, the batch's rounding aside.
+            plain = [EditJob(job.inversion, [job.inversion.prompt]) for job in jobs]
+            reconstructions = edit_jobs_latents(pipeline, plain, hparams.guidance_scale, allow_model_mismatch=mismatch)
+            sources = [torch.cat([source, reconstruction]) for source, reconstruction in zip(sources, reconstructions)]
+        stacks = [torch.cat([source, latents[1:]]) for source, latents in zip(sources, edited)]
         decoded = vae_codec.decode(pipeline.vae, torch.cat(stacks)).cpu().split([len(stack) for stack in stacks])
+        head = ["input (VAE)", "reconstruction"] if hparams.reconstruction else ["input (VAE)"]
         results = []
         for job, spec, images in zip(jobs, specs, decoded):
             prompts = job.prompts
@@ -159,7 +167,8 @@ class EditModule(pl.LightningModule):
                 "kind": spec.kind,
                 "artifact": spec.artifact,
                 "images": images,
-                "labels": ["input (VAE)", "reconstruction", *labels],
+                "labels": [*head, *labels],
+                "first_edit": len(head),
                 "attention": attention,
             })
         return results

@@ -5,6 +5,8 @@ Per edit `<id>` in `output_dir`:
 * `<id>.png`: the labelled grid input | reconstruction | edits;
 * `<id>_edit<k>.png`: edit k (k = 1 for the first edit prompt) at the model's resolution;
 * `<id>_attention.png`: the source prompt's cross-attention maps per token;
+* `<id>_input.png` with `save_inputs`: the input as the model sees it, the VAE's decoding of the
+  inversion's source latent (the VAE round trip, the best any latent edit can keep of the image);
 
 and `failures.jsonl`, one line per edit that could not be made (also logged as a warning). Each
 device writes the samples of its own shard; file names come from the unique ids, so devices never
@@ -40,12 +42,14 @@ class EditWriter(BasePredictionWriter):
     Args:
         output_dir (`str`, defaults to "edits"): where the files go (created if needed).
         log_images (`bool`, defaults to True): also log grids and attention maps to TensorBoard.
+        save_inputs (`bool`, defaults to False): also write `<id>_input.png`, the VAE round trip.
     """
 
-    def __init__(self, output_dir: str = "edits", log_images: bool = True) -> None:
+    def __init__(self, output_dir: str = "edits", log_images: bool = True, save_inputs: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.log_images = log_images
+        self.save_inputs = save_inputs
         self.written = 0
         self.failed = 0
 
@@ -83,8 +87,10 @@ class EditWriter(BasePredictionWriter):
         images = [to_pil(image) for image in prediction["images"]]
         grid = labelled_grid(images, prediction["labels"])
         grid.save(self.output_dir / f"{name}.png")
-        for k, image in enumerate(images[2:], start=1):  # after input and reconstruction
+        for k, image in enumerate(images[prediction.get("first_edit", 2):], start=1):  # after input and reconstruction
             image.save(self.output_dir / f"{name}_edit{k}.png")
+        if self.save_inputs:
+            images[0].save(self.output_dir / f"{name}_input.png")
         attention = prediction.get("attention")
         if attention is not None:
             attention.save(self.output_dir / f"{name}_attention.png")
