@@ -11,10 +11,17 @@ Killed anywhere and run again, it redoes nothing finished: `nti fit` skips the i
 a sample whose strip exists is not edited again (strips are written atomically), and only the
 scoring, which reads the strips, runs again.
 
+Every method starts from the same DDIM pivot of each image (w = 1, the source prompt): the first
+method computes it and stores it under `output_dir/pivots`, the others read it. On several
+devices (`trainer.devices`) each stage runs as a child `nti` process, which Lightning starts once
+per device as for `nti fit`. Each stage prints a timestamped line with its count, time and
+rate, and appends them to `output_dir/bench_timings.jsonl`.
+
 The config (YAML), with its defaults:
 
     root: PIE-Bench_v1               # mapping_file.json and annotation_images/
     demo_samples: 0                  # > 0: first write the offline shapes benchmark of that many samples into root
+    demo_resolution: 32              # its image side (512: PIE-Bench's size, for timing an SD 1.x model)
     methods: [null_text, negative_prompt, ddim, direct]
     output_dir: bench
     batch_size: 8                    # images inverted together, and edit specs sampled together
@@ -22,6 +29,8 @@ The config (YAML), with its defaults:
     trainer: {}                      # trainer.* options of nti fit and nti predict (accelerator, precision, ...)
     edit: {}                         # overrides of the benchmark's edit settings (bench.pie.BENCHMARK_OPTIONS)
     score: {dino: facebook/dino-vitb8, clip: openai/clip-vit-large-patch14, lpips: squeeze, device: null}
+    share_pivots: true               # compute each image's DDIM pivot once, for every method (output_dir/pivots)
+    vae_round_trip: true             # also score the VAE round trip of each source (the row vae_round_trip)
 """
 
 from __future__ import annotations
@@ -29,23 +38,35 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import yaml
 from PIL import Image
 
-from nti_lightning.bench.pie import benchmark_edit, read_mapping
+from nti_lightning.bench.pie import BenchSample, benchmark_edit, read_mapping
 from nti_lightning.bench.score import IMAGES, MAPPING_FILE, BenchScores, score_folder
 from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT
 from nti_lightning.errors import InputNotFoundError, OptionError
 from nti_lightning.inversion.atomic import atomic_path, atomic_text
+from nti_lightning.training.progress import duration
 
 #: The methods of the published table, in its order.
 METHODS = ("ddim", "null_text", "negative_prompt", "direct")
+
+#: The row of the VAE round trip (the source decoded from its own latent): the best any latent
+#: edit can keep of the unedited region, and what the methods' rows are read against.
+VAE_ROUND_TRIP = "vae_round_trip"
+
+#: Under `output_dir`: the DDIM pivots the methods share, and the stages' times.
+PIVOTS = "pivots"
+TIMINGS = "bench_timings.jsonl"
 
 
 @dataclass
@@ -54,6 +75,7 @@ class BenchConfig:
 
     root: str = "PIE-Bench_v1"
     demo_samples: int = 0
+    demo_resolution: int = 32
     methods: list[str] = field(default_factory=lambda: ["null_text", "negative_prompt", "ddim", "direct"])
     output_dir: str = "bench"
     batch_size: int = 8
@@ -61,6 +83,8 @@ class BenchConfig:
     trainer: dict[str, Any] = field(default_factory=dict)
     edit: dict[str, Any] = field(default_factory=dict)
     score: dict[str, Any] = field(default_factory=lambda: {"dino": DINO_DEFAULT, "clip": CLIP_DEFAULT, "lpips": LPIPS_DEFAULT})
+    share_pivots: bool = True
+    vae_round_trip: bool = True
 
     @classmethod
     def load(cls, path: str | Path) -> "BenchConfig":
@@ -94,45 +118,95 @@ def run_bench(config: BenchConfig) -> BenchScores:
     root, out = Path(config.root), Path(config.output_dir)
     mapping = root / MAPPING_FILE
     if config.demo_samples > 0 and not mapping.is_file():
-        write_shapes_bench(root, config.demo_samples)
-        print(f"nti bench: wrote the offline shapes benchmark ({config.demo_samples} samples) to {root}", flush=True)
+        write_shapes_bench(root, config.demo_samples, resolution=config.demo_resolution)
+        _say(f"wrote the offline shapes benchmark ({config.demo_samples} samples, {config.demo_resolution} px) to {root}")
     if not mapping.is_file():
         raise InputNotFoundError(f"{mapping}: no PIE-Bench mapping file (root must hold {MAPPING_FILE} and {IMAGES}/)")
     samples, _ = read_mapping(mapping)
+    stage = _stage_runner(config.trainer)
     for method in config.methods:
-        inversions = out / method / "inversions"
-        print(f"nti bench: {method}: inverting", flush=True)
-        _nti(["fit", *_flags("model", {**config.model, "method": method, "output_dir": str(inversions)}),
-              "--data.manifest", str(mapping), "--data.batch_size", str(config.batch_size),
-              *_flags("trainer", {"logger": False, **config.trainer})])
-        strips = out / method / IMAGES
-        pending = [s for s in samples if (inversions / f"{s.id}.safetensors").is_file() and not (strips / s.image_path).is_file()]
-        if pending:
-            print(f"nti bench: {method}: editing {len(pending)} sample(s)", flush=True)
-            edits = out / method / "edits"
-            specs = out / method / "edits.jsonl"
-            with atomic_text(specs) as handle:
-                for sample in pending:
-                    handle.write(json.dumps(benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit)) + "\n")
-            model = {k: v for k, v in config.model.items() if k in ("pretrained", "guidance_scale", "allow_model_mismatch")}
-            _nti(["predict", *_flags("model", {**model, "attention_maps": False}), "--data.edits_file", str(specs),
-                  "--data.batch_size", str(config.batch_size), "--writer.output_dir", str(edits),
-                  "--writer.log_images", "false", *_flags("trainer", {"logger": False, **config.trainer})])
-            for sample in pending:
-                edited = edits / f"{sample.id}_edit1.png"
-                if edited.is_file():
-                    write_strip(sample.image, edited, strips / sample.image_path)
-    print("nti bench: scoring", flush=True)
+        _invert(config, stage, mapping, samples, method)
+        _edit(config, stage, samples, method)
+    _say("scoring")
+    started = time.monotonic()
     present = [m for m in config.methods if (out / m / IMAGES).is_dir()]
     if not present:
         raise OptionError(f"{out}: no method produced an edit; see the failures.jsonl files under it")
+    if config.vae_round_trip and (out / VAE_ROUND_TRIP / IMAGES).is_dir():
+        present.append(VAE_ROUND_TRIP)
     score = {"dino": DINO_DEFAULT, "clip": CLIP_DEFAULT, "lpips": LPIPS_DEFAULT, **config.score}
     scores = score_folder(root, out, present, dino=score["dino"], clip=score["clip"], lpips=score["lpips"],
                           device=score.get("device"), csv_path=out / "pie_bench.csv", markdown_path=out / "pie_bench.md",
                           tensorboard_dir=out / "runs" / "bench")
+    _record(out / TIMINGS, "all", "score", time.monotonic() - started, len(scores.rows))
     print(scores.markdown)
     print("written: " + ", ".join(str(path) for path in scores.written), flush=True)
     return scores
+
+
+def _invert(config: BenchConfig, stage: Callable[[list[str]], None], mapping: Path, samples: list[BenchSample],
+            method: str) -> None:
+    """`nti fit` of one method on the mapping file (what is on disk is skipped)."""
+    out = Path(config.output_dir)
+    inversions = out / method / "inversions"
+    todo = sum(not (inversions / f"{s.id}.safetensors").is_file() for s in samples)
+    _say(f"{method}: inverting {todo} of {len(samples)} sample(s)")
+    started = time.monotonic()
+    # The ddim row is the DDIM baseline: the other methods' reports need not sample it again.
+    model = {"ddim_baseline": False, **config.model, "method": method, "output_dir": str(inversions)}
+    if config.share_pivots:
+        model["pivot_dir"] = str(out / PIVOTS)
+    stage(["fit", *_flags("model", model), "--data.manifest", str(mapping), "--data.batch_size", str(config.batch_size),
+           *_flags("trainer", {"logger": False, **config.trainer})])
+    done = sum((inversions / f"{s.id}.safetensors").is_file() for s in samples) - (len(samples) - todo)
+    _record(out / TIMINGS, method, "invert", time.monotonic() - started, done)
+
+
+def _edit(config: BenchConfig, stage: Callable[[list[str]], None], samples: list[BenchSample], method: str) -> None:
+    """`nti predict` of the benchmark's edits of one method's inverted samples that have no strip
+    yet, then their strips (and the VAE round trip's) in the authors' layout."""
+    out = Path(config.output_dir)
+    inversions, strips = out / method / "inversions", out / method / IMAGES
+    pending = [s for s in samples if (inversions / f"{s.id}.safetensors").is_file() and not (strips / s.image_path).is_file()]
+    if not pending:
+        return
+    _say(f"{method}: editing {len(pending)} sample(s)")
+    started = time.monotonic()
+    edits, specs = out / method / "edits", out / method / "edits.jsonl"
+    with atomic_text(specs) as handle:
+        for sample in pending:
+            handle.write(json.dumps(benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit)) + "\n")
+    model = {k: v for k, v in config.model.items() if k in ("pretrained", "guidance_scale", "allow_model_mismatch")}
+    vae_strips = out / VAE_ROUND_TRIP / IMAGES
+    inputs = config.vae_round_trip and any(not (vae_strips / s.image_path).is_file() for s in pending)
+    stage(["predict", *_flags("model", {**model, "attention_maps": False, "reconstruction": False}),
+           "--data.edits_file", str(specs), "--data.batch_size", str(config.batch_size),
+           "--writer.output_dir", str(edits), "--writer.log_images", "false",
+           "--writer.save_inputs", json.dumps(inputs),  # the VAE round trip, until its row is complete
+           *_flags("trainer", {"logger": False, "enable_progress_bar": False, **config.trainer})])
+    edited = 0
+    for sample in pending:
+        if (edits / f"{sample.id}_edit1.png").is_file():
+            write_strip(sample.image, edits / f"{sample.id}_edit1.png", strips / sample.image_path)
+            edited += 1
+        if inputs and (edits / f"{sample.id}_input.png").is_file() and not (vae_strips / sample.image_path).is_file():
+            write_strip(sample.image, edits / f"{sample.id}_input.png", vae_strips / sample.image_path)
+    _record(out / TIMINGS, method, "edit", time.monotonic() - started, edited)
+
+
+def _say(message: str) -> None:
+    """One timestamped line on standard output (a batch job's log reads as it goes)."""
+    print(f"nti bench [{time.strftime('%H:%M:%S')}]: {message}", flush=True)
+
+
+def _record(path: Path, method: str, stage: str, seconds: float, items: int) -> None:
+    """Prints a stage's time and rate and appends it to `path` (one JSON line per stage and run)."""
+    rate = f", {items / seconds * 3600:.0f}/hour" if items and seconds >= 1 else ""
+    _say(f"{method}: {stage}: {items} in {duration(seconds)}{rate}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": method, "stage": stage,
+                                 "seconds": round(seconds, 3), "items": items}) + "\n")
 
 
 def write_strip(source: Path, edited: Path, target: Path) -> Path:
@@ -171,7 +245,30 @@ def _own_argv() -> Iterator[None]:
         sys.argv = saved
 
 
-def _nti(words: list[str]) -> None:
+def _stage_runner(trainer: dict[str, Any]) -> Callable[[list[str]], None]:
+    """How a stage (`nti fit`, `nti predict`) runs: in this process when the trainer runs one
+    process, else as a child `nti` process, which Lightning's launcher can start once per device
+    as it does for `nti fit` on the command line."""
+    return _in_process if _one_process(trainer) else _child_process
+
+
+def _one_process(trainer: dict[str, Any]) -> bool:
+    """Whether `trainer` options run Lightning in a single process."""
+    if str(trainer.get("num_nodes", 1)) != "1":
+        return False
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, (list, tuple)):
+        return len(devices) == 1
+    if str(devices) == "1":
+        return True
+    if str(devices) in ("auto", "-1"):
+        import torch
+
+        return str(trainer.get("accelerator", "auto")) == "cpu" or torch.cuda.device_count() <= 1
+    return False
+
+
+def _in_process(words: list[str]) -> None:
     """Runs `nti <words>` in this process; a run in which some images or edits failed goes on
     (they are in its failures.jsonl and the bench leaves them out)."""
     from nti_lightning.cli import EXIT_SOME_FAILED, main
@@ -182,6 +279,24 @@ def _nti(words: list[str]) -> None:
         except SystemExit as exit_:
             if exit_.code not in (0, None, EXIT_SOME_FAILED):
                 raise
+
+
+def _child_process(words: list[str]) -> None:
+    """Runs `python -m nti_lightning <words>` (its output goes to this process's). A usage error
+    stops the bench and an interrupt is passed on; a child that dies otherwise (a crash while the
+    processes of several devices tear down) leaves what it wrote, which the bench goes on with:
+    what is missing is redone by the next run and meanwhile scored as missing."""
+    from nti_lightning.cli import EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED, EXIT_USAGE
+
+    status = subprocess.call([sys.executable, "-m", "nti_lightning", *words])
+    if status == EXIT_USAGE:
+        raise OptionError(f"nti bench: `nti {words[0]}` stopped on a usage error (its message is above)")
+    if status in (EXIT_SIGINT, -signal.SIGINT):
+        raise SystemExit(EXIT_SIGINT)
+    if status in (EXIT_SIGTERM, -signal.SIGTERM):
+        raise SystemExit(EXIT_SIGTERM)
+    if status not in (0, EXIT_SOME_FAILED):
+        _say(f"`nti {words[0]}` ended with status {status}; going on with what it wrote (rerun to redo the rest)")
 
 
 def main(args: Optional[Sequence[str]] = None) -> BenchScores:
