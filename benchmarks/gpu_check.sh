@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check: the numbers BENCHMARKS.md asks of an H100/H200, in one command (about 7
+# One-shot GPU check: the numbers BENCHMARKS.md asks of an H100/H200, in one command (about 10
 # minutes there). Each run appends a JSON line (device, date, commit, versions, every row) to
 # $OUT/results.jsonl (benchmarks/gpu/ without $OUT) and its Markdown table to a .txt beside it;
 # a run that is cut short keeps the lines of the runs before it.
@@ -12,7 +12,11 @@
 #      bf16-mixed, bf16-mixed + reuse + torch.compile (continuous batching, the default) and
 #      bf16-mixed in lockstep scheduling (s/image, speed-up, peak memory per image, fidelity to fp32);
 #   2. sdxl-random at 1024 px, B = 1, full N, bf16-mixed with and without gradient checkpointing
-#      (s/image, peak memory).
+#      (s/image, peak memory);
+#   3. a PIE-Bench-shaped `nti bench` run: sd15-random, 32 generated PIE-format samples at 512 px,
+#      the four methods (pivot shared), edits with the benchmark's settings, scoring with
+#      random-weight DINO ViT-B/8 and CLIP ViT-L/14 (images/hour per method, and the minutes the
+#      700-image benchmark would take; target: Null-text + P2P in <= 30 min).
 # A machine without diffusers or jsonargparse gets them from gpu_wheels/ (pip download --no-deps
 # -d gpu_wheels diffusers jsonargparse docstring-parser typeshed-client, carried along).
 set -euo pipefail
@@ -36,11 +40,13 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     SD=(--model tiny --device cpu --threads 1 --steps 2 --inner-steps 2 --warmup-steps 1)
     SD_CONFIGS=(fp32 bf16 fp32+lockstep)
     XL=(--model tiny-xl --device cpu --threads 1 --steps 2 --inner-steps 2 --warmup-steps 1)
+    PIE=(--tiny)
 else
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
     SD=(--model sd15-random --device cuda)
     SD_CONFIGS=(fp32 bf16 bf16+reuse+compile bf16+lockstep)
     XL=(--model sdxl-random --device cuda)
+    PIE=(--model sd15-random --samples 32 --resolution 512 --device cuda --precision bf16-mixed --batch-size 8)
 fi
 
 echo "== sd15-random: baseline on one image, B = 8 at full N"
@@ -50,5 +56,8 @@ echo "== sd15-random: baseline on one image, B = 8 at full N"
 echo "== sdxl-random at its resolution: B = 1 at full N"
 "$PYTHON" benchmarks/benchmark_inversion.py "${XL[@]}" --batch-size 1 --baseline-images 0 --modes full \
     --configs bf16+checkpointing bf16 --no-fidelity --output "$RESULTS" | tee "$OUT_DIR/sdxl.txt"
+
+echo "== PIE-Bench-shaped nti bench: invert + edit + score per method"
+"$PYTHON" benchmarks/pie_throughput.py "${PIE[@]}" --output "$RESULTS" | tail -n 12 | tee "$OUT_DIR/pie.txt"
 
 echo "gpu_check: done; results in $RESULTS"

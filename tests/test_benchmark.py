@@ -128,3 +128,21 @@ def test_unet_call_cost_prints_a_price_per_call_size(capsys):
     assert all(math.isfinite(r[key]) and r[key] > 0 for r in results for key in ("forward_ms", "forward_backward_ms"))
     rows = table_rows(capsys.readouterr().out, "| rows |")
     assert [row[0] for row in rows] == ["1", "3"]
+
+
+def test_pie_throughput_runs_nti_bench_and_gives_images_per_hour_per_method(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pie_throughput"])
+    spec = importlib.util.spec_from_file_location("pie_throughput", SCRIPT.parent / "pie_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = tmp_path / "results.jsonl"
+    result = module.main(["--tiny", "--folder", str(tmp_path / "run"), "--output", str(output)])
+    assert json.loads(output.read_text()) == result
+    assert [row["method"] for row in result["rows"]] == ["null_text", "ddim", "negative_prompt", "direct"]
+    for row in result["rows"]:
+        assert row["invert_s"] > 0 and row["edit_s"] > 0 and math.isfinite(row["images_per_hour"]) and row["images_per_hour"] > 0
+        assert row["pie_bench_minutes"] == pytest.approx(700 / row["images_per_hour"] * 60, rel=0.01)
+    # the scores came from the random-weight scorers: structure distance and CLIP are numbers
+    rows = table_rows(capsys.readouterr().out, "| method | images | distance")
+    assert all(math.isfinite(float(row[2])) for row in rows)
+    assert len(list((tmp_path / "run" / "out" / "pivots").glob("*.safetensors"))) == 4  # one pivot per image
