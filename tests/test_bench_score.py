@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import bench_reference as ref
 from nti_lightning.bench.metrics import METRICS
@@ -164,6 +165,13 @@ def test_summary_in_paper_units_without_nan_rows(scored):
     assert "9 change style" in markdown and "LPIPS x10^3: n/a, turned off" in markdown
     assert "1 image without an output" in markdown and "211000000000" in markdown
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
+    grids = {tag for tag in events.Tags()["images"] if tag.startswith("pie_bench_samples/")}
+    types = {row["editing_type_id"] for row in result.rows}
+    assert len(grids) == len(types) and all(any(tag.split("/")[1].startswith(kind + " ") for tag in grids) for kind in types)
+    # one row per sample shown: its source, then each method's edit (grey where one has none)
+    grid = events.Images(sorted(grids)[0])[0]
+    assert grid.width > 3 * 128 and grid.height >= 128
 
 
 def test_edit_panel_is_the_last_square():

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from nti_lightning.bench.masks import decode_mask
-from nti_lightning.bench.pie import BenchSample, read_mapping
+from nti_lightning.bench.pie import EDIT_TYPES, BenchSample, read_mapping
 from nti_lightning.bench.metrics import (
     METRICS,
     as_array,
@@ -204,6 +204,31 @@ def write_rows(rows: Sequence[dict], path: Union[str, Path]) -> Path:
     return path
 
 
+#: Samples per edit type shown in TensorBoard's grids.
+GRID_SAMPLES = 2
+#: Largest side of a panel in those grids.
+GRID_PANEL = 256
+
+
+def sample_grids(shown: dict[str, list[tuple[str, list[Optional[np.ndarray]]]]], methods: Sequence[str]) -> dict[str, Image.Image]:
+    """One picture per edit type: a row per sample, its source then each method's edit (grey where
+    a method has none), labelled, panels at most `GRID_PANEL` px."""
+    from nti_lightning.editing.pictures import labelled_grid
+
+    grids = {}
+    for edit_type, entries in shown.items():
+        first = Image.fromarray(entries[0][1][0])
+        first.thumbnail((GRID_PANEL, GRID_PANEL))
+        images, labels = [], []
+        for sample_id, panels in entries:
+            for label, panel in zip([f"source {sample_id}", *methods], panels):
+                picture = Image.new("RGB", first.size, (128, 128, 128)) if panel is None else Image.fromarray(panel)
+                images.append(picture.resize(first.size, Image.Resampling.BICUBIC) if picture.size != first.size else picture)
+                labels.append(label)
+        grids[f"{edit_type} {EDIT_TYPES.get(edit_type, '')}".strip()] = labelled_grid(images, labels, columns=1 + len(methods))
+    return grids
+
+
 def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Optional[Sequence[str]] = None, *,
                  networks: Optional[BenchNetworks] = None, dino: Optional[str] = DINO_DEFAULT,
                  clip: Optional[str] = CLIP_DEFAULT, lpips: Optional[str] = LPIPS_DEFAULT, device: Optional[str] = None,
@@ -251,19 +276,28 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
         networks = load_networks(dino=dino, clip=clip, lpips=lpips, device=device)
     rows: list[dict] = []
     missing: dict[str, list[str]] = {method: [] for method in found}
+    shown: dict[str, list[tuple[str, list[Optional[np.ndarray]]]]] = {}  # edit type -> (id, source and edits) for the grids
     for done, sample in enumerate(samples, 1):
         source = as_array(_open(root / IMAGES / sample.image_path, f"source image of sample {sample.id}"))
         mask = decode_mask(sample.mask, source.shape[:2], sample=sample.id)
         cache = _SourceCache()
+        panels: Optional[list[Optional[np.ndarray]]] = None
+        if len(shown.setdefault(sample.editing_type_id, [])) < GRID_SAMPLES:
+            panels = [source]
+            shown[sample.editing_type_id].append((sample.id, panels))
         for method, folder in found.items():
             path = folder / sample.image_path
             if not path.is_file():
                 missing[method].append(sample.id)
+                if panels is not None:
+                    panels.append(None)
                 continue
             edit = as_array(edit_panel(_open(path, f"{method} output of sample {sample.id}"), sample.id))
             if edit.shape != source.shape:
                 raise BenchmarkError(f"{path}: the edit panel is {edit.shape[1]}x{edit.shape[0]}, the source "
                                      f"{source.shape[1]}x{source.shape[0]} (sample {sample.id})")
+            if panels is not None:
+                panels.append(edit)
             scores = score_sample(networks, source, edit, mask, sample.editing_prompt, cache)
             rows.append({"id": sample.id, "method": method, "editing_type_id": sample.editing_type_id, **scores})
         if progress is not None:
@@ -278,7 +312,7 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
             handle.write(markdown)
         result.written.append(Path(markdown_path))
     if tensorboard_dir is not None:
-        log_tensorboard(summary, tensorboard_dir, markdown)
+        log_tensorboard(summary, tensorboard_dir, markdown, sample_grids(shown, list(found)))
         result.written.append(Path(tensorboard_dir))
     return result
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+import numpy as np
+from PIL import Image
+
 from nti_lightning.bench.metrics import METRICS
 
 #: The factor from a raw value to the paper's unit.
@@ -170,8 +173,10 @@ def markdown_summary(summary: Summary, metrics: Sequence[str] = METRICS, unavail
     return "\n".join(lines) + "\n"
 
 
-def log_tensorboard(summary: Summary, log_dir: Union[str, Path], markdown: Optional[str] = None) -> None:
-    """Writes the means as TensorBoard scalars (and the Markdown summary as text).
+def log_tensorboard(summary: Summary, log_dir: Union[str, Path], markdown: Optional[str] = None,
+                    grids: Optional[Mapping[str, "Image.Image"]] = None) -> None:
+    """Writes the means as TensorBoard scalars (and the Markdown summary as text, and sample grids
+    as images tagged `pie_bench_samples/<edit type>`).
 
     Scalars are tagged `pie_bench/<metric>/<method>` (all images) and
     `pie_bench_by_type/<metric>/<method>/<type>`; undefined means are skipped.
@@ -180,6 +185,7 @@ def log_tensorboard(summary: Summary, log_dir: Union[str, Path], markdown: Optio
         summary (`dict`): from `summarize`.
         log_dir (`str` or `Path`): the event files' folder.
         markdown (`str`, *optional*): logged as text under `pie_bench/summary`.
+        grids (`Mapping[str, PIL.Image]`, *optional*): a picture per edit type (see `sample_grids`).
     """
     from torch.utils.tensorboard import SummaryWriter
 
@@ -194,5 +200,7 @@ def log_tensorboard(summary: Summary, log_dir: Union[str, Path], markdown: Optio
                     writer.add_scalar(tag, mean.mean, 0)
         if markdown:
             writer.add_text("pie_bench/summary", markdown, 0)
+        for edit_type, grid in (grids or {}).items():
+            writer.add_image(f"pie_bench_samples/{edit_type}", np.asarray(grid.convert("RGB")), 0, dataformats="HWC")
     finally:
         writer.close()
