@@ -1,11 +1,14 @@
 """Edit throughput: `nti predict`'s edits with many specs sampled together against one at a time.
 
     python benchmarks/edit_throughput.py --images 16 --batch-sizes 1 8 16
+    python benchmarks/edit_throughput.py --specs bench --images 12 --batch-sizes 1 12   # the offline PIE-Bench's edits
 
 Inverts `--images` held-out images of the `shapes` model (DDIM inversion: the edits' cost does
-not depend on the method), then edits each with a colour swap under Prompt-to-Prompt (Replace
-with LocalBlend on the shape word, cross 0.8 / self 0.7, as the shapes quality test) through
-`nti predict` at each batch size, and prints edits per second and the speed-up over one at a
+not depend on the method), then edits each through `nti predict` at each batch size: with
+`--specs colour` (the default) a colour swap under Prompt-to-Prompt (Replace with LocalBlend on
+the shape word, cross 0.8 / self 0.7, as the shapes quality test); with `--specs bench` the
+offline PIE-Bench's samples with the edits `nti bench --config configs/bench_demo.yaml` makes
+(Refine, the blend word reweighted, LocalBlend; no reconstruction panel, as `nti bench` runs them), and prints edits per second and the speed-up over one at a
 time. Timed is `EditModule.predict_step` over all the specs (loading, checking, sampling,
 decoding: what a predict run spends per batch). Each batch size runs `--repeats` times (fastest
 kept) after one untimed warm-up batch.
@@ -21,8 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import nti_lightning as nti
+from nti_lightning.bench.pie import benchmark_edit, read_mapping
+from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.demo.shapes import SHAPE_COLORS, heldout_samples
 from nti_lightning.editing.data import edit_items
 from nti_lightning.editing.module import EditModule
@@ -47,6 +53,21 @@ def write_specs(folder: Path, count: int, steps: int) -> Path:
     return specs
 
 
+def write_bench_specs(folder: Path, count: int, steps: int) -> Path:
+    """The offline PIE-Bench's first `count` samples, inverted, with the edit specs `nti bench`
+    makes of them under configs/bench_demo.yaml's settings; the specs' JSONL file."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "bench_demo.yaml").read_text())
+    samples, _ = read_mapping(write_shapes_bench(folder / "pie", count))
+    pipe = nti.load_pipeline("shapes")
+    inversions = nti.invert(pipe, [s.image for s in samples], [s.original_prompt for s in samples], num_inference_steps=steps,
+                            method="ddim", batch_size=8, progress_bar=False)
+    lines = [json.dumps(benchmark_edit(sample, inversion.save(folder / f"{sample.id}.safetensors"), config["edit"]))
+             for sample, inversion in zip(samples, inversions)]
+    specs = folder / "edits.jsonl"
+    specs.write_text("\n".join(lines) + "\n")
+    return specs
+
+
 def run(module: EditModule, items: list[dict], batch_size: int) -> float:
     """Seconds of `EditModule.predict_step` over every spec, `batch_size` at a time (what a
     predict run spends per batch, without Lightning's start-up or the model's load)."""
@@ -66,14 +87,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16], help="specs per step (default 1 8 16)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size, the fastest kept (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--specs", choices=["colour", "bench"], default="colour",
+                        help="colour swaps (default) or the offline PIE-Bench's edits as nti bench makes them")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
-        specs = write_specs(folder, args.images, args.steps)
-        module = EditModule(pretrained="shapes", attention_maps=False)
+        bench = args.specs == "bench"
+        specs = (write_bench_specs if bench else write_specs)(folder, args.images, args.steps)
+        module = EditModule(pretrained="shapes", attention_maps=False, reconstruction=not bench)
         module.configure_model()
         items = edit_items([], str(specs))
         run(module, items[: max(args.batch_sizes)], max(args.batch_sizes))  # warm-up
@@ -82,14 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"batch_size": batch_size, "seconds": min(seconds), "seconds_of_repeats": seconds,
                          "edits_per_second": args.images / min(seconds)})
     one = next((row["seconds"] for row in rows if row["batch_size"] == 1), None)
-    print(f"\nshapes, {args.images} edits (Replace + LocalBlend), T={args.steps}, {torch.get_num_threads()} threads")
+    kind = "the offline PIE-Bench's edits" if args.specs == "bench" else "Replace + LocalBlend"
+    print(f"\nshapes, {args.images} edits ({kind}), T={args.steps}, {torch.get_num_threads()} threads")
     print("| specs per step | seconds | edits/s | speed-up |\n|---:|---:|---:|---:|")
     for row in rows:
         row["speedup"] = one / row["seconds"] if one else None
         speedup = f"{row['speedup']:.2f}x" if one else "-"
         print(f"| {row['batch_size']} | {row['seconds']:.2f} | {row['edits_per_second']:.2f} | {speedup} |")
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "images": args.images, "steps": args.steps, "rows": rows}
+              "threads": torch.get_num_threads(), "images": args.images, "steps": args.steps, "specs": args.specs,
+              "rows": rows}
     print(json.dumps(record))
     return record
 

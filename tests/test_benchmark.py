@@ -146,3 +146,14 @@ def test_pie_throughput_runs_nti_bench_and_gives_images_per_hour_per_method(tmp_
     rows = table_rows(capsys.readouterr().out, "| method | images | distance")
     assert all(math.isfinite(float(row[2])) for row in rows)
     assert len(list((tmp_path / "run" / "out" / "pivots").glob("*.safetensors"))) == 4  # one pivot per image
+
+
+@pytest.mark.parametrize("specs", ["colour", "bench"])
+def test_edit_throughput_times_each_batch_size(specs, capsys):
+    spec = importlib.util.spec_from_file_location("edit_throughput", SCRIPT.parent / "edit_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record = module.main(["--specs", specs, "--images", "3", "--steps", "3", "--batch-sizes", "1", "3", "--repeats", "1"])
+    assert record["specs"] == specs and [row["batch_size"] for row in record["rows"]] == [1, 3]
+    assert all(row["seconds"] > 0 and math.isfinite(row["speedup"]) for row in record["rows"])
+    assert [row[0] for row in table_rows(capsys.readouterr().out, "| specs per step |")] == ["1", "3"]
