@@ -60,8 +60,8 @@ from nti_lightning.training.progress import duration
 #: The methods of the published table, in its order.
 METHODS = ("ddim", "null_text", "negative_prompt", "direct")
 
-#: The row of the VAE round trip (the source decoded from its own latent): the best any latent
-#: edit can keep of the unedited region, and what the methods' rows are read against.
+#: The row of the VAE round trip (the source decoded from its own latent): what an edit that kept
+#: the source latent would score on the unedited region, the reference the methods are read against.
 VAE_ROUND_TRIP = "vae_round_trip"
 
 #: Under `output_dir`: the DDIM pivots the methods share, and the stages' times.

@@ -6,7 +6,7 @@ Per edit `<id>` in `output_dir`:
 * `<id>_edit<k>.png`: edit k (k = 1 for the first edit prompt) at the model's resolution;
 * `<id>_attention.png`: the source prompt's cross-attention maps per token;
 * `<id>_input.png` with `save_inputs`: the input as the model sees it, the VAE's decoding of the
-  inversion's source latent (the VAE round trip, the best any latent edit can keep of the image);
+  inversion's source latent (the VAE round trip: what an edit that kept the source latent would give);
 
 and `failures.jsonl`, one line per edit that could not be made (also logged as a warning). Each
 device writes the samples of its own shard; file names come from the unique ids, so devices never
