@@ -64,7 +64,8 @@ def stage_seconds(timings: Path) -> dict[str, dict[str, float]]:
     seconds: dict[str, dict[str, float]] = {}
     for line in timings.read_text().splitlines():
         row = json.loads(line)
-        seconds.setdefault(row["method"], {})[row["stage"]] = seconds.get(row["method"], {}).get(row["stage"], 0.0) + row["seconds"]
+        stages = seconds.setdefault(row["method"], {})
+        stages[row["stage"]] = stages.get(row["stage"], 0.0) + row["seconds"]
     return seconds
 
 

@@ -114,13 +114,17 @@ class ReferenceNullInversion:
                 latent_cur = self.prev_step(noise_pred, t, latent_cur)
         return uncond_list, iterations, final_losses, checked, latent_cur
 
-    def invert(self, pixels, prompt: str, num_inner_steps: int = 10, epsilon: float = 1e-5) -> dict:
+    def pivot(self, pixels, prompt: str):
+        """The frozen networks, the prompt's (∅, C), the VAE latent and its w = 1 DDIM inversion."""
         for part in self.pipe.components.values():
             if isinstance(part, torch.nn.Module):
                 part.requires_grad_(False)
         uncond, cond = self.conditions(prompt)
         latent = self.image2latent(pixels)
-        ddim_latents = self.ddim_loop(latent, cond)
+        return uncond, cond, latent, self.ddim_loop(latent, cond)
+
+    def invert(self, pixels, prompt: str, num_inner_steps: int = 10, epsilon: float = 1e-5) -> dict:
+        uncond, cond, latent, ddim_latents = self.pivot(pixels, prompt)
         nulls, iterations, losses, checked, reconstruction = self.null_optimization(
             ddim_latents, uncond, cond, num_inner_steps, epsilon
         )
@@ -141,12 +145,7 @@ class ReferenceNullInversion:
         """Direct Inversion (Ju et al. 2024) as cure-lab/PnPInversion computes it
         (`offset_calculate`): the w = 1 pivot, then from z_T per step the guided step with ∅ and
         the source prompt, its offset to the pivot, and the next step from `step + offset`."""
-        for part in self.pipe.components.values():
-            if isinstance(part, torch.nn.Module):
-                part.requires_grad_(False)
-        uncond, cond = self.conditions(prompt)
-        latent = self.image2latent(pixels)
-        latents = self.ddim_loop(latent, cond)
+        uncond, cond, latent, latents = self.pivot(pixels, prompt)
         offsets, latent_cur = [], latents[-1]
         for i in range(self.num_ddim_steps):
             latent_prev = latents[len(latents) - i - 2]

@@ -51,8 +51,6 @@ class PivotStore:
         self.folder = Path(folder)
         alphas = hashlib.sha256(schedule.alphas_cumprod.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
         self.key = {"context": context, "timesteps": json.dumps(schedule.timesteps.tolist()), "alphas": alphas}
-        self.loaded = 0  # pivots read from the folder
-        self.saved = 0  # pivots written to it
 
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.safetensors"
@@ -83,7 +81,6 @@ class PivotStore:
         with atomic_path(self.path(image_id)) as temporary:
             save_file({"latents": latents.detach().float().cpu().contiguous()}, str(temporary),
                       metadata={**self.key, "prompt": prompt})
-        self.saved += 1
 
 
 def load_or_compute(
@@ -110,9 +107,9 @@ def load_or_compute(
         valid (`Sequence[bool]`, *optional*): rows that are images; with a store, padding rows are
             neither computed nor stored (their latents are z0's).
     """
-    valid = [True] * len(ids) if valid is None else [bool(v) for v in valid]
     if store is None:
         return compute(z0, cond), len(ids)
+    valid = [True] * len(ids) if valid is None else [bool(v) for v in valid]
     stored = [store.load(ids[k], prompts[k], z0[k]) if valid[k] else None for k in range(len(ids))]
     missing = [k for k, latents in enumerate(stored) if latents is None and valid[k]]
     # One layout whether read or computed: the UNet's output (hence a computed pivot) may be
@@ -125,7 +122,6 @@ def load_or_compute(
     for k, rows in enumerate(stored):
         if rows is not None:
             latents[:, k] = rows.to(z0.device)
-    store.loaded += sum(valid) - len(missing)
     for k in missing:
         store.save(ids[k], prompts[k], latents[:, k])
     return PivotTrajectory(latents=latents, timesteps=schedule.timesteps.clone()), len(missing)
