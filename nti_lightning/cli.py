@@ -84,8 +84,24 @@ def main(args: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:  # outside fit/predict, e.g. while the model loads
         print("interrupted", file=sys.stderr)
         raise SystemExit(EXIT_SIGINT) from None
+    finally:
+        _close_process_group()
     if status != EXIT_OK:
         raise SystemExit(status)
+
+
+def _close_process_group() -> None:
+    """Destroys the process group a multi-device run left, while Python can still do it cleanly.
+
+    Lightning destroys only NCCL groups at exit. A gloo group left to interpreter shutdown is torn
+    down with its worker threads still joinable, which now and then aborts the process
+    ("terminate called without an active exception", status -6) after all its work was written.
+    Destroying it is local to this process: no collective, so a rank that stopped early cannot hang.
+    """
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 #: The commands of `nti`, each with its line of `nti --help`.

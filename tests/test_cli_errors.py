@@ -288,3 +288,22 @@ def test_resume_refuses_artifacts_made_with_other_weights(tmp_path, images):
         make_plan(samples, [], 1, output_dir=tmp_path, settings={**settings, "model_fingerprint": "0123456789abcdef"}, check_images=False)
     del settings["model_fingerprint"]  # allow_model_mismatch leaves the fingerprint out of the settings
     assert len(make_plan(samples, [], 1, output_dir=tmp_path, settings=settings, check_images=False).skipped) == 1
+
+
+def test_nti_destroys_the_process_group_a_run_leaves(tmp_path):
+    # Lightning leaves a gloo group to interpreter shutdown, which can abort the process after
+    # the work is done; `nti` destroys it itself, on success and on a user's error alike.
+    script = f"""
+import torch.distributed as dist
+from nti_lightning.cli import main
+for args in (["--help"], ["nonsense"]):
+    dist.init_process_group("gloo", init_method="file://{tmp_path}/store-" + args[0], rank=0, world_size=1)
+    try:
+        main(args)
+    except SystemExit as exit_:
+        print("exit", exit_.code)
+    print("initialized", dist.is_initialized())
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("initialized False") == 2 and "exit 2" in result.stdout
