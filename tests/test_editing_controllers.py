@@ -189,3 +189,31 @@ def test_bad_words_and_prompts_are_named(tokenizer):
     controller = Replace(["a cat", "a dog"], tokenizer).begin(3)
     with pytest.raises(RuntimeError, match="built for 2 prompts got a batch of 3"):
         controller(synthetic_maps(3, 16), CROSS)
+
+
+def test_cross_forms_are_the_controllers_replace_cross(tokenizer):
+    from nti_lightning.editing.controllers import cross_form_of
+
+    swap = ["a cat on grass", "a hippopotamus on grass", "a dog on grass"]
+    refine = ["a cat on grass", "a small cat on green grass"]
+    controllers = [
+        Replace(swap, tokenizer),
+        Refine(refine, tokenizer),
+        Reweight(swap, tokenizer, words={"grass": 3.0}),
+        Reweight(refine, tokenizer, words={"green": 0.5}, base=Refine(refine, tokenizer)),
+        Reweight(swap, tokenizer, words={"on": 2.0}, base=Reweight(swap, tokenizer, words={"grass": 3.0}, base=Replace(swap, tokenizer))),
+    ]
+    for controller in controllers:
+        maps = synthetic_maps(len(controller.prompts), 16)
+        form = cross_form_of(controller)
+        mapped = torch.einsum("hqw,pwn->phqn", maps[0], form.mapper)
+        aligned, factors = form.aligned[:, None, None, :], form.factors[:, None, None, :]
+        expected = controller.replace_cross(maps[0], maps[1:])
+        torch.testing.assert_close((mapped * aligned + maps[1:] * (1 - aligned)) * factors, expected, rtol=1e-6, atol=1e-7)
+
+    class Halved(Replace):  # a subclass that changes replace_cross alone has no form
+        def replace_cross(self, base, edits):
+            return 0.5 * super().replace_cross(base, edits)
+
+    assert cross_form_of(Halved(swap, tokenizer)) is None
+    assert cross_form_of(Reweight(swap, tokenizer, words={"on": 2.0}, base=Halved(swap, tokenizer))) is None

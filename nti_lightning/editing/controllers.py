@@ -25,9 +25,11 @@ window `int(start * T) <= i < int(end * T)`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from nti_lightning.editing.alignment import refinement_mapper, replacement_mapper, word_positions
@@ -82,6 +84,43 @@ def cross_replace_windows(
         if not found:
             raise ValueError(f"cross_replace_steps word {word!r} is in none of the edit prompts {list(prompts[1:])}")
     return windows
+
+
+@dataclass(frozen=True)
+class CrossForm:
+    """A controller's `replace_cross` as tensors, so that many controllers run as one batched
+    operation (`nti_lightning.editing.batched_control`). Edit prompt p's maps become
+
+        `(einsum("hqw,wn->hqn", source, mapper[p]) * aligned[p] + edit * (1 - aligned[p])) * factors[p]`
+
+    Args:
+        mapper (`torch.Tensor`): `[P-1, K, K]` source token w -> edit token n weights.
+        aligned (`torch.Tensor`): `[P-1, K]` 1 where the edit token takes the mapped source map,
+            0 where it keeps its own (Refine's inserted words).
+        factors (`torch.Tensor`): `[P-1, K]` scale of each edit token's map (Reweight).
+    """
+
+    mapper: torch.Tensor
+    aligned: torch.Tensor
+    factors: torch.Tensor
+
+    @staticmethod
+    def identity(edits: int, tokens: int) -> "CrossForm":
+        """Every edit prompt takes the source's maps token for token."""
+        ones = torch.ones(edits, tokens)
+        return CrossForm(torch.eye(tokens).expand(edits, -1, -1).clone(), ones, ones.clone())
+
+
+def cross_form_of(controller: "AttentionController") -> Optional[CrossForm]:
+    """`controller.cross_form()`, or None when the class that defines its `replace_cross` is not the
+    one that defines its `cross_form` (a subclass that changed `replace_cross` alone)."""
+
+    def owner(name: str) -> type:
+        return next(kind for kind in type(controller).__mro__ if name in vars(kind))
+
+    if owner("replace_cross") is not owner("cross_form"):
+        return None
+    return controller.cross_form()
 
 
 class AttentionController:
@@ -179,6 +218,11 @@ class AttentionController:
         """`[P-1, heads, queries, keys]` maps for the edit prompts from the source's `[heads, queries, keys]`."""
         raise NotImplementedError
 
+    def cross_form(self) -> Optional[CrossForm]:
+        """`replace_cross` as a `CrossForm`, or None when it has none (then edits batched with
+        this controller call it on their own rows)."""
+        return None
+
     def on_device(self, name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """`tensor` on `like`'s device (and dtype, unless it holds indices), converted once per run."""
         dtype = tensor.dtype if not tensor.is_floating_point() else like.dtype
@@ -219,6 +263,10 @@ class Replace(AttentionController):
         mappers = self.on_device("mappers", self.mappers, base)
         return torch.einsum("hqw,pwn->phqn", base, mappers)
 
+    def cross_form(self) -> CrossForm:
+        ones = torch.ones(self.mappers.shape[:2])
+        return CrossForm(self.mappers.float(), ones, ones.clone())
+
 
 class Refine(AttentionController):
     """Added words: tokens aligned with the source's take its maps, inserted tokens keep their own.
@@ -252,6 +300,12 @@ class Refine(AttentionController):
         mapped = base[:, :, self.on_device("mappers", self.mappers, base)].permute(2, 0, 1, 3)
         aligned = self.on_device("aligned", self.aligned, base)[:, None, None, :]
         return mapped * aligned + edits * (1 - aligned)
+
+    def cross_form(self) -> CrossForm:
+        # Taking column mappers[p, n] is a product with its one-hot matrix (exact: one term).
+        tokens = self.mappers.shape[1]
+        mapper = F.one_hot(self.mappers.long(), tokens).transpose(1, 2).float()  # [P-1, w, n]
+        return CrossForm(mapper, self.aligned.float(), torch.ones(self.aligned.shape))
 
 
 class Reweight(AttentionController):
@@ -317,3 +371,12 @@ class Reweight(AttentionController):
     def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
         maps = self.base.replace_cross(base, edits) if self.base is not None else base[None]
         return maps * self.on_device("factors", self.factors, base)[:, None, None, :]
+
+    def cross_form(self) -> Optional[CrossForm]:
+        if self.base is None:
+            form = CrossForm.identity(*self.factors.shape)
+        else:
+            form = cross_form_of(self.base)
+            if form is None:
+                return None
+        return CrossForm(form.mapper, form.aligned, form.factors * self.factors)

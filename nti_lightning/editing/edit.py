@@ -20,6 +20,7 @@ from nti_lightning.data.images import to_pil
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.editing.attention import AttentionHook, AttentionLayer, AttentionStore, controlled_attention
+from nti_lightning.editing.batched_control import BatchedControl
 from nti_lightning.editing.controllers import AttentionController
 from nti_lightning.errors import ModelError
 from nti_lightning.inversion.artifact import Inversion
@@ -145,6 +146,7 @@ def edit_jobs_latents(
     nulls = _batched_nulls(jobs, sizes, cond)
 
     hooks: list[Optional[AttentionHook]] = []
+    stores: list[Optional[AttentionStore]] = []
     steppers: list[Optional[StepCallback]] = []
     for job in jobs:
         store = job.attention_store
@@ -160,13 +162,24 @@ def edit_jobs_latents(
         else:
             hooks.append(None)
             stepper = None
+        stores.append(store)
         steppers.append(retrace_source(job.inversion, job.prompts, stepper))
-    on_step = _split_steps(steppers, sizes)
     if all(hook is None for hook in hooks):
-        latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=on_step)
+        return list(sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=_split_steps(steppers, sizes)).split(sizes))
+    # Many edits: their controllers as whole-batch operations where they allow it (the built-in
+    # ones do); one edit, or a controller of its own kind: each controller on its own rows.
+    controllers = [job.controller for job in jobs]
+    batched = BatchedControl.of(controllers, stores, sizes, schedule.num_inference_steps) if len(jobs) > 1 else None
+    if batched is not None:
+        offsets = _split_steps([retrace_source(job.inversion, job.prompts, None) for job in jobs], sizes)
+        hook: AttentionHook = batched
+        on_step = batched.step_hook(offsets)
     else:
-        with controlled_attention(unet, _SplitHook(hooks, sizes)):
-            latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=on_step)
+        hook, on_step = _SplitHook(hooks, sizes), _split_steps(steppers, sizes)
+    with controlled_attention(unet, hook):
+        latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=on_step)
+    if batched is not None:
+        batched.finish()
     return list(latents.split(sizes))
 
 
