@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from nti_lightning.editing.attention import AttentionLayer, AttentionStore
 from nti_lightning.editing.blend import BLEND_PLACES, LocalBlend
-from nti_lightning.editing.controllers import AttentionController, CrossForm, cross_form_of
+from nti_lightning.editing.controllers import AttentionController, ConversionCache, CrossForm, converted_once, cross_form_of
 from nti_lightning.inversion.sampling import StepCallback
 
 
@@ -89,7 +89,7 @@ class BatchedControl:
         self.general_rows = torch.nonzero(~picks).flatten()
         self.cross_steps = self.alpha.flatten(1).any(dim=1).tolist()  # steps where some edit row is replaced
         self._blend_setup()
-        self._on_device: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._on_device: ConversionCache = {}
         self._self_rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
@@ -260,11 +260,7 @@ class BatchedControl:
 
     def tensor(self, name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """`tensor` on `like`'s device (and dtype, unless it holds indices), converted once per run."""
-        dtype = tensor.dtype if not tensor.is_floating_point() else like.dtype
-        key = (name, like.device, dtype)
-        if key not in self._on_device:
-            self._on_device[key] = tensor.to(device=like.device, dtype=dtype)
-        return self._on_device[key]
+        return converted_once(self._on_device, name, tensor, like)
 
 
 def _put_rows(probs: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

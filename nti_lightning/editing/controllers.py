@@ -123,6 +123,20 @@ def cross_form_of(controller: "AttentionController") -> Optional[CrossForm]:
     return controller.cross_form()
 
 
+#: Tensors already converted for a run, by (name, device, dtype).
+ConversionCache = dict[tuple[str, torch.device, torch.dtype], torch.Tensor]
+
+
+def converted_once(cache: ConversionCache, name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor` on `like`'s device (and dtype, unless it holds indices), kept in `cache` under
+    `name`: a controller's constants are converted once per run, not once per layer and step."""
+    dtype = tensor.dtype if not tensor.is_floating_point() else like.dtype
+    key = (name, like.device, dtype)
+    if key not in cache:
+        cache[key] = tensor.to(device=like.device, dtype=dtype)
+    return cache[key]
+
+
 class AttentionController:
     """Base of the Prompt-to-Prompt controllers (the authors' `AttentionControlEdit`).
 
@@ -169,7 +183,7 @@ class AttentionController:
         self.step = 0
         self.cross_alpha = torch.zeros(0)
         self.self_steps = (0, 0)
-        self._on_device: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._on_device: ConversionCache = {}
 
     def begin(self, num_steps: int, store: Optional[AttentionStore] = None) -> "AttentionController":
         """Prepares a sampling run of `num_steps` steps (the controller can be reused)."""
@@ -225,11 +239,7 @@ class AttentionController:
 
     def on_device(self, name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """`tensor` on `like`'s device (and dtype, unless it holds indices), converted once per run."""
-        dtype = tensor.dtype if not tensor.is_floating_point() else like.dtype
-        key = (name, like.device, dtype)
-        if key not in self._on_device:
-            self._on_device[key] = tensor.to(device=like.device, dtype=dtype)
-        return self._on_device[key]
+        return converted_once(self._on_device, name, tensor, like)
 
 
 class Replace(AttentionController):
