@@ -101,7 +101,10 @@ def _close_process_group() -> None:
     import torch.distributed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as error:  # clean-up at exit: never hide the run's own status behind it
+            print(f"nti: warning: could not close the process group ({error})", file=sys.stderr)
 
 
 #: The commands of `nti`, each with its line of `nti --help`.
