@@ -4,13 +4,14 @@ on the whole batch instead of one controller call per edit, layer and step.
 `edit_jobs_latents` puts many edits' prompts in each UNet call. Handing every edit's controller
 its own slice of each attention map costs a Python call and a handful of small kernels per edit,
 per layer, per step (the bench's 24 edits at T = 50 on the `shapes` model: 9600 controller calls,
-about 1.5 s of a 12 s batch on a CPU) and a copy of every map to put the slices back together.
+about 2 s of an 11 s batch on a CPU) and a copy of every map to put the slices back together.
 Here every built-in controller (`Replace`, `Refine`, `Reweight`, with or without `LocalBlend`) is
 turned into tensors over the batch's rows once, before sampling:
 
 * cross-attention: each controller's `CrossForm` (its `replace_cross` as a token mapper, the
   tokens that take the mapped maps, and per-token factors) and its per-step, per-token window
-  `alpha`, stacked over all edit rows: one batched product per layer;
+  `alpha`, stacked over all edit rows: a gather of columns (a `[K, K]` product for rows whose
+  words split into several tokens) and two `lerp`s per layer;
 * self-attention: per step and layer size, which edit rows take their source's maps: one gather;
 * the attention store: one store over all rows, split into each edit's own store when sampling
   ends (what the cross-attention pictures read);
@@ -28,10 +29,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from nti_lightning.editing.attention import AttentionLayer, AttentionStore
-from nti_lightning.editing.blend import BLEND_PLACES, LocalBlend
+from nti_lightning.editing.blend import BLEND_PLACES, LocalBlend, words_region
 from nti_lightning.editing.controllers import AttentionController, ConversionCache, CrossForm, converted_once, cross_form_of
 from nti_lightning.inversion.sampling import StepCallback
 
@@ -87,6 +87,7 @@ class BatchedControl:
         picks = ((self.mapper == 0) | (self.mapper == 1)).all(dim=(1, 2)) & (self.mapper.sum(dim=1) == 1).all(dim=1)
         self.select_index = self.mapper.argmax(dim=1)  # [E, K] source token of each edit token
         self.general_rows = torch.nonzero(~picks).flatten()
+        self.general_mapper = self.mapper[self.general_rows]  # [G, K, K] the others' products
         self.cross_steps = self.alpha.flatten(1).any(dim=1).tolist()  # steps where some edit row is replaced
         self._blend_setup()
         self._on_device: ConversionCache = {}
@@ -159,7 +160,7 @@ class BatchedControl:
         mapped = base.gather(3, index)
         if self.general_rows.numel():
             rows = self.tensor("general_rows", self.general_rows, base)
-            mapper = self.tensor("mapper", self.mapper, base).index_select(0, rows)
+            mapper = self.tensor("general_mapper", self.general_mapper, base)
             mapped.index_copy_(0, rows, torch.einsum("ehqw,ewn->ehqn", base.index_select(0, rows), mapper))
         return mapped
 
@@ -225,12 +226,8 @@ class BatchedControl:
         source = self.tensor("source_row", self.source_row, latents)
         for resolution, spans in resolutions.items():
             maps = self.store.maps(resolution, BLEND_PLACES, is_cross=True, average=False)  # [rows, r, r, K]
-            weights = self.tensor("blend_weights", self.blend_weights, maps)
-            word_maps = (maps * weights[:, None, None, :]).sum(-1)[:, None]
-            word_maps = F.max_pool2d(word_maps, kernel_size=3, stride=1, padding=1)
-            word_maps = F.interpolate(word_maps, size=tuple(latents.shape[2:]))
-            peak = word_maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(word_maps.dtype).tiny)
-            mask = word_maps / peak > self.tensor("blend_thresholds", self.blend_thresholds, word_maps)[:, None, None, None]
+            weights, thresholds = self.tensor("blend_weights", self.blend_weights, maps), self.tensor("blend_thresholds", self.blend_thresholds, maps)
+            mask = words_region(maps, weights, thresholds, latents.shape[2:])
             mask = (mask.index_select(0, source) | mask).to(latents.dtype)
             sources = latents.index_select(0, source)
             blended = sources + mask * (latents - sources)

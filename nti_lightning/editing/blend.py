@@ -28,6 +28,28 @@ from nti_lightning.editing.attention import AttentionStore
 BLEND_PLACES = ("down", "up")
 
 
+def words_region(
+    maps: torch.Tensor, weights: torch.Tensor, threshold: Union[float, torch.Tensor], latent_size: Sequence[int]
+) -> torch.Tensor:
+    """`[P, 1, h, w]` boolean region of each row's words, before the union with the source's.
+
+    Args:
+        maps (`torch.Tensor`): `[P, r, r, K]` cross-attention maps (summed over steps and layers).
+        weights (`torch.Tensor`): `[P, K]` 1 on each row's blend words' tokens.
+        threshold (`float` or `torch.Tensor`): mask where the peak-normalised map exceeds it; one
+            for all rows, or `[P]` per row.
+        latent_size (`Sequence[int]`): `(h, w)` of the latents the mask applies to.
+    """
+    word_maps = (maps * weights[:, None, None, :]).sum(-1)[:, None]  # [P, 1, r, r]
+    word_maps = F.max_pool2d(word_maps, kernel_size=3, stride=1, padding=1)
+    word_maps = F.interpolate(word_maps, size=tuple(latent_size))
+    # A prompt with no words has an all-zero map: keep it all-False rather than 0/0.
+    peak = word_maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(word_maps.dtype).tiny)
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.view(-1, 1, 1, 1)
+    return word_maps / peak > threshold
+
+
 class LocalBlend:
     """Restricts an edit to the region of chosen words.
 
@@ -81,13 +103,7 @@ class LocalBlend:
                 raise ValueError("LocalBlend found no down/up cross-attention maps in the store")
             resolution = available[0]
         maps = store.maps(resolution, BLEND_PLACES, is_cross=True, average=False)  # [P, r, r, K]
-        weights = self.weights.to(device=maps.device, dtype=maps.dtype)
-        word_maps = (maps * weights[:, None, None, :]).sum(-1)[:, None]  # [P, 1, r, r]
-        word_maps = F.max_pool2d(word_maps, kernel_size=3, stride=1, padding=1)
-        word_maps = F.interpolate(word_maps, size=tuple(latent_size))
-        # A prompt with no words has an all-zero map: keep it all-False rather than 0/0.
-        peak = word_maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(word_maps.dtype).tiny)
-        mask = word_maps / peak > self.threshold
+        mask = words_region(maps, self.weights.to(device=maps.device, dtype=maps.dtype), self.threshold, latent_size)
         return mask[:1] | mask
 
     def __call__(self, latents: torch.Tensor, store: AttentionStore, step: int, num_steps: int) -> torch.Tensor:
