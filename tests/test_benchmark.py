@@ -1,5 +1,6 @@
 """The inversion benchmark script runs end to end on the tiny model and reports every row."""
 
+import csv
 import importlib.util
 import json
 import math
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_inversion.py"
 
@@ -157,3 +159,33 @@ def test_edit_throughput_times_each_batch_size(specs, capsys):
     assert record["specs"] == specs and [row["batch_size"] for row in record["rows"]] == [1, 3]
     assert all(row["seconds"] > 0 and math.isfinite(row["speedup"]) for row in record["rows"])
     assert [row[0] for row in table_rows(capsys.readouterr().out, "| specs per step |")] == ["1", "3"]
+
+
+def test_unedited_region_gap_reruns_the_bench_edits_and_scores_each_reference(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["unedited_region_gap"])
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump({
+        "root": "pie", "demo_samples": 3, "methods": ["ddim", "direct"], "output_dir": "out", "batch_size": 2,
+        "model": {"pretrained": "shapes", "num_inference_steps": 5},
+        "edit": {"blend_threshold": 0.7},
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False},
+        "score": {"dino": "none", "clip": "none", "lpips": "none", "device": "cpu"},
+    }))
+    spec = importlib.util.spec_from_file_location("unedited_region_gap", SCRIPT.parent / "unedited_region_gap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.main(["--config", str(config)])["table"]
+    with (tmp_path / "out" / "pie_bench.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    bench = {m: sum(float(r["psnr_unedited"]) for r in rows if r["method"] == m) / 3 for m in ("ddim", "direct", "vae_round_trip")}
+    for method in ("ddim", "direct"):
+        assert table[method]["samples"] == 3
+        # the edits sampled again are the bench's (its settings, its overrides), and so is the VAE row
+        assert table[method]["edit"] == pytest.approx(bench[method], abs=0.01)
+        assert table[method]["vae"] == pytest.approx(bench["vae_round_trip"], abs=0.01)
+        assert all(math.isfinite(table[method][column]) for column in ("vae + edit cells", "edit region: edit"))
+    # Direct's source row retraces the pivot: it reconstructs as the VAE round trip
+    assert table["direct"]["reconstruction"] == pytest.approx(table["direct"]["vae"], abs=0.05)
+    assert table["ddim"]["reconstruction"] < table["ddim"]["vae"] - 1  # DDIM's at w = 7.5 does not
+    assert [row[0] for row in table_rows(capsys.readouterr().out, "| method | edit |")] == ["ddim", "direct"]
