@@ -11,13 +11,17 @@ offline PIE-Bench's samples with the edits `nti bench --config configs/bench_dem
 (Refine, the blend word reweighted, LocalBlend; no reconstruction panel, as `nti bench` runs them), and prints edits per second and the speed-up over one at a
 time. Timed is `EditModule.predict_step` over all the specs (loading, checking, sampling,
 decoding: what a predict run spends per batch). Each batch size runs `--repeats` times (fastest
-kept) after one untimed warm-up batch.
+kept) after one untimed warm-up batch. Beside the wall time it reports this process's CPU time
+(all its threads) and the seconds the hypervisor stole from the machine during each run
+(/proc/stat): on a shared virtual machine the wall time counts stolen time and the CPU time does
+not, so the CPU-time speed-up is the one a machine of one's own would see.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -68,16 +72,26 @@ def write_bench_specs(folder: Path, count: int, steps: int) -> Path:
     return specs
 
 
-def run(module: EditModule, items: list[dict], batch_size: int) -> float:
-    """Seconds of `EditModule.predict_step` over every spec, `batch_size` at a time (what a
-    predict run spends per batch, without Lightning's start-up or the model's load)."""
-    started = time.perf_counter()
+def stolen_seconds() -> float:
+    """The machine's CPU time taken by its hypervisor so far (/proc/stat's steal), 0 where unknown."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def run(module: EditModule, items: list[dict], batch_size: int) -> tuple[float, float, float]:
+    """Wall seconds, this process's CPU seconds and the machine's stolen seconds of
+    `EditModule.predict_step` over every spec, `batch_size` at a time (what a predict run spends
+    per batch, without Lightning's start-up or the model's load)."""
+    started, cpu, stolen = time.perf_counter(), time.process_time(), stolen_seconds()
     for start in range(0, len(items), batch_size):
         results = module.predict_step(items[start : start + batch_size], start // batch_size)
         failed = [result["error"] for result in results if "error" in result]
         if failed:
             raise RuntimeError(f"edits failed: {failed}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu, stolen_seconds() - stolen
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,21 +116,29 @@ def main(argv: list[str] | None = None) -> dict:
         items = edit_items([], str(specs))
         run(module, items[: max(args.batch_sizes)], max(args.batch_sizes))  # warm-up
         # Repeats go round the batch sizes, so a slow spell of a shared machine hits them alike.
-        seconds: dict[int, list[float]] = {batch_size: [] for batch_size in args.batch_sizes}
+        runs: dict[int, list[tuple[float, float, float]]] = {batch_size: [] for batch_size in args.batch_sizes}
         for _ in range(args.repeats):
             for batch_size in args.batch_sizes:
-                seconds[batch_size].append(run(module, items, batch_size))
-        for batch_size, times in seconds.items():
-            rows.append({"batch_size": batch_size, "seconds": min(times), "seconds_of_repeats": times,
-                         "edits_per_second": args.images / min(times)})
+                runs[batch_size].append(run(module, items, batch_size))
+        for batch_size, measured in runs.items():
+            wall, cpu, stolen = (list(column) for column in zip(*measured))
+            rows.append({"batch_size": batch_size, "seconds": min(wall), "seconds_of_repeats": wall,
+                         "cpu_seconds": min(cpu), "cpu_seconds_of_repeats": cpu, "stolen_seconds_of_repeats": stolen,
+                         "edits_per_second": args.images / min(wall)})
     one = next((row["seconds"] for row in rows if row["batch_size"] == 1), None)
     kind = "the offline PIE-Bench's edits" if args.specs == "bench" else "Replace + LocalBlend"
     print(f"\nshapes, {args.images} edits ({kind}), T={args.steps}, {torch.get_num_threads()} threads")
-    print("| specs per step | seconds | edits/s | speed-up |\n|---:|---:|---:|---:|")
+    one_cpu = next((row["cpu_seconds"] for row in rows if row["batch_size"] == 1), None)
+    print("| specs per step | seconds | edits/s | speed-up | CPU seconds | speed-up in CPU time | stolen seconds |\n"
+          "|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         row["speedup"] = one / row["seconds"] if one else None
+        row["cpu_speedup"] = one_cpu / row["cpu_seconds"] if one_cpu else None
         speedup = f"{row['speedup']:.2f}x" if one else "-"
-        print(f"| {row['batch_size']} | {row['seconds']:.2f} | {row['edits_per_second']:.2f} | {speedup} |")
+        cpu_speedup = f"{row['cpu_speedup']:.2f}x" if one_cpu else "-"
+        stolen = ", ".join(f"{value:.1f}" for value in row["stolen_seconds_of_repeats"])
+        print(f"| {row['batch_size']} | {row['seconds']:.2f} | {row['edits_per_second']:.2f} | {speedup} "
+              f"| {row['cpu_seconds']:.2f} | {cpu_speedup} | {stolen} |")
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "images": args.images, "steps": args.steps, "specs": args.specs,
               "rows": rows}

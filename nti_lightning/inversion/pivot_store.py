@@ -92,10 +92,9 @@ def load_or_compute(
     ids: Sequence[str],
     prompts: Sequence[str],
     valid: Optional[Sequence[bool]] = None,
-) -> tuple[PivotTrajectory, int]:
+) -> PivotTrajectory:
     """The pivots of a batch of images: those in `store` read, the others computed together by
-    `compute(z0, cond)` (e.g. `ddim_invert`) and written to it. Returns the `[T + 1, B, ...]`
-    trajectory and how many images were computed.
+    `compute(z0, cond)` (e.g. `ddim_invert`) and written to it: the `[T + 1, B, ...]` trajectory.
 
     Args:
         store (`PivotStore`, *optional*): where pivots are kept; `None` computes them all.
@@ -108,7 +107,7 @@ def load_or_compute(
             neither computed nor stored (their latents are z0's).
     """
     if store is None:
-        return compute(z0, cond), len(ids)
+        return compute(z0, cond)
     valid = [True] * len(ids) if valid is None else [bool(v) for v in valid]
     stored = [store.load(ids[k], prompts[k], z0[k]) if valid[k] else None for k in range(len(ids))]
     missing = [k for k, latents in enumerate(stored) if latents is None and valid[k]]
@@ -124,4 +123,4 @@ def load_or_compute(
             latents[:, k] = rows.to(z0.device)
     for k in missing:
         store.save(ids[k], prompts[k], latents[:, k])
-    return PivotTrajectory(latents=latents, timesteps=schedule.timesteps.clone()), len(missing)
+    return PivotTrajectory(latents=latents, timesteps=schedule.timesteps.clone())

@@ -205,7 +205,7 @@ class SlotWalk:
         """
         count = z0.shape[0]
         invert = lambda rows, rows_cond: self._invert(unet, rows, rows_cond)  # noqa: E731
-        pivot, _ = load_or_compute(self.pivot_store, invert, self.schedule, z0, cond, ids, prompts)
+        pivot = load_or_compute(self.pivot_store, invert, self.schedule, z0, cond, ids, prompts)
         for k in range(count):
             single = PivotTrajectory(latents=pivot.latents[:, k : k + 1].clone(), timesteps=pivot.timesteps)
             self.waiting.append(

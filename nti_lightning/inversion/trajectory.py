@@ -76,7 +76,7 @@ class NullTextTrajectory:
         or reads it from `pivot_store` (see `nti_lightning.inversion.pivot_store`)."""
         if valid is None:
             valid = torch.ones(len(ids), dtype=torch.bool)
-        pivot, _ = load_or_compute(
+        pivot = load_or_compute(
             pivot_store, lambda rows, rows_cond: ddim_invert(unet, schedule, rows, rows_cond), schedule, z0, cond, ids,
             prompts, valid.tolist(),
         )
