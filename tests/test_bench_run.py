@@ -109,6 +109,16 @@ def test_bench_config_mistakes_are_named(tmp_path):
         BenchConfig.load(config)
 
 
+@pytest.mark.parametrize("args, culprit", [([], "required: --config"), (["--config", "b.yaml", "--rooot", "x"], "unrecognized arguments: --rooot")])
+def test_bench_command_line_mistakes_are_one_error_line(args, culprit, capsys):
+    from nti_lightning.bench.run import main as bench_main
+
+    with pytest.raises(OptionError, match=culprit) as error:
+        bench_main(args)
+    assert "--score DIR" in str(error.value)  # the other way to call it
+    assert capsys.readouterr().err == ""  # argparse printed no usage of its own
+
+
 def test_bench_on_two_devices_runs_each_stage_across_both(tmp_path, monkeypatch):
     """`trainer.devices: 2`: each stage is a child `nti` process that Lightning starts on both
     devices (two CPU processes here), each image inverted and edited once, the pivots shared."""

@@ -35,7 +35,6 @@ The config (YAML), with its defaults:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import signal
@@ -50,7 +49,7 @@ import yaml
 from PIL import Image
 
 from nti_lightning.bench.pie import BenchSample, benchmark_edit, read_mapping
-from nti_lightning.bench.score import IMAGES, MAPPING_FILE, BenchScores, score_folder
+from nti_lightning.bench.score import IMAGES, MAPPING_FILE, BenchParser, BenchScores, score_folder
 from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT
 from nti_lightning.errors import InputNotFoundError, OptionError
@@ -301,16 +300,11 @@ def _child_process(words: list[str]) -> None:
 
 def main(args: Optional[Sequence[str]] = None) -> BenchScores:
     """`nti bench --config FILE [--root DIR] [--output_dir DIR]`."""
-    parser = argparse.ArgumentParser(prog="nti bench", description="PIE-Bench end to end: invert, edit and score.")
+    parser = BenchParser(prog="nti bench", description="PIE-Bench end to end: invert, edit and score.")
     parser.add_argument("--config", required=True, help="the bench's YAML config (see nti_lightning/bench/run.py)")
     parser.add_argument("--root", help="overrides the config's root")
     parser.add_argument("--output_dir", help="overrides the config's output_dir")
-    try:
-        options = parser.parse_args(list(args) if args is not None else None)
-    except SystemExit as exit_:
-        if exit_.code:
-            raise OptionError("nti bench: --config FILE is required (or --score DIR to score a folder)") from None
-        raise
+    options = parser.parse_args(list(args) if args is not None else None)
     config = BenchConfig.load(options.config)
     config.root = options.root or config.root
     config.output_dir = options.output_dir or config.output_dir

@@ -317,11 +317,13 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
     return result
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as `OptionError` (one `nti: error:` line, exit 2)."""
+class BenchParser(argparse.ArgumentParser):
+    """argparse that reports a mistake as `OptionError` (one `nti: error:` line, exit 2) with the
+    two ways `nti bench` is called."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise OptionError(f"nti bench: {message}")
+        raise OptionError(f"nti bench: {message} (`nti bench --config FILE` runs the benchmark, "
+                          f"`nti bench --score DIR --bench.root ROOT` scores a folder)")
 
 
 def main(args: Optional[Sequence[str]] = None) -> BenchScores:
@@ -334,7 +336,7 @@ def main(args: Optional[Sequence[str]] = None) -> BenchScores:
         `BenchScores`, after writing the CSV and the Markdown summary (beside the outputs unless
         `--bench.output` / `--bench.summary` say otherwise) and printing the summary.
     """
-    parser = _Parser(prog="nti bench", description="Score a folder of PIE-Bench outputs with the benchmark's metrics.")
+    parser = BenchParser(prog="nti bench", description="Score a folder of PIE-Bench outputs with the benchmark's metrics.")
     parser.add_argument("--score", metavar="OUTPUTS", required=True,
                         help="folder of <method>/annotation_images/<image_path> outputs (or one method's folder)")
     parser.add_argument("--bench.root", dest="root", required=True, help="PIE-Bench folder: mapping_file.json, annotation_images/")
