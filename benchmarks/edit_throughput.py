@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16], help="specs per step (default 1 8 16)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size, taken in turns, the fastest kept (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--channels-last", action="store_true", help="the UNet's weights in channels-last format (model.channels_last)")
     parser.add_argument("--specs", choices=["colour", "bench"], default="colour",
                         help="colour swaps (default) or the offline PIE-Bench's edits as nti bench makes them")
     args = parser.parse_args(argv)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         folder = Path(temporary)
         bench = args.specs == "bench"
         specs = (write_bench_specs if bench else write_specs)(folder, args.images, args.steps)
-        module = EditModule(pretrained="shapes", attention_maps=False, reconstruction=not bench)
+        module = EditModule(pretrained="shapes", attention_maps=False, reconstruction=not bench, channels_last=args.channels_last)
         module.configure_model()
         items = edit_items([], str(specs))
         run(module, items[: max(args.batch_sizes)], max(args.batch_sizes))  # warm-up
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "edits_per_second": args.images / min(wall)})
     one = next((row["seconds"] for row in rows if row["batch_size"] == 1), None)
     kind = "the offline PIE-Bench's edits" if args.specs == "bench" else "Replace + LocalBlend"
-    print(f"\nshapes, {args.images} edits ({kind}), T={args.steps}, {torch.get_num_threads()} threads")
+    layout = ", channels-last UNet" if args.channels_last else ""
+    print(f"\nshapes, {args.images} edits ({kind}), T={args.steps}, {torch.get_num_threads()} threads{layout}")
     one_cpu = next((row["cpu_seconds"] for row in rows if row["batch_size"] == 1), None)
     print("| specs per step | seconds | edits/s | speed-up | CPU seconds | speed-up in CPU time | stolen seconds |\n"
           "|---:|---:|---:|---:|---:|---:|---|")
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {row['batch_size']} | {row['seconds']:.2f} | {row['edits_per_second']:.2f} | {speedup} "
               f"| {row['cpu_seconds']:.2f} | {cpu_speedup} | {stolen} |")
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "images": args.images, "steps": args.steps, "specs": args.specs,
+              "threads": torch.get_num_threads(), "channels_last": args.channels_last, "images": args.images, "steps": args.steps, "specs": args.specs,
               "rows": rows}
     print(json.dumps(record))
     return record

@@ -145,19 +145,33 @@ def test_predict_batches_give_the_one_at_a_time_pictures(tmp_path, monkeypatch):
     ]
     edits = tmp_path / "edits.jsonl"
     edits.write_text("".join(json.dumps(spec) + "\n" for spec in specs))
-    for batch_size in (1, 4):
+    # batches of 1 and 4, and of 4 with the UNet's weights channels-last (another rounding only)
+    for name, batch_size, layout in (("b1", 1, "false"), ("b4", 4, "false"), ("b4cl", 4, "true")):
         predict_main(["predict", "--config", str(ROOT / "tests/configs/edit_tiny.yaml"), "--trainer.logger", "false",
-                      "--data.edits_file", str(edits), "--data.batch_size", str(batch_size),
-                      "--writer.output_dir", str(tmp_path / f"b{batch_size}")])
+                      "--data.edits_file", str(edits), "--data.batch_size", str(batch_size), "--model.channels_last", layout,
+                      "--writer.output_dir", str(tmp_path / name)])
     pictures = sorted(p.name for p in (tmp_path / "b1").glob("*_edit*.png"))
     assert pictures == ["inv1_refine_edit1.png", "inv2_reweight_edit1.png", "tiger_edit1.png"]
-    assert sorted(p.name for p in (tmp_path / "b4").glob("*_edit*.png")) == pictures
-    for name in pictures:
-        one, four = (np.asarray(Image.open(tmp_path / f"b{b}" / name), dtype=np.int16) for b in (1, 4))
-        assert np.abs(one - four).max() <= 1, name  # a level at most: the rounding of a larger batch
+    for b in ("b4", "b4cl"):
+        assert sorted(p.name for p in (tmp_path / b).glob("*_edit*.png")) == pictures
+        for name in pictures:
+            one, four = (np.asarray(Image.open(tmp_path / folder / name), dtype=np.int16) for folder in ("b1", b))
+            assert np.abs(one - four).max() <= 1, (b, name)  # a level at most: the rounding of a larger batch
     for b in (1, 4):  # the broken spec fails alone
         [failure] = (tmp_path / f"b{b}" / "failures.jsonl").read_text().splitlines()
         assert json.loads(failure)["id"] == "missing"
+
+
+def test_channels_last_puts_the_unets_weights_in_that_layout():
+    from nti_lightning.editing.module import EditModule
+
+    module = EditModule(pretrained="tiny", channels_last=True)
+    module.configure_model()
+    weight = module.unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    plain = EditModule(pretrained="tiny")
+    plain.configure_model()
+    assert plain.unet.conv_in.weight.is_contiguous()
 
 
 def test_batched_local_blend_equals_each_blend_alone():

@@ -25,7 +25,8 @@ The config (YAML), with its defaults:
     methods: [null_text, negative_prompt, ddim, direct]
     output_dir: bench
     batch_size: 8                    # images inverted together, and edit specs sampled together
-    model: {pretrained: CompVis/stable-diffusion-v1-4}   # any model.* option of nti fit (T, w, N, ...)
+    model: {pretrained: CompVis/stable-diffusion-v1-4}   # any model.* option of nti fit (T, w, N, ...); the edits take
+                                     # its pretrained, guidance_scale, allow_model_mismatch and channels_last
     trainer: {}                      # trainer.* options of nti fit and nti predict (accelerator, precision, ...)
     edit: {}                         # overrides of the benchmark's edit settings (bench.pie.BENCHMARK_OPTIONS)
     score: {dino: facebook/dino-vitb8, clip: openai/clip-vit-large-patch14, lpips: squeeze, device: null}
@@ -175,7 +176,7 @@ def _edit(config: BenchConfig, stage: Callable[[list[str]], None], samples: list
     with atomic_text(specs) as handle:
         for sample in pending:
             handle.write(json.dumps(benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit)) + "\n")
-    model = {k: v for k, v in config.model.items() if k in ("pretrained", "guidance_scale", "allow_model_mismatch")}
+    model = {k: v for k, v in config.model.items() if k in ("pretrained", "guidance_scale", "allow_model_mismatch", "channels_last")}
     vae_strips = out / VAE_ROUND_TRIP / IMAGES
     inputs = config.vae_round_trip and any(not (vae_strips / s.image_path).is_file() for s in pending)
     stage(["predict", *_flags("model", {**model, "attention_maps": False, "reconstruction": False}),
