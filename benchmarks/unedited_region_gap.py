@@ -5,14 +5,14 @@
 Runs (or, on a finished run, merely reads) `nti bench` with the config, then samples each
 method's edits again from its inversions with the benchmark's settings, as the bench does, this
 time keeping the final latents. Each sample is scored on the unedited region (PSNR as the
-evaluator computes it, `bench.metrics.psnr_unedited`) in five ways:
+evaluator computes it, `bench.metrics.psnr_unedited`) in these ways:
 
 - `edit`: the edit, the number in the bench's table;
 - `reconstruction`: the source row of the same sampling, the inversion under the edit's controller;
 - `vae`: the source's own VAE latent decoded, the table's `vae_round_trip` row;
 - `vae + edit cells`: the VAE latent in every latent cell that holds no edited pixel, the edit's
-  latent in the cells that do: an edit held to the region's own cells, with a perfect inversion
-  everywhere else, so what no inversion and no blend mask can do better than;
+  latent in the cells that do: what the same edit would score with a perfect inversion and no
+  change at all outside its region's cells;
 - `far: edit` / `far: vae`: the edit and the VAE round trip on the pixels whose latent cell holds
   no edited pixel (the cells along the region's outline left out);
 - `edit region: edit`: the same PSNR on the edit region instead (how much the edit changed
@@ -56,7 +56,7 @@ def decoded(pipeline: nti.Pipeline, latent: torch.Tensor) -> np.ndarray:
 
 
 def method_scores(pipeline: nti.Pipeline, config: BenchConfig, samples: list, method: str) -> dict[str, list[float]]:
-    """The five scores of every sample `method` inverted (see the module's documentation)."""
+    """The scores (`COLUMNS`) of every sample `method` inverted (see the module's documentation)."""
     inversions = Path(config.output_dir) / method / "inversions"
     chosen = [s for s in samples if (inversions / f"{s.id}.safetensors").is_file()]
     jobs = []
