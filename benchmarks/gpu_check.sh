@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check: the numbers BENCHMARKS.md asks of an H100/H200, in one command (at most
-# 9 minutes there with the default section limits). Each run appends a JSON line (device, date,
-# commit, versions, every row) to $OUT/results.jsonl (benchmarks/gpu/ without $OUT) and its
-# Markdown table to a .txt beside it; a section that fails or is cut keeps the lines of the
-# sections before it, and the others still run.
+# 9.5 minutes there with the default section limits: 330, 150 and 90 s). Each run appends a JSON
+# line (device, date, commit, versions, every row) to $OUT/results.jsonl (benchmarks/gpu/
+# without $OUT) and its Markdown table to a .txt beside it; a section that fails or is cut
+# keeps the lines of the sections before it, and the others still run.
 #
 #   bash benchmarks/gpu_check.sh                    # on the GPU machine
 #   GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh   # rehearsal on a CPU: tiny models, few steps
@@ -66,14 +66,14 @@ section() {  # section NAME LIMIT_S TABLE_FILE COMMAND...
     fi
 }
 
-section "PIE-Bench-shaped nti bench: invert + edit + score per method" "${GPU_CHECK_PIE_S:-240}" "$OUT_DIR/pie.txt" \
+section "PIE-Bench-shaped nti bench: invert + edit + score per method" "${GPU_CHECK_PIE_S:-330}" "$OUT_DIR/pie.txt" \
     "$PYTHON" benchmarks/pie_throughput.py "${PIE[@]}" --output "$RESULTS"
 
-section "sd15-random: baseline on one image, B = 8 at full N" "${GPU_CHECK_SD15_S:-180}" "$OUT_DIR/sd15.txt" \
+section "sd15-random: baseline on one image, B = 8 at full N" "${GPU_CHECK_SD15_S:-150}" "$OUT_DIR/sd15.txt" \
     "$PYTHON" benchmarks/benchmark_inversion.py "${SD[@]}" --batch-size 8 --baseline-images 1 --modes full \
     --configs "${SD_CONFIGS[@]}" --output "$RESULTS"
 
-section "sdxl-random at its resolution: B = 1 at full N" "${GPU_CHECK_SDXL_S:-120}" "$OUT_DIR/sdxl.txt" \
+section "sdxl-random at its resolution: B = 1 at full N" "${GPU_CHECK_SDXL_S:-90}" "$OUT_DIR/sdxl.txt" \
     "$PYTHON" benchmarks/benchmark_inversion.py "${XL[@]}" --batch-size 1 --baseline-images 0 --modes full \
     --configs bf16+checkpointing bf16 --no-fidelity --output "$RESULTS"
 
