@@ -189,3 +189,18 @@ def test_unedited_region_gap_reruns_the_bench_edits_and_scores_each_reference(tm
     assert table["direct"]["reconstruction"] == pytest.approx(table["direct"]["vae"], abs=0.05)
     assert table["ddim"]["reconstruction"] < table["ddim"]["vae"] - 1  # DDIM's at w = 7.5 does not
     assert [row[0] for row in table_rows(capsys.readouterr().out, "| method | edit |")] == ["ddim", "direct"]
+
+
+def test_gpu_check_rehearsal_goes_on_past_a_cut_section(tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_TINY": "1", "GPU_CHECK_PIE_S": "1", "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(SCRIPT.parent / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600)
+    # the PIE-Bench run is cut at its 1 s limit; the two inversion sections still run and write their rows
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "PIE-Bench-shaped nti bench: invert + edit + score per method: failed or cut at 1 s" in result.stdout
+    assert "section(s) failed or were cut" in result.stderr
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and (out / "sd15.txt").stat().st_size > 0 and (out / "sdxl.txt").stat().st_size > 0
