@@ -51,9 +51,9 @@ class EditModule(pl.LightningModule):
         allow_model_mismatch (`bool`, defaults to False): edit inversions made with other weights
             than this model's (each is refused otherwise, as a failed edit naming both models).
         channels_last (`bool`, defaults to False): keep the UNet's weights in channels-last memory
-            format (changes the pipeline in place). Its convolutions are faster on many rows per
-            call: about a tenth off a 24-spec step of the `shapes` model on a CPU, nothing at one
-            spec (BENCHMARKS.md); results differ from the default layout at float rounding.
+            format (changes the pipeline in place). Its convolutions are faster on a CPU: the
+            `shapes` model's edits took about a fifth less time, one spec at a time and 24 per
+            step alike (BENCHMARKS.md); results differ from the default layout at float rounding.
     """
 
     def __init__(
