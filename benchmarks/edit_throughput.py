@@ -14,7 +14,10 @@ decoding: what a predict run spends per batch). Each batch size runs `--repeats`
 kept) after one untimed warm-up batch. Beside the wall time it reports this process's CPU time
 (all its threads) and the seconds the hypervisor stole from the machine during each run
 (/proc/stat): on a shared virtual machine the wall time counts stolen time and the CPU time does
-not, so the CPU-time speed-up is the one a machine of one's own would see.
+not, so the CPU-time speed-up is the one a machine of one's own would see. It also counts the
+process's minor page faults: buffers the heap handed back and had to fault in again. The script
+sets the heap as `nti` does (`nti_lightning.host_memory`); `NTI_KEEP_FREED_MEMORY=0` measures
+glibc's defaults.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +40,7 @@ from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.demo.shapes import SHAPE_COLORS, heldout_samples
 from nti_lightning.editing.data import edit_items
 from nti_lightning.editing.module import EditModule
+from nti_lightning.host_memory import keep_freed_memory_unless_disabled
 
 
 def write_specs(folder: Path, count: int, steps: int) -> Path:
@@ -81,17 +86,19 @@ def stolen_seconds() -> float:
         return 0.0
 
 
-def run(module: EditModule, items: list[dict], batch_size: int) -> tuple[float, float, float]:
-    """Wall seconds, this process's CPU seconds and the machine's stolen seconds of
-    `EditModule.predict_step` over every spec, `batch_size` at a time (what a predict run spends
-    per batch, without Lightning's start-up or the model's load)."""
+def run(module: EditModule, items: list[dict], batch_size: int) -> tuple[float, float, float, int]:
+    """Wall seconds, this process's CPU seconds, the machine's stolen seconds and this process's
+    minor page faults of `EditModule.predict_step` over every spec, `batch_size` at a time (what a
+    predict run spends per batch, without Lightning's start-up or the model's load)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     started, cpu, stolen = time.perf_counter(), time.process_time(), stolen_seconds()
     for start in range(0, len(items), batch_size):
         results = module.predict_step(items[start : start + batch_size], start // batch_size)
         failed = [result["error"] for result in results if "error" in result]
         if failed:
             raise RuntimeError(f"edits failed: {failed}")
-    return time.perf_counter() - started, time.process_time() - cpu, stolen_seconds() - stolen
+    return (time.perf_counter() - started, time.process_time() - cpu, stolen_seconds() - stolen,
+            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # As `nti` does at start-up (NTI_KEEP_FREED_MEMORY=0 measures glibc's defaults).
+    kept = keep_freed_memory_unless_disabled()
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
@@ -117,22 +126,23 @@ def main(argv: list[str] | None = None) -> dict:
         items = edit_items([], str(specs))
         run(module, items[: max(args.batch_sizes)], max(args.batch_sizes))  # warm-up
         # Repeats go round the batch sizes, so a slow spell of a shared machine hits them alike.
-        runs: dict[int, list[tuple[float, float, float]]] = {batch_size: [] for batch_size in args.batch_sizes}
+        runs: dict[int, list[tuple[float, float, float, int]]] = {batch_size: [] for batch_size in args.batch_sizes}
         for _ in range(args.repeats):
             for batch_size in args.batch_sizes:
                 runs[batch_size].append(run(module, items, batch_size))
         for batch_size, measured in runs.items():
-            wall, cpu, stolen = (list(column) for column in zip(*measured))
+            wall, cpu, stolen, faults = (list(column) for column in zip(*measured))
             rows.append({"batch_size": batch_size, "seconds": min(wall), "seconds_of_repeats": wall,
                          "cpu_seconds": min(cpu), "cpu_seconds_of_repeats": cpu, "stolen_seconds_of_repeats": stolen,
+                         "page_faults_of_repeats": faults,
                          "edits_per_second": args.images / min(wall)})
     one = next((row["seconds"] for row in rows if row["batch_size"] == 1), None)
     kind = "the offline PIE-Bench's edits" if args.specs == "bench" else "Replace + LocalBlend"
-    layout = ", channels-last UNet" if args.channels_last else ""
+    layout = (", channels-last UNet" if args.channels_last else "") + ("" if kept else ", glibc's default heap trimming")
     print(f"\nshapes, {args.images} edits ({kind}), T={args.steps}, {torch.get_num_threads()} threads{layout}")
     one_cpu = next((row["cpu_seconds"] for row in rows if row["batch_size"] == 1), None)
-    print("| specs per step | seconds | edits/s | speed-up | CPU seconds | speed-up in CPU time | stolen seconds |\n"
-          "|---:|---:|---:|---:|---:|---:|---|")
+    print("| specs per step | seconds | edits/s | speed-up | CPU seconds | speed-up in CPU time | stolen seconds | page faults |\n"
+          "|---:|---:|---:|---:|---:|---:|---|---|")
     for row in rows:
         row["speedup"] = one / row["seconds"] if one else None
         row["cpu_speedup"] = one_cpu / row["cpu_seconds"] if one_cpu else None
@@ -140,9 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         cpu_speedup = f"{row['cpu_speedup']:.2f}x" if one_cpu else "-"
         stolen = ", ".join(f"{value:.1f}" for value in row["stolen_seconds_of_repeats"])
         print(f"| {row['batch_size']} | {row['seconds']:.2f} | {row['edits_per_second']:.2f} | {speedup} "
-              f"| {row['cpu_seconds']:.2f} | {cpu_speedup} | {stolen} |")
+              f"| {row['cpu_seconds']:.2f} | {cpu_speedup} | {stolen} | {', '.join(map(str, row['page_faults_of_repeats']))} |")
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "channels_last": args.channels_last, "images": args.images, "steps": args.steps, "specs": args.specs,
+              "threads": torch.get_num_threads(), "channels_last": args.channels_last, "keep_freed_memory": kept, "images": args.images, "steps": args.steps, "specs": args.specs,
               "rows": rows}
     print(json.dumps(record))
     return record

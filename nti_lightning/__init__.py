@@ -8,6 +8,7 @@ silence_notices()
 from nti_lightning.api import invert, reconstruct  # noqa: E402
 from nti_lightning.editing import LocalBlend, Refine, Replace, Reweight, edit  # noqa: E402
 from nti_lightning.errors import NtiError, OptionError  # noqa: E402
+from nti_lightning.host_memory import keep_freed_memory  # noqa: E402
 from nti_lightning.inversion.artifact import ArtifactError, Inversion  # noqa: E402
 from nti_lightning.inversion.pipeline_kwargs import pipeline_kwargs  # noqa: E402
 from nti_lightning.models.loading import load_pipeline  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "__version__",
     "edit",
     "invert",
+    "keep_freed_memory",
     "load_pipeline",
     "pipeline_kwargs",
     "reconstruct",

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nti_lightning.data.datamodule import InversionDataModule
 from nti_lightning.errors import NtiError, OptionError
+from nti_lightning.host_memory import keep_freed_memory_unless_disabled
 from nti_lightning.run_config import SaveConfigBesideResults
 from nti_lightning.training.callback import NullTextWalkCallback
 from nti_lightning.training.module import NullTextInversion
@@ -63,9 +64,14 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the `nti` console script: runs the command and exits with its status.
 
     A user's mistake (`NtiError`) is printed as one line, `nti: error: <message>`, with exit
-    status 2; set `NTI_DEBUG=1` to see its traceback. Returns normally when every image (or edit)
-    succeeded; otherwise raises `SystemExit` with one of the statuses above.
+    status 2; set `NTI_DEBUG=1` to see its traceback. glibc's heap is first set to keep freed
+    memory (`host_memory.keep_freed_memory`; `NTI_KEEP_FREED_MEMORY=0` leaves its defaults).
+    Returns normally when every image (or edit) succeeded; otherwise raises `SystemExit` with one
+    of the statuses above.
     """
+    # Before anything large is allocated: a CPU run's per-step buffers then stay in the heap
+    # instead of being page-faulted in again at every step (see `host_memory`).
+    keep_freed_memory_unless_disabled()
     try:
         status = _run(list(sys.argv[1:] if args is None else args), args)
     except NtiError as error:

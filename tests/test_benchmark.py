@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nti_lightning import host_memory
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_inversion.py"
 
 
@@ -162,6 +164,8 @@ def test_edit_throughput_times_each_batch_size(specs, capsys):
     record = module.main(["--specs", specs, "--images", "3", "--steps", "3", "--batch-sizes", "1", "3", "--repeats", "1"])
     assert record["specs"] == specs and [row["batch_size"] for row in record["rows"]] == [1, 3]
     assert all(row["seconds"] > 0 and math.isfinite(row["speedup"]) for row in record["rows"])
+    assert all(len(row["page_faults_of_repeats"]) == 1 and row["page_faults_of_repeats"][0] >= 0 for row in record["rows"])
+    assert record["keep_freed_memory"] is (host_memory._glibc() is not None)  # the heap set as `nti` sets it
     assert [row[0] for row in table_rows(capsys.readouterr().out, "| specs per step |")] == ["1", "3"]
 
 
