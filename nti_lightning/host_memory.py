@@ -7,9 +7,10 @@ malloc returns the top of its heap to the kernel once more than its trim thresho
 there (by default twice its largest recent mmap'd allocation, at most 64 MB), and serves any
 allocation above its mmap threshold (at most 32 MB) with a fresh mapping. Either way the next
 call touches new pages: each is a page fault and a zeroed 4 KB page. Measured on the offline
-bench's 24 edits at once (2-core x86-64 VM, T = 50): 0.5-1.6 million minor faults per run
-without this, 5-31 thousand with it, and the run about a fifth faster; one edit at a time
-faulted about 100 pages either way (its buffers fit under the defaults).
+bench's 24 edits at once (2-core x86-64 VM, T = 50): up to 0.5-1.6 million minor faults per
+run without this, from about 100 to 164 thousand with it, and a median run 13% faster; one edit
+at a time faulted about 100 pages either way (its buffers fit under the defaults). BENCHMARKS.md
+has the runs.
 
 The price is that a process holds on to its peak heap: memory freed after the peak stays
 mapped (up to `trim_threshold` of it) for the next allocation to reuse, rather than being
@@ -55,8 +56,7 @@ def keep_freed_memory(mmap_threshold: int = 512 << 20, trim_threshold: int = 1 <
     libc = _glibc()
     if libc is None:
         return False
-    # Each call fixes its threshold (glibc then stops adapting it); set the trim threshold
-    # first so the heap is never trimmed below the new mmap threshold in between.
+    # Setting either threshold stops glibc adapting both; each call fixes its own.
     return bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold))) and bool(
         libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))
     )

@@ -21,7 +21,7 @@ FAULTS = textwrap.dedent(
     from nti_lightning.host_memory import keep_freed_memory
     if sys.argv[1] == "keep":
         assert keep_freed_memory()
-    for _ in range(3):  # warm-up: the heap grows to hold the buffer (twice, with Python's own objects above it)
+    for _ in range(3):  # warm-up: the first two allocations still grow the heap (measured), the third reuses it
         torch.ones(10 << 20)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(20):
