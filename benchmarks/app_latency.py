@@ -131,7 +131,7 @@ def main() -> None:
         process.wait(timeout=60)
 
     # The same requests in this process, on the cache the app just filled.
-    from nti_lightning.app import EditRequest, Editor, InversionCache, InversionSettings
+    from nti_lightning.app import Editor, EditRequest, InversionCache, InversionSettings
     from nti_lightning.models.loading import load_pipeline
 
     pipeline = load_pipeline(args.model).to(args.device)

@@ -49,11 +49,22 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from inversion_bench.configurations import CONFIGURATIONS, CUDA_ONLY_PRECISIONS, DEFAULT_PROMPT, MODES  # noqa: E402
+from inversion_bench.configurations import (  # noqa: E402
+    CONFIGURATIONS,
+    CUDA_ONLY_PRECISIONS,
+    DEFAULT_PROMPT,
+    MODES,
+)
 from inversion_bench.fidelity import fidelity_report  # noqa: E402
 from inversion_bench.inputs import baseline_loop, build_pipeline, random_image  # noqa: E402
 from inversion_bench.measure import Timing, time_baseline, time_package  # noqa: E402
-from inversion_bench.report import environment, markdown_table, recorded_baseline, summarise  # noqa: E402
+from inversion_bench.report import (  # noqa: E402
+    environment,
+    markdown_table,
+    recorded_baseline,
+    summarise,
+)
+
 from nti_lightning.api import invert  # noqa: E402
 from nti_lightning.data.images import prepare  # noqa: E402
 from nti_lightning.demo.shapes import heldout_samples  # noqa: E402

@@ -35,11 +35,12 @@ import torch
 import yaml
 
 import nti_lightning as nti
-from nti_lightning.bench.pie import benchmark_edit, read_mapping
 from nti_lightning.bench.shapes_set import write_shapes_bench
+from nti_lightning.data.pie_bench import read_mapping
 from nti_lightning.demo.shapes import SHAPE_COLORS, heldout_samples
 from nti_lightning.editing.data import edit_items
 from nti_lightning.editing.module import EditModule
+from nti_lightning.editing.pie_bench import benchmark_edit
 from nti_lightning.host_memory import keep_freed_memory_unless_disabled
 
 

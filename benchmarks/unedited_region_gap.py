@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import nti_lightning as nti
-from nti_lightning.bench.masks import decode_mask
 from nti_lightning.bench.metrics import psnr_unedited
-from nti_lightning.bench.pie import benchmark_edit, read_mapping
 from nti_lightning.bench.run import BenchConfig, run_bench
 from nti_lightning.bench.score import MAPPING_FILE
 from nti_lightning.data.images import to_pil
+from nti_lightning.data.pie_bench import read_mapping
+from nti_lightning.data.pie_masks import decode_mask
 from nti_lightning.editing.edit import EditJob, edit_jobs_latents
+from nti_lightning.editing.pie_bench import benchmark_edit
 from nti_lightning.editing.specs import EditSpec
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.models import vae as vae_codec

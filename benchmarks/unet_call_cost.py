@@ -35,6 +35,7 @@ if str(HERE) not in sys.path:
 
 from inversion_bench.inputs import build_pipeline  # noqa: E402
 from inversion_bench.measure import synchronize  # noqa: E402
+
 from nti_lightning.diffusion.guidance import predict  # noqa: E402
 from nti_lightning.models.text import PromptEncoder  # noqa: E402
 

@@ -16,48 +16,18 @@ from typing import Optional
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from nti_lightning.data.datamodule import InversionDataModule
-from nti_lightning.errors import NtiError, OptionError
+from nti_lightning.errors import (
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    NtiError,
+    OptionError,
+)
 from nti_lightning.host_memory import keep_freed_memory_unless_disabled
-from nti_lightning.run_config import SaveConfigBesideResults
 from nti_lightning.training.callback import NullTextWalkCallback
-from nti_lightning.training.module import NullTextInversion
-
-#: Trainer settings the walk needs: it sets its own epoch count, never mixes ranks' images, and
-#: keeps no checkpoints (the artifacts are the results).
-FIT_TRAINER_DEFAULTS = {
-    "max_epochs": -1,
-    "use_distributed_sampler": False,
-    "enable_checkpointing": False,
-    "num_sanity_val_steps": 0,
-    "log_every_n_steps": 1,
-    "enable_model_summary": False,  # the only parameter is the null embedding; the rest is frozen
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "nti", "default_hp_metric": False},
-    },
-}
-
-
-def fit_cli(args: Optional[list[str]] = None) -> LightningCLI:
-    """`nti fit` (and `nti validate/test` are not offered: inversion only fits)."""
-    return LightningCLI(
-        NullTextInversion,
-        InversionDataModule,
-        trainer_defaults=FIT_TRAINER_DEFAULTS,
-        save_config_callback=SaveConfigBesideResults,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        auto_configure_optimizers=False,
-    )
-
-
-#: Exit statuses of `nti` (documented in the README).
-EXIT_OK = 0  # every image inverted or skipped, every edit written
-EXIT_SOME_FAILED = 1  # the run finished, but some images or edits failed (see failures.jsonl)
-EXIT_USAGE = 2  # nothing ran: a usage or configuration error
-EXIT_SIGINT = 130  # interrupted by Ctrl-C; what was done is kept, rerun to finish
-EXIT_SIGTERM = 143  # stopped by SIGTERM (e.g. a preempted cluster job); the same
+from nti_lightning.training.cli import fit_cli
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-
 from reference import ReferenceNullInversion
 
 

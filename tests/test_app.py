@@ -17,12 +17,20 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("gradio", reason='the app needs its extra: pip install -e ".[app]"')
+from app_server import (  # noqa: E402
+    BLUE_PROMPT,
+    DEMO_IMAGE,
+    DEMO_PROMPT,
+    INNER_STEPS,
+    STEPS,
+    assert_recoloured,
+    running_app,
+)
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 import nti_lightning as nti  # noqa: E402
 from nti_lightning.app import Editor, InversionCache  # noqa: E402
-from app_server import BLUE_PROMPT, DEMO_IMAGE, DEMO_PROMPT, INNER_STEPS, STEPS, assert_recoloured, running_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

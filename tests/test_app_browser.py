@@ -25,7 +25,13 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("gradio", reason='the app needs its extra: pip install -e ".[app]"')
-from app_server import BLUE_PROMPT, DEMO_IMAGE, DEMO_PROMPT, assert_recoloured, running_app  # noqa: E402
+from app_server import (  # noqa: E402
+    BLUE_PROMPT,
+    DEMO_IMAGE,
+    DEMO_PROMPT,
+    assert_recoloured,
+    running_app,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = "sudo apt-get install chromium chromium-driver (Debian/Ubuntu; .ci/run installs them)"

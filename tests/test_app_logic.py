@@ -6,13 +6,20 @@ import threading
 
 import numpy as np
 import pytest
+from app_server import BLUE_PROMPT, DEMO_IMAGE, DEMO_PROMPT
 from PIL import Image
 
 import nti_lightning as nti
-from nti_lightning.app import AppInputError, Cancelled, EditRequest, Editor, InversionCache, InversionSettings
+from nti_lightning.app import (
+    AppInputError,
+    Cancelled,
+    Editor,
+    EditRequest,
+    InversionCache,
+    InversionSettings,
+)
 from nti_lightning.app.cache import inversion_key
 from nti_lightning.app.requests import auto_kind, kind_note, parse_reweights
-from app_server import BLUE_PROMPT, DEMO_IMAGE, DEMO_PROMPT
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 
+import bench_reference as ref
 import numpy as np
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-import bench_reference as ref
-from nti_lightning.bench import masks, metrics
+from nti_lightning.bench import metrics
 from nti_lightning.bench.weights import BenchNetworks, load_dino, load_networks
+from nti_lightning.data import pie_masks as masks
 from nti_lightning.errors import BenchmarkError, NtiError
 from nti_lightning.models.tokenizer import clip_tokenizer
 

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, random_image
+
 from nti_lightning import Inversion
-from nti_lightning.bench.pie import benchmark_edit, read_mapping, strip_brackets
-from nti_lightning.errors import BenchmarkError
 from nti_lightning.cli import main
+from nti_lightning.data.pie_bench import read_mapping, strip_brackets
+from nti_lightning.editing.pie_bench import benchmark_edit
 from nti_lightning.editing.specs import EditSpec
+from nti_lightning.errors import BenchmarkError
 
 SAMPLES = {
     "000000000000": {

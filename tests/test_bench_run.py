@@ -10,14 +10,19 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ROOT
-from nti_lightning.bench.masks import decode_mask
+
 from nti_lightning.bench.metrics import psnr_unedited
-from nti_lightning.bench.pie import read_mapping
 from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.cli import main
-from nti_lightning.demo.shapes import BACKGROUND_COLORS, SHAPE_COLORS, heldout_samples, render
+from nti_lightning.data.pie_bench import read_mapping
+from nti_lightning.data.pie_masks import decode_mask
+from nti_lightning.demo.shapes import (
+    BACKGROUND_COLORS,
+    SHAPE_COLORS,
+    heldout_samples,
+    render,
+)
 from nti_lightning.errors import OptionError
 
 

@@ -17,19 +17,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench_reference as ref
 import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_bench_metrics import edited, image, small_clip, small_vit
 
-import bench_reference as ref
 from nti_lightning.bench.metrics import METRICS
 from nti_lightning.bench.score import edit_panel, main, score_folder
 from nti_lightning.bench.summary import PAPER_SCALE
 from nti_lightning.cli import EXIT_USAGE, help_text
 from nti_lightning.errors import BenchmarkError, NtiError
 from nti_lightning.models.tokenizer import clip_tokenizer
-from test_bench_metrics import edited, image, small_clip, small_vit
 
 SIDE = 64
 #: id -> (image_path, editing_type_id, editing_prompt, mask runs)

@@ -236,7 +236,7 @@ def test_a_write_failure_is_named_and_keeps_what_was_written(tmp_path, monkeypat
 
 def test_an_inversion_is_refused_by_a_model_with_other_weights(tmp_path, images, caplog, monkeypatch):
     import nti_lightning as package
-    edit_module = importlib.import_module("nti_lightning.editing.edit")  # the package's `edit` is its function
+    compatible_module = importlib.import_module("nti_lightning.inversion.compatible")
     from nti_lightning.errors import ModelError
     from nti_lightning.models.tiny import tiny_pipeline
 
@@ -253,7 +253,7 @@ def test_an_inversion_is_refused_by_a_model_with_other_weights(tmp_path, images,
 
     old = Inversion.load(tmp_path / "out" / "image_0.safetensors")
     del old.metadata["model_fingerprint"]  # as written before fingerprints existed: a warning, then accepted
-    monkeypatch.setattr(edit_module, "_warned_unfingerprinted", False)  # said once per process: an earlier test may have
+    monkeypatch.setattr(compatible_module, "_warned_unfingerprinted", False)  # said once per process: an earlier test may have
     with caplog.at_level("WARNING"):
         package.reconstruct(other, old)
     assert "records no model fingerprint" in caplog.text
@@ -271,11 +271,10 @@ def test_an_inversion_is_refused_by_a_model_with_other_weights(tmp_path, images,
 
 
 def test_resume_refuses_artifacts_made_with_other_weights(tmp_path, images):
+    import nti_lightning as package
     from nti_lightning.data.dataset import DatasetError
     from nti_lightning.data.plan import make_plan
     from nti_lightning.data.walk import ImageSample
-
-    import nti_lightning as package
 
     package.invert(package.load_pipeline("tiny"), images[0], "a photo", num_inference_steps=2, num_inner_steps=1,
                    output_dir=str(tmp_path), ids=["cat"])

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import random_image, run_quietly, write_dataset
 from test_progress import assert_log_progress
+
 from nti_lightning import Inversion
 from nti_lightning.cli import main
 from nti_lightning.data.dataset import DatasetError, read_folder, read_manifest

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from nti_lightning.diffusion.ddim import DDIMSchedule, ddim_scheduler, next_step, prev_step
+from nti_lightning.diffusion.ddim import (
+    DDIMSchedule,
+    ddim_scheduler,
+    next_step,
+    prev_step,
+)
 from nti_lightning.models.tiny import SD_SCHEDULER_CONFIG
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
 from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
@@ -19,7 +20,6 @@ from diffusers import (
 from diffusers.callbacks import SDCFGCutoffCallback
 
 import nti_lightning as nti
-from conftest import random_image
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
 from nti_lightning.diffusion.guidance import predict

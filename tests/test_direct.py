@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_image
+from reference import ReferenceNullInversion
 
 import nti_lightning as nti
-from conftest import random_image
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.data.images import prepare
 from nti_lightning.editing.edit import edit_latents
-from reference import ReferenceNullInversion
 
 T = 6
 PROMPTS = ["a red circle", "a blue square on a green background", "a yellow star"]

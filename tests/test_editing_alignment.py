@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import p2p_reference as ref
 import pytest
 import torch
 
-import p2p_reference as ref
 from nti_lightning.editing.alignment import (
     global_alignment,
     prompt_words,

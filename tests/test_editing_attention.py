@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nti_lightning.editing import AttentionLayer, AttentionStore, ControlledAttnProcessor, controlled_attention
+from nti_lightning.editing import (
+    AttentionLayer,
+    AttentionStore,
+    ControlledAttnProcessor,
+    controlled_attention,
+)
 from nti_lightning.models.loading import load_pipeline
 
 

@@ -124,9 +124,9 @@ def test_predict_batches_give_the_one_at_a_time_pictures(tmp_path, monkeypatch):
     import sys
 
     import numpy as np
+    from conftest import ROOT
     from PIL import Image
 
-    from conftest import ROOT
     from nti_lightning.editing.cli import main as predict_main
 
     monkeypatch.setattr(sys, "argv", ["nti"])

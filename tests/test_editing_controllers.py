@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import p2p_reference as ref
 import pytest
 import torch
 
-import p2p_reference as ref
-from nti_lightning.editing import AttentionLayer, AttentionStore, LocalBlend, Refine, Replace, Reweight
+from nti_lightning.editing import (
+    AttentionLayer,
+    AttentionStore,
+    LocalBlend,
+    Refine,
+    Replace,
+    Reweight,
+)
 from nti_lightning.models.tokenizer import clip_tokenizer
 
 CROSS = AttentionLayer("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", "down", True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import p2p_reference as ref
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
-import p2p_reference as ref
 from nti_lightning import ArtifactError, Inversion, invert, load_pipeline, reconstruct
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.diffusion.ddim import ddim_scheduler

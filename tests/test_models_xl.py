@@ -10,7 +10,11 @@ from safetensors.torch import save_file
 
 from nti_lightning import load_pipeline
 from nti_lightning.errors import ModelError
-from nti_lightning.models.loading import BUILTIN_MODELS, is_sdxl_checkpoint, single_file_model_type
+from nti_lightning.models.loading import (
+    BUILTIN_MODELS,
+    is_sdxl_checkpoint,
+    single_file_model_type,
+)
 from nti_lightning.models.pipelines import cast_pipeline, is_sdxl, vae_stays_fp32
 from nti_lightning.models.sdxl import (
     SDXL_PARAMETERS,

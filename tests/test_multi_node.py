@@ -10,10 +10,10 @@ import sys
 import time
 
 import torch
-
 from conftest import ROOT, run_quietly, write_dataset
-from nti_lightning import Inversion
 from test_progress import assert_log_progress
+
+from nti_lightning import Inversion
 
 
 def free_port() -> int:

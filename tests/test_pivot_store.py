@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_image
 
 import nti_lightning as nti
 import nti_lightning.inversion.slots as slots_module
 import nti_lightning.inversion.trajectory as trajectory_module
-from conftest import random_image
 from nti_lightning.diffusion.ddim import DDIMSchedule
-from nti_lightning.inversion.pivot_store import PivotStore, load_or_compute
 from nti_lightning.inversion.pivot import PivotTrajectory
+from nti_lightning.inversion.pivot_store import PivotStore, load_or_compute
 
 PROMPTS = ["a red circle", "a blue square on a green background", "a yellow star", "a cat", "a green triangle"]
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import random_image
 
 import nti_lightning as nti
-from conftest import random_image
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed"])  # 16-mixed needs a GPU (Lightning uses bf16 on CPU)

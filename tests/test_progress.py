@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 import math
 
-import nti_lightning as nti
 from conftest import random_image
+
+import nti_lightning as nti
 from nti_lightning.training.progress import duration, is_interactive
 
 

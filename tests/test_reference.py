@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
+from reference import ReferenceNullInversion, clear_stopping_epsilon
 
 import nti_lightning as nti
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.data.images import prepare
-from reference import ReferenceNullInversion, clear_stopping_epsilon
-from conftest import random_image
 
 T, N = 8, 5
 
@@ -119,6 +119,7 @@ def test_stopped_image_is_frozen_while_others_continue(independent_pipeline):
 def test_v_prediction_pivot_round_trip():
     """A v-prediction model: the pivot uses the documented conversion, and null-text beats plain DDIM."""
     from conftest import build_independent_pipeline
+
     from nti_lightning.models.text import encode_prompts
 
     pipe = build_independent_pipeline(seed=7, prediction_type="v_prediction")

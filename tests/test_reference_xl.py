@@ -2,13 +2,13 @@
 
 from types import SimpleNamespace
 
+import p2p_reference as ref
 import pytest
 import torch
-
-import p2p_reference as ref
 from conftest import random_image
-from nti_lightning.data.images import prepare
 from reference_xl import ReferenceNullInversionXL
+
+from nti_lightning.data.images import prepare
 
 T, N = 8, 5
 SOURCE, EDIT = "a blue square", "a red square"

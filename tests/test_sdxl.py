@@ -7,13 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+import p2p_reference as ref
 import pytest
 import torch
+from conftest import random_image, run_quietly, write_dataset
+from reference import clear_stopping_epsilon
+from reference_xl import ReferenceNullInversionXL
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nti_lightning as nti
-import p2p_reference as ref
-from conftest import random_image, run_quietly, write_dataset
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.cli import main as fit_main
 from nti_lightning.data.images import prepare
@@ -21,8 +23,6 @@ from nti_lightning.editing import AttentionLayer, Refine, Replace, Reweight
 from nti_lightning.editing.cli import main as predict_main
 from nti_lightning.editing.edit import edit_latents
 from nti_lightning.errors import ModelError
-from reference import clear_stopping_epsilon
-from reference_xl import ReferenceNullInversionXL
 
 ROOT = Path(__file__).resolve().parents[1]
 T, N = 6, 4

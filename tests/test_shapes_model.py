@@ -161,7 +161,13 @@ def test_training_code_runs_both_stages(tmp_path):
 def test_grounding_loss_keeps_the_shape_words_on_the_shape():
     """0 for maps that keep every word in its region; the shape words' attention one cell off the
     shape counts unless `grounding_growth` allows that cell."""
-    from nti_lightning.demo.train import DemoConfig, DiffusionStage, build_text_encoder, build_unet, build_vae
+    from nti_lightning.demo.train import (
+        DemoConfig,
+        DiffusionStage,
+        build_text_encoder,
+        build_unet,
+        build_vae,
+    )
 
     config = DemoConfig(vae_channels=(8, 16), unet_channels=(16, 16), attention_heads=2, text_width=16, norm_groups=8)
     stages = [

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_image, run_quietly, write_dataset
+from reference import ReferenceNullInversion, clear_stopping_epsilon
+from test_progress import assert_log_progress
 
 import nti_lightning as nti
-from conftest import random_image, run_quietly, write_dataset
 from nti_lightning.data.images import prepare
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.inversion.slots import SlotWalk
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.text import PromptEncoder
-from reference import ReferenceNullInversion, clear_stopping_epsilon
-from test_progress import assert_log_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 T, N = 8, 5

@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from reference import ReferenceNullInversion
+from reference_xl import ReferenceNullInversionXL
 
 from nti_lightning.diffusion.ddim import ddim_scheduler
 from nti_lightning.models.loading import load_pipeline
 from nti_lightning.models.pipelines import is_sdxl
 from nti_lightning.models.sd15 import sd15_random_pipeline
 from nti_lightning.models.sdxl import sdxl_random_pipeline
-from reference import ReferenceNullInversion
-from reference_xl import ReferenceNullInversionXL
 
 
 def random_image(seed: int, size: int) -> Image.Image:

@@ -8,7 +8,7 @@ Gradio page over an `Editor`, and `cli` the `nti app` command; only those two ne
 """
 
 from nti_lightning.app.cache import CachedInversion, InversionCache
-from nti_lightning.app.editor import Cancelled, EditResult, Editor, InversionResult
+from nti_lightning.app.editor import Cancelled, Editor, EditResult, InversionResult
 from nti_lightning.app.requests import AppInputError, EditRequest, InversionSettings
 
 __all__ = [

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from nti_lightning.inversion.artifact import ArtifactError, Inversion
-from nti_lightning.inversion.atomic import atomic_path, ensure_folder
+from nti_lightning.storage.atomic import atomic_path, ensure_folder
 
 #: Bumped when what a key covers changes, so that old entries are not mistaken for new ones.
 KEY_VERSION = 1

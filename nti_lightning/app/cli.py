@@ -129,8 +129,8 @@ def make_page(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any
     from nti_lightning.app.editor import Editor
     from nti_lightning.app.layout import Page
     from nti_lightning.app.requests import EditRequest, InversionSettings
-    from nti_lightning.inversion.atomic import ensure_folder
     from nti_lightning.models.loading import load_pipeline
+    from nti_lightning.storage.atomic import ensure_folder
 
     settings = InversionSettings(args.method, args.steps, args.guidance_scale, args.inner_steps, args.epsilon, args.learning_rate).checked()
     for name in ("cross_replace_steps", "self_replace_steps"):

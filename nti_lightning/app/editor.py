@@ -20,14 +20,25 @@ import torch
 from PIL import Image
 
 from nti_lightning.api import invert, reconstruct
-from nti_lightning.app.cache import CachedInversion, InversionCache, artifact_key, inversion_key
-from nti_lightning.app.requests import AppInputError, EditRequest, InversionSettings, source_prompt
+from nti_lightning.app.cache import (
+    CachedInversion,
+    InversionCache,
+    artifact_key,
+    inversion_key,
+)
+from nti_lightning.app.requests import (
+    AppInputError,
+    EditRequest,
+    InversionSettings,
+    source_prompt,
+)
 from nti_lightning.data.images import ImageError, center_square, open_image, to_pil
-from nti_lightning.editing.edit import check_compatible, edit_latents
+from nti_lightning.editing.edit import edit_latents
 from nti_lightning.editing.pictures import cross_attention_picture, labelled_grid
 from nti_lightning.editing.specs import EditSpec
 from nti_lightning.errors import NtiError
 from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.compatible import check_compatible
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.fingerprint import model_reference, pipeline_fingerprint
 from nti_lightning.models.pipelines import Pipeline

@@ -2,7 +2,6 @@
 file as a dataset and as edits (`pie`), its masks, its metrics as its evaluator computes them, and
 scoring a folder of outputs in its authors' layout. See docs/PIE_BENCH.md."""
 
-from nti_lightning.bench.masks import decode_mask, encode_mask
 from nti_lightning.bench.metrics import (
     METRICS,
     clip_image_features,
@@ -18,9 +17,16 @@ from nti_lightning.bench.metrics import (
     ssim_unedited,
     structure_distance,
 )
-from nti_lightning.bench.score import BenchScores, edit_panel, read_samples, score_folder, score_sample
+from nti_lightning.bench.score import (
+    BenchScores,
+    edit_panel,
+    read_samples,
+    score_folder,
+    score_sample,
+)
 from nti_lightning.bench.summary import PAPER_SCALE, markdown_summary, summarize
 from nti_lightning.bench.weights import BenchNetworks, load_networks
+from nti_lightning.data.pie_masks import decode_mask, encode_mask
 
 __all__ = [
     "METRICS",

@@ -24,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchmetrics.functional import mean_squared_error
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 
-from nti_lightning.bench.pie import strip_brackets  # noqa: F401  (re-exported: the evaluator strips prompts so)
+from nti_lightning.data.pie_bench import strip_brackets  # noqa: F401  (re-exported: the evaluator strips prompts so)
 
 #: The metrics, in the order of the paper's table (and of the CSV's columns).
 METRICS = (

@@ -28,7 +28,7 @@ The config (YAML), with its defaults:
     model: {pretrained: CompVis/stable-diffusion-v1-4}   # any model.* option of nti fit (T, w, N, ...); the edits take
                                      # its pretrained, guidance_scale, allow_model_mismatch and channels_last
     trainer: {}                      # trainer.* options of nti fit and nti predict (accelerator, precision, ...)
-    edit: {}                         # overrides of the benchmark's edit settings (bench.pie.BENCHMARK_OPTIONS)
+    edit: {}                         # overrides of the benchmark's edit settings (editing.pie_bench.BENCHMARK_OPTIONS)
     score: {dino: facebook/dino-vitb8, clip: openai/clip-vit-large-patch14, lpips: squeeze, device: null}
     share_pivots: true               # compute each image's DDIM pivot once, for every method (output_dir/pivots)
     vae_round_trip: true             # also score the VAE round trip of each source (the row vae_round_trip)
@@ -49,12 +49,26 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import yaml
 from PIL import Image
 
-from nti_lightning.bench.pie import BenchSample, benchmark_edit, read_mapping
-from nti_lightning.bench.score import IMAGES, MAPPING_FILE, BenchParser, BenchScores, score_folder
+from nti_lightning.bench.score import (
+    IMAGES,
+    MAPPING_FILE,
+    BenchParser,
+    BenchScores,
+    score_folder,
+)
 from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT
-from nti_lightning.errors import InputNotFoundError, OptionError
-from nti_lightning.inversion.atomic import atomic_path, atomic_text
+from nti_lightning.data.pie_bench import BenchSample, read_mapping
+from nti_lightning.editing.pie_bench import benchmark_edit
+from nti_lightning.errors import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    InputNotFoundError,
+    OptionError,
+)
+from nti_lightning.storage.atomic import atomic_path, atomic_text
 from nti_lightning.training.progress import duration
 
 #: The methods of the published table, in its order.
@@ -269,16 +283,15 @@ def _one_process(trainer: dict[str, Any]) -> bool:
 
 
 def _in_process(words: list[str]) -> None:
-    """Runs `nti <words>` in this process; a run in which some images or edits failed goes on
-    (they are in its failures.jsonl and the bench leaves them out)."""
-    from nti_lightning.cli import EXIT_SOME_FAILED, main
+    """Runs `nti <words>` (`fit` or `predict`) in this process; a run in which some images or
+    edits failed goes on (they are in its failures.jsonl and the bench leaves them out). A usage
+    error or an interrupt propagates to `nti`'s own handling (exit 2, 130 or 143)."""
+    from nti_lightning.editing.cli import main as predict_cli
+    from nti_lightning.training.cli import fit_cli
 
+    run = {"fit": fit_cli, "predict": predict_cli}[words[0]]
     with _own_argv():
-        try:
-            main(words)
-        except SystemExit as exit_:
-            if exit_.code not in (0, None, EXIT_SOME_FAILED):
-                raise
+        run(words)
 
 
 def _child_process(words: list[str]) -> None:
@@ -286,8 +299,6 @@ def _child_process(words: list[str]) -> None:
     stops the bench and an interrupt is passed on; a child that dies otherwise (a crash while the
     processes of several devices tear down) leaves what it wrote, which the bench goes on with:
     what is missing is redone by the next run and meanwhile scored as missing."""
-    from nti_lightning.cli import EXIT_SIGINT, EXIT_SIGTERM, EXIT_SOME_FAILED, EXIT_USAGE
-
     status = subprocess.call([sys.executable, "-m", "nti_lightning", *words])
     if status == EXIT_USAGE:
         raise OptionError(f"nti bench: `nti {words[0]}` stopped on a usage error (its message is above)")

@@ -19,8 +19,6 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from nti_lightning.bench.masks import decode_mask
-from nti_lightning.bench.pie import EDIT_TYPES, BenchSample, read_mapping
 from nti_lightning.bench.metrics import (
     METRICS,
     as_array,
@@ -34,10 +32,23 @@ from nti_lightning.bench.metrics import (
     ssim_unedited,
     structure_distance,
 )
-from nti_lightning.bench.summary import Summary, log_tensorboard, markdown_summary, summarize
-from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT, BenchNetworks, load_networks
+from nti_lightning.bench.summary import (
+    Summary,
+    log_tensorboard,
+    markdown_summary,
+    summarize,
+)
+from nti_lightning.bench.weights import (
+    CLIP_DEFAULT,
+    DINO_DEFAULT,
+    LPIPS_DEFAULT,
+    BenchNetworks,
+    load_networks,
+)
+from nti_lightning.data.pie_bench import EDIT_TYPES, BenchSample, read_mapping
+from nti_lightning.data.pie_masks import decode_mask
 from nti_lightning.errors import BenchmarkError, InputNotFoundError, OptionError
-from nti_lightning.inversion.atomic import atomic_text
+from nti_lightning.storage.atomic import atomic_text
 
 MAPPING_FILE = "mapping_file.json"
 IMAGES = "annotation_images"

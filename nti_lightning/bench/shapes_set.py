@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nti_lightning.bench.masks import encode_mask
+from nti_lightning.data.pie_masks import encode_mask
 from nti_lightning.demo.shapes import (
     BACKGROUND_COLORS,
     RESOLUTION,
@@ -35,7 +35,7 @@ from nti_lightning.demo.shapes import (
     caption_for,
     heldout_samples,
 )
-from nti_lightning.inversion.atomic import atomic_text
+from nti_lightning.storage.atomic import atomic_text
 
 #: The edit types the `shapes` model can do: PIE-Bench's `editing_type_id` and folder name.
 EDIT_TYPES = (("6", "6_change_attribute_color"), ("1", "1_change_object"), ("8", "8_change_background"))

@@ -13,7 +13,7 @@ from nti_lightning.data.images import ImageError
 from nti_lightning.data.plan import InversionPlan, make_plan
 from nti_lightning.data.walk import ImageSample, PivotWalk, SlotStream, WalkSampler
 from nti_lightning.errors import OptionError, check_id
-from nti_lightning.inversion.lock import OutputLock
+from nti_lightning.storage.lock import OutputLock
 
 
 class InversionDataModule(pl.LightningDataModule):

@@ -11,7 +11,7 @@ source `prompt`, optionally an `id` (the artifact's name; default: the file stem
 
 A folder is every image file in it (not recursive), each with its prompt in `<stem>.txt`.
 
-A `.json` manifest is PIE-Bench's `mapping_file.json` (`nti_lightning.bench.pie`): ids are its
+A `.json` manifest is PIE-Bench's `mapping_file.json` (`nti_lightning.data.pie_bench`): ids are its
 keys, images `annotation_images/<image_path>` beside it, prompts the `original_prompt`s.
 
 Reading a dataset never stops at one bad entry: a row without an image or a prompt, an id that
@@ -30,8 +30,8 @@ from typing import Any, Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from nti_lightning.bench.pie import is_mapping_file, read_mapping
 from nti_lightning.data.images import MIN_SIDE
+from nti_lightning.data.pie_bench import is_mapping_file, read_mapping
 from nti_lightning.data.walk import ImageSample
 from nti_lightning.errors import NtiError, unsafe_id_reason
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from nti_lightning.data.dataset import DatasetError, Failure, check_image
 from nti_lightning.data.walk import ImageSample
 from nti_lightning.inversion.artifact import ArtifactError, Inversion
-from nti_lightning.inversion.atomic import ensure_folder
+from nti_lightning.storage.atomic import ensure_folder
 
 #: Settings an existing artifact must share with the run to count as this run's result.
 MATCHED_SETTINGS = (

@@ -7,9 +7,15 @@ from nti_lightning.editing.attention import (
     controlled_attention,
 )
 from nti_lightning.editing.blend import LocalBlend
-from nti_lightning.editing.controllers import AttentionController, Refine, Replace, Reweight
-from nti_lightning.editing.edit import check_compatible, edit, edit_latents
+from nti_lightning.editing.controllers import (
+    AttentionController,
+    Refine,
+    Replace,
+    Reweight,
+)
+from nti_lightning.editing.edit import edit, edit_latents
 from nti_lightning.editing.pictures import cross_attention_picture, token_attention_maps
+from nti_lightning.inversion.compatible import check_compatible
 
 __all__ = [
     "AttentionController",

@@ -32,7 +32,13 @@ import torch
 
 from nti_lightning.editing.attention import AttentionLayer, AttentionStore
 from nti_lightning.editing.blend import BLEND_PLACES, LocalBlend, words_region
-from nti_lightning.editing.controllers import AttentionController, ConversionCache, CrossForm, converted_once, cross_form_of
+from nti_lightning.editing.controllers import (
+    AttentionController,
+    ConversionCache,
+    CrossForm,
+    converted_once,
+    cross_form_of,
+)
 from nti_lightning.inversion.sampling import StepCallback
 
 

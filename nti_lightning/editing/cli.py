@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from nti_lightning.editing.data import EditDataModule
 from nti_lightning.editing.module import EditModule
 from nti_lightning.editing.writer import EditWriter
-from nti_lightning.run_config import SaveConfigBesideResults
+from nti_lightning.storage.run_config import SaveConfigBesideResults
 
 
 class EditCLI(LightningCLI):

@@ -32,7 +32,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from nti_lightning.editing.alignment import refinement_mapper, replacement_mapper, word_positions
+from nti_lightning.editing.alignment import (
+    refinement_mapper,
+    replacement_mapper,
+    word_positions,
+)
 from nti_lightning.editing.attention import MAX_QUERIES, AttentionLayer, AttentionStore
 from nti_lightning.editing.blend import LocalBlend
 

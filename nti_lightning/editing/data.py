@@ -15,8 +15,14 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from nti_lightning.bench.pie import benchmark_edit, read_mapping
-from nti_lightning.errors import BenchmarkError, InputNotFoundError, OptionError, unsafe_id_reason
+from nti_lightning.data.pie_bench import read_mapping
+from nti_lightning.editing.pie_bench import benchmark_edit
+from nti_lightning.errors import (
+    BenchmarkError,
+    InputNotFoundError,
+    OptionError,
+    unsafe_id_reason,
+)
 
 #: Characters kept in ids (they become file names).
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -34,10 +40,10 @@ class EditDataModule(pl.LightningDataModule):
             starting with "#" are skipped).
         benchmark (`str`, *optional*): a PIE-Bench `mapping_file.json`: one edit per sample, of
             `<inversions>/<id>.safetensors`, with the benchmark's settings
-            (`nti_lightning.bench.pie.benchmark_edit`).
+            (`nti_lightning.editing.pie_bench.benchmark_edit`).
         inversions (`str`, defaults to "inversions"): the folder of the benchmark's inversions.
         benchmark_options (`dict`, *optional*): overrides of the benchmark's edit settings, e.g.
-            `{"cross_replace_steps": 0.8}` (keys of `nti_lightning.bench.pie.BENCHMARK_OPTIONS`).
+            `{"cross_replace_steps": 0.8}` (keys of `nti_lightning.editing.pie_bench.BENCHMARK_OPTIONS`).
         batch_size (`int`, defaults to 8): specs sampled together, every spec's rows in each UNet
             call; results do not depend on it (up to the float rounding of a larger batch).
     """

@@ -19,15 +19,20 @@ from PIL import Image
 from nti_lightning.data.images import to_pil
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
-from nti_lightning.editing.attention import AttentionHook, AttentionLayer, AttentionStore, controlled_attention
+from nti_lightning.editing.attention import (
+    AttentionHook,
+    AttentionLayer,
+    AttentionStore,
+    controlled_attention,
+)
 from nti_lightning.editing.batched_control import BatchedControl
 from nti_lightning.editing.controllers import AttentionController
-from nti_lightning.errors import ModelError
 from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.compatible import check_compatible
 from nti_lightning.inversion.sampling import StepCallback, sample
+from nti_lightning.inversion.source_branch import retrace_source
 from nti_lightning.models import vae as vae_codec
-from nti_lightning.models.fingerprint import model_reference, pipeline_fingerprint
-from nti_lightning.models.pipelines import Pipeline, is_sdxl
+from nti_lightning.models.pipelines import Pipeline
 from nti_lightning.models.text import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -252,27 +257,6 @@ class _SplitHook:
         return torch.cat(parts)
 
 
-def retrace_source(inversion: Inversion, prompts: Sequence[str], on_step: Optional[StepCallback]) -> Optional[StepCallback]:
-    """Direct Inversion's step hook: after `on_step` (the controller's, LocalBlend included, as in
-    the method's own code), the inversion's offset of the step is added to the rows of the
-    source prompt, which then retrace the pivot; the other rows are left alone. `on_step`
-    itself for an inversion without offsets."""
-    if inversion.latent_offsets is None:
-        return on_step
-    source = torch.tensor([prompt == inversion.prompt for prompt in prompts], dtype=torch.float32)
-    if not bool(source.any()):
-        return on_step
-    offsets = inversion.latent_offsets
-
-    def step_hook(step: int, timestep: int, latents: torch.Tensor) -> torch.Tensor:
-        replaced = on_step(step, timestep, latents) if on_step is not None else None
-        latents = latents if replaced is None else replaced
-        rows = source.to(latents.device).view(-1, 1, 1, 1)
-        return latents + rows * offsets[step].to(latents.device, latents.dtype)
-
-    return step_hook
-
-
 def null_conditions(inversion: Inversion, cond: Condition) -> list[Condition]:
     """The inversion's T per-step null conditions, one row each (broadcast to every prompt), on
     `cond`'s device and with its time ids."""
@@ -289,92 +273,3 @@ def null_conditions(inversion: Inversion, cond: Condition) -> list[Condition]:
 def _time_ids(inversion: Inversion, rows: int) -> torch.Tensor:
     """`[rows, 6]` time ids recorded in an SDXL inversion."""
     return torch.tensor([inversion.metadata["time_ids"]], dtype=torch.float32).expand(rows, -1).clone()
-
-
-def check_compatible(
-    pipeline: Pipeline,
-    inversion: Inversion,
-    name: Optional[str] = None,
-    allow_model_mismatch: bool = False,
-) -> None:
-    """Raises `ValueError` naming the inversion when it was not made with a model like `pipeline`'s.
-
-    Checks the latent shape against the UNet's, the null embeddings' token count and width against
-    the tokenizer and text encoder, their number against the recorded T, the prediction type, and
-    the weights' fingerprint (`ModelError`, naming both models): a model of the same shape with
-    other weights passes every other check and edits into garbage. An inversion without a
-    fingerprint (written by an older version) is accepted with a warning, once per process.
-
-    Args:
-        pipeline (`Pipeline`): the pipeline to edit with.
-        inversion (`Inversion`): the inversion to check.
-        name (`str`, *optional*): how to name the inversion in errors (e.g. its file); defaults to
-            its id or source prompt.
-        allow_model_mismatch (`bool`, defaults to False): accept an inversion whose fingerprint is
-            not the pipeline's (for experts: e.g. the same weights re-saved in another precision
-            of a different rounding).
-    """
-    name = name or str(inversion.metadata.get("id") or f"inversion of {inversion.prompt!r}")
-    made_with = f" (made with {inversion.metadata['model']!r})" if "model" in inversion.metadata else ""
-    pipeline_xl = is_sdxl(pipeline)
-    if inversion.is_sdxl != pipeline_xl:
-        kinds = ("an SDXL", "an SD 1.x/2.x") if inversion.is_sdxl else ("an SD 1.x/2.x", "an SDXL")
-        raise ModelError(
-            f"{name}: {kinds[0]} inversion{made_with} cannot be used with {kinds[1]} model "
-            f"({model_reference(pipeline)!r}); use the model it was inverted with"
-        )
-    config = pipeline.unet.config
-    size = config.sample_size
-    expected = (config.in_channels, *((size, size) if isinstance(size, int) else tuple(size)))
-    if tuple(inversion.z_T.shape) != expected:
-        raise ValueError(
-            f"{name}: latent z_T {tuple(inversion.z_T.shape)} does not match this model's {expected}{made_with}; "
-            "edit with the model the image was inverted with"
-        )
-    if tuple(inversion.source_latent.shape) != expected:
-        raise ValueError(f"{name}: source_latent {tuple(inversion.source_latent.shape)} should be {expected}")
-    null = inversion.null_embeddings
-    tokens, width = pipeline.tokenizer.model_max_length, config.cross_attention_dim
-    if null.dim() != 3 or tuple(null.shape[1:]) != (tokens, width):
-        raise ValueError(
-            f"{name}: null embeddings {tuple(null.shape)} should be [T, {tokens}, {width}] for this model{made_with}; "
-            "edit with the model the image was inverted with"
-        )
-    steps = inversion.metadata.get("num_inference_steps", null.shape[0])
-    if null.shape[0] != steps or steps < 1:
-        raise ValueError(f"{name}: {null.shape[0]} null embeddings for num_inference_steps={steps}")
-    offsets = inversion.latent_offsets
-    if offsets is not None and tuple(offsets.shape) != (steps, *expected):
-        raise ValueError(f"{name}: latent offsets {tuple(offsets.shape)} should be [{steps}, {', '.join(map(str, expected))}]")
-    if pipeline_xl:
-        pooled, width = inversion.null_pooled_embeddings, pipeline.text_encoder_2.config.projection_dim
-        if tuple(pooled.shape) != (steps, width):
-            raise ValueError(f"{name}: pooled null embeddings {tuple(pooled.shape)} should be [{steps}, {width}] for this model{made_with}")
-        time_ids = inversion.metadata.get("time_ids")
-        if not (isinstance(time_ids, (list, tuple)) and len(time_ids) == 6):
-            raise ValueError(f"{name}: an SDXL inversion needs its six time_ids in the metadata, got {time_ids!r}")
-    scheduler_config = inversion.metadata.get("scheduler_config")
-    recorded = scheduler_config.get("prediction_type") if isinstance(scheduler_config, dict) else None
-    current = pipeline.scheduler.config.get("prediction_type")
-    if recorded is not None and current is not None and recorded != current:
-        raise ValueError(
-            f"{name}: inverted with a {recorded!r} model{made_with}, but this model predicts {current!r}"
-        )
-    recorded_fingerprint = inversion.metadata.get("model_fingerprint")
-    if recorded_fingerprint is None:
-        global _warned_unfingerprinted
-        if not _warned_unfingerprinted:
-            _warned_unfingerprinted = True
-            log.warning("%s records no model fingerprint (an older nti-lightning wrote it): its model is not checked", name)
-        return
-    fingerprint = pipeline_fingerprint(pipeline)
-    if recorded_fingerprint != fingerprint and not allow_model_mismatch:
-        raise ModelError(
-            f"{name}: made with {inversion.metadata.get('model', 'another model')!r} (weights fingerprint "
-            f"{recorded_fingerprint}), but this model {model_reference(pipeline)!r} has other weights (fingerprint "
-            f"{fingerprint}); use the model it was inverted with, or set allow_model_mismatch"
-        )
-
-
-#: Whether the missing-fingerprint warning was given (once per process, not once per file).
-_warned_unfingerprinted = False

@@ -17,10 +17,11 @@ import lightning.pytorch as pl
 import torch
 
 from nti_lightning.editing.attention import AttentionStore
-from nti_lightning.editing.edit import EditJob, check_compatible, edit_jobs_latents
+from nti_lightning.editing.edit import EditJob, edit_jobs_latents
 from nti_lightning.editing.pictures import cross_attention_picture
 from nti_lightning.editing.specs import EditSpec, EditSpecError
 from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.compatible import check_compatible
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.loading import load_pipeline
 from nti_lightning.models.pipelines import Pipeline

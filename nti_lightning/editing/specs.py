@@ -32,7 +32,12 @@ from transformers import PreTrainedTokenizerBase
 
 from nti_lightning.editing.attention import MAX_QUERIES
 from nti_lightning.editing.blend import LocalBlend
-from nti_lightning.editing.controllers import AttentionController, Refine, Replace, Reweight
+from nti_lightning.editing.controllers import (
+    AttentionController,
+    Refine,
+    Replace,
+    Reweight,
+)
 from nti_lightning.errors import NtiError
 
 KINDS = ("replace", "refine", "reweight", "swap")

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from nti_lightning.data.images import to_pil
 from nti_lightning.editing.pictures import labelled_grid
-from nti_lightning.inversion.atomic import ensure_folder
+from nti_lightning.storage.atomic import ensure_folder
 
 log = logging.getLogger(__name__)
 

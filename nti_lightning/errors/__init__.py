@@ -9,6 +9,14 @@ traceback. Each subclass also derives from the built-in exception it refines (`V
 
 from __future__ import annotations
 
+#: Exit statuses of `nti` (docs/ERRORS.md).
+EXIT_OK = 0  # every image inverted or skipped, every edit written
+EXIT_SOME_FAILED = 1  # the run finished, but some images or edits failed (see failures.jsonl)
+EXIT_USAGE = 2  # nothing ran: a usage or configuration error
+EXIT_SIGINT = 130  # interrupted by Ctrl-C; what was done is kept, rerun to finish
+EXIT_SIGTERM = 143  # stopped by SIGTERM (e.g. a preempted cluster job); the same
+
+
 #: Longest id, in UTF-8 bytes: `<id>.safetensors.<pid>.tmp` must fit a 255-byte file name.
 MAX_ID_BYTES = 200
 

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nti_lightning.errors import NtiError
-from nti_lightning.inversion.atomic import atomic_path
+from nti_lightning.storage.atomic import atomic_path
 
 FORMAT = "nti-lightning/inversion"
 FORMAT_VERSION = 3

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from nti_lightning.errors import InputNotFoundError, OptionError
-from nti_lightning.inversion.atomic import atomic_text
+from nti_lightning.storage.atomic import atomic_text
 
 #: Columns of `report.csv`, in order.
 COLUMNS = (

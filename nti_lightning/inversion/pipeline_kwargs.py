@@ -19,9 +19,10 @@ import torch
 from diffusers import DDIMScheduler
 
 from nti_lightning.diffusion.ddim import ddim_scheduler
-from nti_lightning.editing.edit import check_compatible, retrace_source
 from nti_lightning.errors import ModelError, OptionError
 from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.compatible import check_compatible
+from nti_lightning.inversion.source_branch import retrace_source
 from nti_lightning.models.pipelines import Pipeline
 
 #: A diffusers step callback: `(pipeline, step, timestep, callback_kwargs) -> dict`.

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
-from nti_lightning.inversion.atomic import atomic_path, ensure_folder
 from nti_lightning.inversion.pivot import PivotTrajectory
+from nti_lightning.storage.atomic import atomic_path, ensure_folder
 
 #: How far a stored `z0` may be from the run's own and still be the same image's latent: the VAE
 #: encoder's rounding in another batch is ~1e-6 relative; another image is ~1 away.

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule

@@ -13,7 +13,11 @@ from typing import Any, Iterator, Union
 
 import torch
 import transformers
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.errors import LocalEntryNotFoundError
@@ -23,7 +27,11 @@ from nti_lightning.diffusion.ddim import ddim_scheduler
 from nti_lightning.errors import ModelError, ModelNotFoundError
 from nti_lightning.models.pipelines import Pipeline, cast_pipeline, is_sdxl
 from nti_lightning.models.sd15 import sd15_random_pipeline
-from nti_lightning.models.sdxl import clip_tokenizer_2, sdxl_random_pipeline, tiny_xl_pipeline
+from nti_lightning.models.sdxl import (
+    clip_tokenizer_2,
+    sdxl_random_pipeline,
+    tiny_xl_pipeline,
+)
 from nti_lightning.models.tiny import tiny_pipeline
 from nti_lightning.models.tokenizer import clip_tokenizer
 

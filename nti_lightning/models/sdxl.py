@@ -14,8 +14,18 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from nti_lightning.models.pipelines import cast_pipeline
 from nti_lightning.models.sd15 import SD15_TEXT_CONFIG, SD15_VAE_CONFIG

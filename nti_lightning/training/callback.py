@@ -35,7 +35,12 @@ from nti_lightning.data.images import to_pil
 from nti_lightning.data.walk import ImageSample
 from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import ArtifactError, Inversion
-from nti_lightning.inversion.dataset_report import image_row, summarize, summary_table, write_report
+from nti_lightning.inversion.dataset_report import (
+    image_row,
+    summarize,
+    summary_table,
+    write_report,
+)
 from nti_lightning.inversion.null_text import step_learning_rate
 from nti_lightning.inversion.report import ddim_reconstruction, reconstruction_report
 from nti_lightning.inversion.trajectory import NullTextTrajectory

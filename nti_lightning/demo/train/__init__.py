@@ -29,13 +29,25 @@ The code, one concern a module:
 Every public name is also importable from here.
 """
 
-from nti_lightning.demo.train.components import build_text_encoder, build_unet, build_vae, warmup_cosine
+from nti_lightning.demo.train.components import (
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    warmup_cosine,
+)
 from nti_lightning.demo.train.config import DemoConfig
 from nti_lightning.demo.train.diffusion_stage import DiffusionStage
 from nti_lightning.demo.train.export import save_fp16
-from nti_lightning.demo.train.grounding import RecordingCrossAttnProcessor, grounded_token_positions
+from nti_lightning.demo.train.grounding import (
+    RecordingCrossAttnProcessor,
+    grounded_token_positions,
+)
 from nti_lightning.demo.train.run import ProgressPrinter, main, train_demo
-from nti_lightning.demo.train.vae_stage import VAEStage, heldout_vae_psnr, latent_scaling_factor
+from nti_lightning.demo.train.vae_stage import (
+    VAEStage,
+    heldout_vae_psnr,
+    latent_scaling_factor,
+)
 
 __all__ = [
     "DemoConfig",

@@ -17,7 +17,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from nti_lightning.demo.train.components import warmup_cosine
-from nti_lightning.demo.train.grounding import RecordingCrossAttnProcessor, grounded_token_positions
+from nti_lightning.demo.train.grounding import (
+    RecordingCrossAttnProcessor,
+    grounded_token_positions,
+)
 from nti_lightning.models.tiny import SD_SCHEDULER_CONFIG
 
 

@@ -13,7 +13,13 @@ import torch
 from diffusers.models.attention_processor import Attention
 from transformers import CLIPTokenizer
 
-from nti_lightning.demo.shapes import BACKGROUND_COLORS, BACKGROUND_WORDS, SHAPE_WORDS, SHAPES, caption_for
+from nti_lightning.demo.shapes import (
+    BACKGROUND_COLORS,
+    BACKGROUND_WORDS,
+    SHAPE_WORDS,
+    SHAPES,
+    caption_for,
+)
 
 
 class RecordingCrossAttnProcessor:

@@ -21,11 +21,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from nti_lightning.demo.shapes import ShapesDataset
-from nti_lightning.demo.train.components import build_text_encoder, build_unet, build_vae
+from nti_lightning.demo.train.components import (
+    build_text_encoder,
+    build_unet,
+    build_vae,
+)
 from nti_lightning.demo.train.config import DemoConfig
 from nti_lightning.demo.train.diffusion_stage import DiffusionStage
 from nti_lightning.demo.train.export import save_fp16
-from nti_lightning.demo.train.vae_stage import VAEStage, heldout_vae_psnr, latent_scaling_factor
+from nti_lightning.demo.train.vae_stage import (
+    VAEStage,
+    heldout_vae_psnr,
+    latent_scaling_factor,
+)
 from nti_lightning.models.tiny import assemble_pipeline
 from nti_lightning.models.tokenizer import clip_tokenizer
 

@@ -9,10 +9,8 @@ object keyed by a 12-digit id, each value
 
 `read_mapping` gives one `BenchSample` per entry (the changed words' brackets stripped, as both of
 the benchmark's scripts strip them) and the entries that cannot be used, each with its reason.
-`benchmark_edit` turns a sample into the edit spec of the benchmark's Null-text + P2P row
-(`run_editing_p2p.py`): Refine with cross-attention replaced for 0.4 of the steps and
-self-attention for 0.6, the target blend word reweighted x2, LocalBlend on the blend words
-(threshold 0.3, from 0.2 of the steps); no blend and no reweight where `blended_word` is "".
+The edits the benchmark makes of each sample are `nti_lightning.editing.pie_bench`'s; the
+mask codec is `nti_lightning.data.pie_masks`.
 """
 
 from __future__ import annotations
@@ -36,15 +34,6 @@ EDIT_TYPES = {
     "7": "change material",
     "8": "change background",
     "9": "change style",
-}
-
-#: The benchmark's edit settings for every sample (`run_editing_p2p.py`); `benchmark_edit` takes overrides.
-BENCHMARK_OPTIONS: dict[str, Any] = {
-    "cross_replace_steps": 0.4,
-    "self_replace_steps": 0.6,
-    "reweight": 2.0,  # the target blend word's factor
-    "blend_threshold": 0.3,
-    "blend_start": 0.2,
 }
 
 #: The fields every entry must have.
@@ -148,33 +137,3 @@ def _field_problem(entry: dict[str, Any]) -> Optional[str]:
     if not isinstance(mask, list) or len(mask) % 2 or not all(isinstance(v, int) and v >= 0 for v in mask):
         return "mask must be a list of [start, length] pairs of non-negative integers"
     return None
-
-
-def benchmark_edit(sample: BenchSample, artifact: str | Path, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The edit spec (see `nti_lightning.editing.specs`) of `sample`'s inversion file `artifact`
-    with the benchmark's settings (`BENCHMARK_OPTIONS`, each overridable in `overrides`)."""
-    settings = {**BENCHMARK_OPTIONS, **(overrides or {})}
-    unknown = sorted(set(settings) - set(BENCHMARK_OPTIONS))
-    if unknown:
-        raise BenchmarkError(f"unknown benchmark edit setting(s) {unknown}; expected some of {sorted(BENCHMARK_OPTIONS)}")
-    options: dict[str, Any] = {
-        "cross_replace_steps": settings["cross_replace_steps"],
-        "self_replace_steps": settings["self_replace_steps"],
-    }
-    spec: dict[str, Any] = {
-        "id": sample.id,
-        "artifact": str(artifact),
-        "prompts": [sample.original_prompt, sample.editing_prompt],
-        "kind": "refine",
-        "options": options,
-    }
-    if sample.blended_word is not None:
-        source_word, target_word = sample.blended_word
-        options.update(
-            blend_words=[[source_word], [target_word]],
-            blend_threshold=settings["blend_threshold"],
-            blend_start=settings["blend_start"],
-        )
-        spec.update(kind="reweight")
-        options.update(words={target_word: settings["reweight"]}, base="refine")
-    return spec

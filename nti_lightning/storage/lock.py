@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nti_lightning.errors import OutputError
-from nti_lightning.inversion.atomic import ensure_folder
+from nti_lightning.storage.atomic import ensure_folder
 
 LOCK_NAME = ".nti.lock"
 

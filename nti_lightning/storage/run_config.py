@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import SaveConfigCallback
 
-from nti_lightning.inversion.atomic import atomic_text
+from nti_lightning.storage.atomic import atomic_text
 
 
 def results_folder(trainer: pl.Trainer, pl_module: Any) -> Optional[Path]:

@@ -1,0 +1,55 @@
+"""PIE-Bench's edit settings: a sample of the mapping file as the edit spec the benchmark makes.
+
+`benchmark_edit` turns a sample (`nti_lightning.data.pie_bench.BenchSample`) into the edit spec
+of the benchmark's Null-text + P2P row (`run_editing_p2p.py`): Refine with cross-attention
+replaced for 0.4 of the steps and self-attention for 0.6, the target blend word reweighted x2,
+LocalBlend on the blend words (threshold 0.3, from 0.2 of the steps); no blend and no reweight
+where `blended_word` is "".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from nti_lightning.data.pie_bench import BenchSample
+from nti_lightning.errors import BenchmarkError
+
+#: The benchmark's edit settings for every sample (`run_editing_p2p.py`); `benchmark_edit` takes overrides.
+BENCHMARK_OPTIONS: dict[str, Any] = {
+    "cross_replace_steps": 0.4,
+    "self_replace_steps": 0.6,
+    "reweight": 2.0,  # the target blend word's factor
+    "blend_threshold": 0.3,
+    "blend_start": 0.2,
+}
+
+
+def benchmark_edit(sample: BenchSample, artifact: str | Path, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The edit spec (see `nti_lightning.editing.specs`) of `sample`'s inversion file `artifact`
+    with the benchmark's settings (`BENCHMARK_OPTIONS`, each overridable in `overrides`)."""
+    settings = {**BENCHMARK_OPTIONS, **(overrides or {})}
+    unknown = sorted(set(settings) - set(BENCHMARK_OPTIONS))
+    if unknown:
+        raise BenchmarkError(f"unknown benchmark edit setting(s) {unknown}; expected some of {sorted(BENCHMARK_OPTIONS)}")
+    options: dict[str, Any] = {
+        "cross_replace_steps": settings["cross_replace_steps"],
+        "self_replace_steps": settings["self_replace_steps"],
+    }
+    spec: dict[str, Any] = {
+        "id": sample.id,
+        "artifact": str(artifact),
+        "prompts": [sample.original_prompt, sample.editing_prompt],
+        "kind": "refine",
+        "options": options,
+    }
+    if sample.blended_word is not None:
+        source_word, target_word = sample.blended_word
+        options.update(
+            blend_words=[[source_word], [target_word]],
+            blend_threshold=settings["blend_threshold"],
+            blend_start=settings["blend_start"],
+        )
+        spec.update(kind="reweight")
+        options.update(words={target_word: settings["reweight"]}, base="refine")
+    return spec

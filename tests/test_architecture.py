@@ -1,0 +1,33 @@
+"""The package's layers (docs/ARCHITECTURE.md), checked by import-linter's contracts in pyproject.toml.
+
+Every import counts, at any depth: module level or inside a function. A lower layer never
+imports a higher one, siblings on one line of the contract never import each other, and no
+package's modules import each other in a cycle.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+importlinter_cli = pytest.importorskip("importlinter.cli", reason="import-linter is a test extra: pip install -e '.[test]'")
+
+
+def test_layers_and_cycles_contracts_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert importlinter_cli.lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+
+
+def test_every_package_and_module_is_in_a_layer() -> None:
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")
+    named = {name.strip() for layer in layers["layers"] for name in layer.replace(":", "|").split("|")}
+    package = ROOT / "nti_lightning"
+    present = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    present |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert present - set(layers.get("exhaustive_ignores", [])) == named
+    assert {c["type"] for c in contracts} == {"layers", "acyclic_siblings"}
