@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import time
 
+import pytest
 from conftest import random_image
 
 import nti_lightning as nti
-from nti_lightning.training.progress import duration, is_interactive
+from nti_lightning.errors import OutputError
+from nti_lightning.training.progress import InversionProgressBar, duration, is_interactive
 
 
 def progress_lines(text: str) -> list[str]:
@@ -96,3 +100,49 @@ def _timesteps(pipe, steps: int) -> list[int]:
     from nti_lightning.diffusion.ddim import DDIMSchedule
 
     return [int(t) for t in DDIMSchedule.from_scheduler_config(pipe.scheduler.config, steps).timesteps]
+
+
+def test_a_run_that_fails_before_the_walk_prints_no_progress_line(tmp_path, capsys):
+    # An output folder that cannot be made (a file stands in its way) stops the run while it is set up: its
+    # error says so, and no progress line claims anything was done (it said "0/?, done in <the uptime>").
+    (tmp_path / "a-file").write_text("")
+    pipe = nti.load_pipeline("tiny")
+    with pytest.raises(OutputError, match="cannot create the output folder"):
+        nti.invert(pipe, random_image(0), "a red circle", num_inference_steps=2, num_inner_steps=1,
+                   output_dir=str(tmp_path / "a-file" / "out"))
+    assert not progress_lines(capsys.readouterr().err)
+
+
+def test_a_run_that_fails_during_the_walk_ends_on_a_stopped_line(capsys, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_two(progress) -> None:
+        if progress.stage == "walk" and progress.step == 1:
+            raise Stop
+
+    pipe = nti.load_pipeline("tiny")
+    monkeypatch.setenv("NTI_PROGRESS_INTERVAL", "0")  # a line at every batch
+    started = time.monotonic()
+    with pytest.raises(Stop):
+        nti.invert(pipe, [random_image(0), random_image(1), random_image(2)], "a red circle", num_inference_steps=3,
+                   num_inner_steps=2, batch_size=1, scheduling="lockstep", on_progress=stop_at_step_two)
+    seconds = time.monotonic() - started
+    lines = progress_lines(capsys.readouterr().err)
+    assert lines and not any("done" in line for line in lines), lines
+    last = re.fullmatch(r"nti: images (\d+)/3 \(\d+%\)(, [\d.]+ images/min)?, stopped after (\d+)s", lines[-1])
+    assert last is not None, lines
+    # The count so far (the first image is on its second step), the time from the walk's own start.
+    assert int(last.group(1)) == 0 and int(last.group(3)) <= seconds + 1, (lines, seconds)
+
+
+def test_the_last_line_is_printed_once_and_only_for_a_walk_that_started():
+    stream = io.StringIO()
+    bar = InversionProgressBar(interval=3600, stream=stream, live=False)
+    bar.on_exception(None, None, RuntimeError("set-up failed"))
+    assert stream.getvalue() == ""
+    bar.started, bar.total, bar.done = time.monotonic() - 65, 4, 1
+    bar.on_exception(None, None, RuntimeError("the walk failed"))
+    bar.on_exception(None, None, RuntimeError("a second hook"))
+    [line] = stream.getvalue().splitlines()
+    assert line.startswith("nti: images 1/4 (25%), ") and line.endswith(", stopped after 1m05s"), line

@@ -11,6 +11,10 @@ form:
   over all ranks, the rate and the time left, so that a run of hours leaves a readable log
   instead of one redraw per training batch.
 
+The last line says "done in 5m12s" when the walk finished, "stopped after 3m40s" (with the images done
+so far) when it failed or was interrupted; a run that fails before its walk starts (while it is set up)
+prints no progress line at all, its error says what went wrong.
+
 Counts cover all ranks. Lockstep ranks walk their batches together (Lightning synchronises them
 at every batch), so the plan says how many images the batches finished so far hold. Continuous
 ranks agree on their counts every `sync_every` batches; in between a rank's own count shows,
@@ -76,7 +80,9 @@ class InversionProgressBar(ProgressBar):
         self.bar: Any = None
         self.total: Optional[int] = None
         self.done = 0
-        self.started = 0.0
+        # When the walk started (`time.monotonic()`); None before it starts and once its last line is out, so that
+        # a run that fails before it starts (a bad output folder) prints no line, and never one timed from 0.
+        self.started: Optional[float] = None
         self.last_line = float("-inf")
         self.lines = 0
 
@@ -142,14 +148,16 @@ class InversionProgressBar(ProgressBar):
             # Every rank gets here (after the same number of epochs), so the sum cannot hang.
             local = torch.tensor(float(pl_module.images_done), device=pl_module.device)
             done = int(trainer.strategy.reduce(local, reduce_op="sum").item()) if trainer.world_size > 1 else int(local)
-        if self.is_enabled:
+        if self.is_enabled and self.started is not None:
             self._show(done, None)
-            self._close()
+            self._close(stopped=False)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
-        # No collective here: the other ranks may be gone. This rank's last known count shows.
-        if self.is_enabled:
-            self._close()
+        # No collective here: the other ranks may be gone. This rank's last known count shows, on a line that
+        # says the run stopped. Before the walk started (the error came from setting up) there is nothing to
+        # report: the error itself says what went wrong.
+        if self.is_enabled and self.started is not None:
+            self._close(stopped=True)
 
     # -------------------------------------------------------------------------- display
     def _show(self, done: int, postfix: Optional[dict[str, Any]]) -> None:
@@ -162,29 +170,44 @@ class InversionProgressBar(ProgressBar):
         elif time.monotonic() - self.last_line >= self.interval:
             self._line(final=False)
 
-    def _close(self) -> None:
+    def _close(self, stopped: bool) -> None:
+        """Ends the walk's display: closes the live bar, or prints the last line.
+
+        Args:
+            stopped (`bool`): the run failed or was interrupted: the last line says it stopped (and a live bar is
+                followed by that line), never "done".
+        """
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            if stopped:  # the bar's last state reads like a run still going: say that it is not
+                self._line(final=True, stopped=True)
         else:
-            self._line(final=True)
+            self._line(final=True, stopped=stopped)
+        self.started = None  # the run's display is over: nothing more is printed for it
 
-    def _line(self, final: bool) -> None:
-        """One line: "nti: images 3/5 (60%), 2.4 images/min, about 50s left"."""
+    def _line(self, final: bool, stopped: bool = False) -> None:
+        """One line: "nti: images 3/5 (60%), 2.4 images/min, about 50s left".
+
+        Args:
+            final (`bool`): the run's last line: "done in 1m05s" instead of the time left.
+            stopped (`bool`, defaults to False): with `final`, the run failed or was interrupted: "stopped after 1m05s".
+        """
         now = time.monotonic()
-        elapsed = now - self.started
+        elapsed = now - (self.started if self.started is not None else now)
         total = "?" if self.total is None else str(self.total)
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         parts = [f"nti: images {self.done}/{total}{share}"]
+        end = f"stopped after {duration(elapsed)}" if stopped else f"done in {duration(elapsed)}"
         if self.done and elapsed > 0:
             rate = self.done / elapsed
             parts.append(f"{60 * rate:.3g} images/min")
             if final:
-                parts.append(f"done in {duration(elapsed)}")
+                parts.append(end)
             elif self.total:
                 parts.append(f"about {duration(max(self.total - self.done, 0) / rate)} left")
         elif final:
-            parts.append(f"done in {duration(elapsed)}")
+            parts.append(end)
         print(", ".join(parts), file=self.stream or sys.stderr, flush=True)
         self.last_line = now
         self.lines += 1
