@@ -128,8 +128,9 @@ def _run(args: list[str], given: Optional[list[str]]) -> int:
         else:
             from nti_lightning.bench.run import main as bench_main
 
-        bench_main(args[1:])
-        return EXIT_OK
+        scores = bench_main(args[1:])
+        # Outputs that could not be scored are failed rows (the CSV, under the tables): 1, as a fit's failed images.
+        return EXIT_SOME_FAILED if getattr(scores, "failed", None) else EXIT_OK
     if args and args[0] == "app":
         from nti_lightning.app.cli import main as app_main
 

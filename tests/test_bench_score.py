@@ -28,7 +28,8 @@ from nti_lightning.bench.metrics import METRICS
 from nti_lightning.bench.score import edit_panel, main, score_folder
 from nti_lightning.bench.summary import PAPER_SCALE
 from nti_lightning.cli import EXIT_USAGE, help_text
-from nti_lightning.errors import BenchmarkError, NtiError
+from nti_lightning.cli import main as nti_main
+from nti_lightning.errors import EXIT_SOME_FAILED, BenchmarkError, NtiError
 from nti_lightning.models.tokenizer import clip_tokenizer
 
 SIDE = 64
@@ -121,7 +122,8 @@ def test_csv_rows_are_the_evaluators_formulas(bench, scored):
     result, out = scored
     with open(out / "rows.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["id", "method", "editing_type_id", *METRICS]
+    assert list(rows[0]) == ["id", "method", "editing_type_id", *METRICS, "error"]
+    assert not any(row["error"] for row in rows) and result.failed == []
     expected = expected_rows(*bench)
     assert {(r["id"], r["method"]) for r in rows} == set(expected)  # the missing output is not a row
     for row in rows:
@@ -223,6 +225,80 @@ def test_user_mistakes_are_nti_errors(bench, tmp_path, args, culprit):
     args = [a.format(tmp=tmp_path, root=root, outputs=outputs) for a in args]
     with pytest.raises(NtiError, match=re.escape(culprit)):
         main(args + ["--bench.dino", "none", "--bench.clip", "none", "--bench.lpips", "none"])
+
+
+def test_outputs_that_cannot_be_scored_are_failed_rows_and_the_rest_is_scored(bench, tmp_path, capsys):
+    root, outputs, _, _ = bench
+    damaged = tmp_path / "output"
+    shutil.copytree(outputs, damaged)
+    folder = damaged / "ddim+p2p" / "annotation_images"
+    paths = {key: folder / path for key, (path, *_) in SAMPLES.items()}
+    # A truncated write, a stray text file under an image's name, and a strip of another resolution.
+    truncated = paths["000000000000"].read_bytes()
+    paths["000000000000"].write_bytes(truncated[: len(truncated) // 2])
+    paths["111000000000"].write_text("not a picture")
+    with Image.open(paths["211000000000"]) as strip:
+        strip.resize((strip.width // 2, strip.height // 2)).save(paths["211000000000"])
+    reasons = {"000000000000": "cannot read the output", "111000000000": "cannot read the output",
+               "211000000000": f"the edit panel is {SIDE // 2}x{SIDE // 2}, the source {SIDE}x{SIDE}"}
+
+    out = tmp_path / "scores"
+    result = score_folder(root, damaged, dino="none", clip="none", lpips="none", device="cpu",
+                          csv_path=out / "rows.csv", markdown_path=out / "summary.md")
+    assert [(row["method"], row["id"]) for row in result.failed] == [("ddim+p2p", key) for key in reasons]
+    for row in result.failed:
+        assert row["error"].startswith(f"{paths[row['id']]}: ") and reasons[row["id"]] in row["error"], row
+    # Everything else is scored: the other method's three outputs and this one's last.
+    assert sorted((row["method"], row["id"]) for row in result.rows) == sorted(
+        [("ddim+p2p", "900000000000")] + [("null-text-inversion+p2p", key) for key in SAMPLES if key != MISSING[1]])
+    psnr = result.summary["ddim+p2p"]["all"]["psnr_unedited"]
+    assert psnr.count + psnr.nan == 1  # the means hold the scored rows only
+
+    with open(out / "rows.csv", newline="") as handle:
+        rows = {(row["method"], row["id"]): row for row in csv.DictReader(handle)}
+    assert len(rows) == 3 + 4
+    for key, reason in reasons.items():
+        row = rows["ddim+p2p", key]
+        assert str(paths[key]) in row["error"] and reason in row["error"]
+        assert all(row[metric] == "" for metric in METRICS)  # no value, which is not "nan" (undefined)
+    assert rows["ddim+p2p", "900000000000"]["error"] == "" and rows["ddim+p2p", "900000000000"]["mse_unedited"] != ""
+    markdown = (out / "summary.md").read_text()
+    assert "**3 outputs could not be scored**" in markdown
+    tables_end = markdown.index("**3 outputs could not be scored**")
+    for key in reasons:
+        assert f"- ddim+p2p, sample {key}: {paths[key]}: " in markdown[tables_end:]
+
+    # `nti bench --score`: the summary, then exit status 1 (some failed), as `nti fit` with failed images.
+    with pytest.raises(SystemExit) as exited:
+        nti_main(["bench", "--score", str(damaged), "--bench.root", str(root), "--bench.dino", "none",
+                  "--bench.clip", "none", "--bench.lpips", "none", "--bench.device", "cpu"])
+    assert exited.value.code == EXIT_SOME_FAILED
+    printed = capsys.readouterr().out
+    assert "**3 outputs could not be scored**" in printed and (damaged / "pie_bench.csv").is_file()
+
+
+def test_an_unreadable_output_is_a_failed_row(bench, tmp_path, monkeypatch):
+    root, outputs, _, _ = bench
+    damaged = tmp_path / "output"
+    shutil.copytree(outputs / "ddim+p2p", damaged)
+    locked = damaged / "annotation_images" / SAMPLES["900000000000"][0]
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads every file whatever its mode: refuse it as the system would anyone else
+        real_open = Image.open
+
+        def refusing_open(path, *args, **kwargs):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(Image, "open", refusing_open)
+    try:
+        result = score_folder(root, damaged, dino="none", clip="none", lpips="none", device="cpu")
+    finally:
+        locked.chmod(0o644)
+    [failed] = result.failed
+    assert failed["id"] == "900000000000" and failed["error"].startswith(f"{locked}: cannot read the output")
+    assert "Permission denied" in failed["error"] and len(result.rows) == 3
 
 
 def test_a_damaged_mask_names_its_sample(bench, tmp_path):

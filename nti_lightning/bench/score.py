@@ -5,6 +5,11 @@ images under `annotation_images/<image_path>`. The outputs are in its authors' l
 `<outputs>/<method>/annotation_images/<image_path>`, each a strip of panels of the source's height
 whose last square panel is the edit (PnPInversion writes [prompt | source | reconstruction | edit],
 2048 x 512). `nti bench --score OUTPUTS --bench.root ROOT` runs `score_folder` from the command line.
+
+An output that cannot be read, is not an image or has the wrong size is a failed row (its file and
+why, in the CSV's `error` column and listed under the tables); the others are scored, and `nti bench`
+then exits with status 1 (`EXIT_SOME_FAILED`), as `nti fit` does with failed images. What belongs to
+the benchmark itself (its mapping file, a source image, a mask) must be usable: a fault there stops it.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ from nti_lightning.storage.atomic import atomic_text
 
 MAPPING_FILE = "mapping_file.json"
 IMAGES = "annotation_images"
-#: Columns of the per-image CSV, in order.
-COLUMNS = ("id", "method", "editing_type_id", *METRICS)
+#: Columns of the per-image CSV, in order; `error` is empty in a scored row and says why in a failed one.
+COLUMNS = ("id", "method", "editing_type_id", *METRICS, "error")
 
 
 def read_samples(root: Union[str, Path], edit_types: Optional[Sequence[str]] = None) -> list[BenchSample]:
@@ -84,6 +89,32 @@ def _open(path: Path, what: str) -> Image.Image:
         raise InputNotFoundError(f"{path}: {what} not found") from error
     except (OSError, UnidentifiedImageError) as error:
         raise BenchmarkError(f"{path}: cannot read the {what} ({error})") from error
+
+
+def read_edit(path: Path, shape: tuple[int, ...], sample: str) -> np.ndarray:
+    """The edit panel of the output image at `path`, as (H, W, 3) uint8 of the source's `shape`.
+
+    Args:
+        path (`Path`): a method's output image.
+        shape (`tuple[int, ...]`): the source image's array shape, (H, W, 3).
+        sample (`str`): the sample's id, named in errors.
+
+    Raises:
+        `BenchmarkError` (or `InputNotFoundError` when it vanished) naming `path`: it cannot be read, is
+        not an image, holds no square last panel, or its edit panel is not the source's size.
+    """
+    try:
+        output = _open(path, f"output of sample {sample}")
+    except Image.DecompressionBombError as error:  # not an OSError: a picture too large to be one of these
+        raise BenchmarkError(f"{path}: cannot read the output of sample {sample} ({error})") from error
+    try:
+        edit = as_array(edit_panel(output, sample))
+    except BenchmarkError as error:
+        raise BenchmarkError(f"{path}: {error}") from error
+    if edit.shape != shape:
+        raise BenchmarkError(f"{path}: the edit panel is {edit.shape[1]}x{edit.shape[0]}, "
+                             f"the source {shape[1]}x{shape[0]} (sample {sample})")
+    return edit
 
 
 def edit_panel(output: Image.Image, sample: Optional[str] = None) -> Image.Image:
@@ -178,6 +209,8 @@ class BenchScores:
         missing (`dict[str, list[str]]`): method -> ids with no output image.
         markdown (`str`): the summary tables.
         written (`list[Path]`): the files written.
+        failed (`list[dict]`): one per output that could not be scored, keys "id", "method",
+            "editing_type_id" and "error" (the file and why); in the CSV too, not in `rows` or the means.
     """
 
     rows: list
@@ -186,6 +219,7 @@ class BenchScores:
     missing: dict
     markdown: str
     written: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
 
 
 def _csv_value(value: object) -> object:
@@ -199,8 +233,10 @@ def _csv_value(value: object) -> object:
 def write_rows(rows: Sequence[dict], path: Union[str, Path]) -> Path:
     """Writes the per-image rows as CSV (`COLUMNS`; "nan" undefined, "n/a" unavailable), atomically.
 
+    A failed row (one with an "error") has empty metric cells: it has no value, not an undefined one.
+
     Args:
-        rows (`Sequence[dict]`): `BenchScores.rows`.
+        rows (`Sequence[dict]`): `BenchScores.rows`, and the `BenchScores.failed` rows among them.
         path (`str` or `Path`): the CSV file; its folder is created.
 
     Returns:
@@ -211,7 +247,10 @@ def write_rows(rows: Sequence[dict], path: Union[str, Path]) -> Path:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: _csv_value(row.get(key)) for key in COLUMNS})
+            if row.get("error"):
+                writer.writerow({key: row.get(key, "") for key in ("id", "method", "editing_type_id", "error")})
+            else:
+                writer.writerow({key: _csv_value(row.get(key)) for key in COLUMNS if key != "error"})
     return path
 
 
@@ -271,7 +310,13 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
 
     Returns:
         `BenchScores`. An image a method has no output for is not scored; it is listed in
-        `missing` and in the Markdown summary.
+        `missing` and in the Markdown summary. An output that cannot be read, is not an image or
+        has the wrong size is not scored either: it is a row of `failed` (the file and why), in the
+        CSV and listed under the tables, and the other outputs are scored.
+
+    Raises:
+        `NtiError`: the benchmark itself cannot be used (no mapping file, a damaged entry or mask, a
+        source image that cannot be read), or `outputs` holds no method.
     """
     root = Path(root)
     samples = read_samples(root, edit_types)
@@ -286,6 +331,8 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
     if networks is None:
         networks = load_networks(dino=dino, clip=clip, lpips=lpips, device=device)
     rows: list[dict] = []
+    failed: list[dict] = []
+    table: list[dict] = []  # the CSV's rows, scored and failed, in the mapping file's order
     missing: dict[str, list[str]] = {method: [] for method in found}
     shown: dict[str, list[tuple[str, list[Optional[np.ndarray]]]]] = {}  # edit type -> (id, source and edits) for the grids
     for done, sample in enumerate(samples, 1):
@@ -303,21 +350,28 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
                 if panels is not None:
                     panels.append(None)
                 continue
-            edit = as_array(edit_panel(_open(path, f"{method} output of sample {sample.id}"), sample.id))
-            if edit.shape != source.shape:
-                raise BenchmarkError(f"{path}: the edit panel is {edit.shape[1]}x{edit.shape[0]}, the source "
-                                     f"{source.shape[1]}x{source.shape[0]} (sample {sample.id})")
+            row = {"id": sample.id, "method": method, "editing_type_id": sample.editing_type_id}
+            try:
+                edit = read_edit(path, source.shape, sample.id)
+            except (BenchmarkError, InputNotFoundError) as error:
+                # One bad output (a truncated write, a stray file) costs its row, not the other outputs' scores.
+                failed.append({**row, "error": " ".join(str(error).split())})
+                table.append(failed[-1])
+                if panels is not None:
+                    panels.append(None)
+                continue
             if panels is not None:
                 panels.append(edit)
             scores = score_sample(networks, source, edit, mask, sample.editing_prompt, cache)
-            rows.append({"id": sample.id, "method": method, "editing_type_id": sample.editing_type_id, **scores})
+            rows.append({**row, **scores})
+            table.append(rows[-1])
         if progress is not None:
             progress(done, len(samples), sample.id)
     summary = summarize(rows)
-    markdown = markdown_summary(summary, unavailable=networks.unavailable, missing=missing)
-    result = BenchScores(rows, summary, dict(networks.unavailable), missing, markdown)
+    markdown = markdown_summary(summary, unavailable=networks.unavailable, missing=missing, failed=failed)
+    result = BenchScores(rows, summary, dict(networks.unavailable), missing, markdown, failed=failed)
     if csv_path is not None:
-        result.written.append(write_rows(rows, csv_path))
+        result.written.append(write_rows(table, csv_path))
     if markdown_path is not None:
         with atomic_text(Path(markdown_path)) as handle:
             handle.write(markdown)

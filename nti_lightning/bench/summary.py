@@ -132,7 +132,8 @@ def _images(means: Mapping[str, Optional[MetricMean]]) -> int:
 
 
 def markdown_summary(summary: Summary, metrics: Sequence[str] = METRICS, unavailable: Optional[Mapping[str, str]] = None,
-                     missing: Optional[Mapping[str, Sequence[str]]] = None) -> str:
+                     missing: Optional[Mapping[str, Sequence[str]]] = None,
+                     failed: Optional[Sequence[Mapping[str, str]]] = None) -> str:
     """The summary as Markdown: one table over all images, then one per method by edit type.
 
     Args:
@@ -140,6 +141,8 @@ def markdown_summary(summary: Summary, metrics: Sequence[str] = METRICS, unavail
         metrics (`Sequence[str]`, defaults to `METRICS`): the columns.
         unavailable (`Mapping[str, str]`, *optional*): metric -> why it is "n/a", listed below.
         missing (`Mapping[str, Sequence[str]]`, *optional*): method -> ids without an output image.
+        failed (`Sequence[Mapping[str, str]]`, *optional*): outputs that could not be scored, each with
+            "method", "id" and "error" (the file and why); every one is listed below the tables.
 
     Returns:
         `str`: the Markdown text.
@@ -170,6 +173,12 @@ def markdown_summary(summary: Summary, metrics: Sequence[str] = METRICS, unavail
             shown = ", ".join(list(ids)[:10]) + (", ..." if len(ids) > 10 else "")
             noun = "image" if len(ids) == 1 else "images"
             lines.append(f"- {method}: {len(ids)} {noun} without an output, not scored ({shown})")
+    if failed:
+        noun = "output" if len(failed) == 1 else "outputs"
+        lines += ["", f"**{len(failed)} {noun} could not be scored** (failed rows of the CSV; "
+                      "fix or remove them and score again):"]
+        # Each one, not a sample of them: the list is what the user has to fix.
+        lines += [f"- {row['method']}, sample {row['id']}: {row['error']}" for row in failed]
     return "\n".join(lines) + "\n"
 
 
