@@ -13,7 +13,11 @@ from conftest import random_image
 
 import nti_lightning as nti
 from nti_lightning.errors import OutputError
-from nti_lightning.training.progress import InversionProgressBar, duration, is_interactive
+from nti_lightning.training.progress import (
+    InversionProgressBar,
+    duration,
+    is_interactive,
+)
 
 
 def progress_lines(text: str) -> list[str]:

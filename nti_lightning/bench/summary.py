@@ -175,8 +175,8 @@ def markdown_summary(summary: Summary, metrics: Sequence[str] = METRICS, unavail
             lines.append(f"- {method}: {len(ids)} {noun} without an output, not scored ({shown})")
     if failed:
         noun = "output" if len(failed) == 1 else "outputs"
-        lines += ["", f"**{len(failed)} {noun} could not be scored** (failed rows of the CSV; "
-                      "fix or remove them and score again):"]
+        lines += ["", (f"**{len(failed)} {noun} could not be scored** (failed rows of the CSV; "
+                       "fix or remove them and score again):")]
         # Each one, not a sample of them: the list is what the user has to fix.
         lines += [f"- {row['method']}, sample {row['id']}: {row['error']}" for row in failed]
     return "\n".join(lines) + "\n"
