@@ -24,13 +24,18 @@ from app_server import (  # noqa: E402
     INNER_STEPS,
     STEPS,
     assert_recoloured,
+    free_port,
     running_app,
 )
 from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
 import nti_lightning as nti  # noqa: E402
 from nti_lightning.app import Editor, InversionCache  # noqa: E402
+from nti_lightning.app.cli import AUTH_ENV, authentication, launch, parser  # noqa: E402
+from nti_lightning.app.layout import close  # noqa: E402
+from nti_lightning.cli import main as nti_main  # noqa: E402
+from nti_lightning.errors import EXIT_USAGE, NtiError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,3 +298,89 @@ def test_nti_app_option_mistakes_are_one_line(tmp_path):
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("nti: error: nti app: argument --trainer.precision: invalid choice: '64'")
+
+
+# --------------------------------------------------------------------------- log-in
+USERS = "# who may edit\nana:s3cret:with:colons\n\nbo:pw\n"
+
+
+def users_file(folder: Path, text: str = USERS, mode: int = 0o600) -> Path:
+    path = folder / "users"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_a_password_guards_the_page_and_its_api(app, tmp_path, monkeypatch):
+    monkeypatch.delenv(AUTH_ENV, raising=False)
+    port = free_port()
+    args = parser().parse_args(["--port", str(port), "--auth-file", str(users_file(tmp_path))])
+    auth = authentication(args)
+    assert auth == [("ana", "s3cret:with:colons"), ("bo", "pw")]
+    # The module's page (its model and cache) served a second time, as `nti app` serves it: behind the log-in.
+    blocks = app.page.build().queue(default_concurrency_limit=1)
+    launch(blocks, args, auth)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
+            Client(url, verbose=False)
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(url, verbose=False, auth=("ana", "s3cret"))
+        # Not only the page: its API, called without the log-in's cookie, is refused too.
+        import httpx
+
+        fields = [None, BLUE_PROMPT, "auto", 0.8, 0.7, "", "", 7.5]
+        refused = httpx.post(f"{url}gradio_api/call/edit", json={"data": fields})
+        assert refused.status_code == 401, refused.text
+        session = Client(url, verbose=False, auth=("ana", "s3cret:with:colons"))
+        invert(session)
+        gallery, _, note = edit(session)
+        assert gallery[1]["caption"] == BLUE_PROMPT and note.startswith("**Replace**")
+    finally:
+        close(blocks)
+
+
+def test_the_log_in_comes_from_a_private_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(AUTH_ENV, raising=False)
+
+    def auth(*words: str, environ: dict[str, str] | None = None):
+        return authentication(parser().parse_args(list(words)), environ or {})
+
+    assert auth() is None  # this machine only: no log-in unless one is set
+    assert auth("--host", "0.0.0.0", environ={AUTH_ENV: "ana:pw:1"}) == [("ana", "pw:1")]
+    assert auth("--host", "::1") is None and auth("--host", "localhost") is None
+    assert auth("--host", "0.0.0.0", "--share", "--no-auth") is None  # knowingly open
+    open_file = users_file(tmp_path, mode=0o644)
+    with pytest.raises(NtiError) as refused:
+        auth("--auth-file", str(open_file))
+    assert str(refused.value) == (f"--auth-file {open_file}: others than its owner may read or change it (mode 644); "
+                                  f"the passwords in it must be the owner's alone: chmod 600 {open_file}")
+    users_file(tmp_path, mode=0o640)
+    with pytest.raises(NtiError, match=f"chmod 600 {open_file}"):
+        auth("--auth-file", str(open_file))
+    for text, culprit in (("ana:pw\nbo-without-a-password\n", "line 2: expected user:password"),
+                          ("ana:\n", "line 1: expected user:password"), ("\n# nobody\n", "no user:password line")):
+        with pytest.raises(NtiError, match=culprit) as bad:
+            auth("--auth-file", str(users_file(tmp_path, text)))
+        assert "bo-without" not in str(bad.value)  # a line that may hold a password is never repeated
+    with pytest.raises(NtiError, match=f"{AUTH_ENV}: expected user:password"):
+        auth(environ={AUTH_ENV: "ana"})
+    with pytest.raises(NtiError, match="no such file"):
+        auth("--auth-file", str(tmp_path / "nope"))
+    with pytest.raises(NtiError, match="--no-auth, and a password in --auth-file"):
+        auth("--no-auth", "--auth-file", str(users_file(tmp_path)))
+
+
+@pytest.mark.parametrize("words, exposure", [
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 serves beyond this machine"),
+    (["--share"], "--share serves on a public link"),
+])
+def test_serving_beyond_this_machine_without_a_password_is_refused(words, exposure, capsys, monkeypatch):
+    monkeypatch.delenv(AUTH_ENV, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        nti_main(["app", *words])  # refused before any model loads
+    assert exited.value.code == EXIT_USAGE
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"nti: error: nti app: {exposure}, and no password is set: set one with --auth-file FILE "
+                    f"(lines user:password, chmod 600 FILE) or {AUTH_ENV}=user:password in the environment, "
+                    f"or pass --no-auth to serve without one")

@@ -2,24 +2,33 @@
 
     nti app                                        # shapes, on http://127.0.0.1:7860
     nti app --model.pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 --trainer.precision bf16-mixed
-    nti app --host 0.0.0.0 --port 8080 --cache-dir /data/nti-cache
-    nti app --share                                # a temporary public link through Gradio
+    NTI_APP_AUTH=ana:s3cret nti app --host 0.0.0.0 --port 8080 --cache-dir /data/nti-cache
+    nti app --share --auth-file ~/.nti-app-users   # a temporary public link through Gradio, with a log-in
 
 Options that `nti fit` and `nti predict` also take have their names (`--model.*`, `--trainer.*`);
 the `--model.*` settings are the page's starting values.
+
+The page asks for a user and password (Gradio's log-in page) when `--auth-file FILE` (lines
+`user:password`, a file only its owner may read: `chmod 600 FILE`) or `NTI_APP_AUTH=user:password`
+in the environment gives one; never on the command line, which every user of the machine sees in
+`ps`. Serving beyond this machine (`--host` other than 127.0.0.1, localhost or ::1, or `--share`)
+without a password is refused unless `--no-auth` says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import shlex
+import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from nti_lightning.errors import NtiError, OptionError
+from nti_lightning.errors import InputNotFoundError, NtiError, OptionError
 
 #: Where inversions are kept unless `--cache-dir` says otherwise.
 DEFAULT_CACHE = "~/.cache/nti-lightning/app"
@@ -27,6 +36,13 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 #: The example offered on the page: the demo image of the README (held-out image 8 of `shapes`).
 EXAMPLE_PROMPT = "a red circle on a green background"
 EXAMPLE_INDEX = 8
+#: The environment variable that may hold the log-in, `user:password` (an option would show it in `ps`).
+AUTH_ENV = "NTI_APP_AUTH"
+#: Host names only this machine reaches, beside the loopback addresses (127.0.0.0/8, ::1).
+LOOPBACK_NAMES = ("localhost",)
+#: How the refusal to serve without a password says to set one.
+HOW_TO_AUTH = (f"set one with --auth-file FILE (lines user:password, chmod 600 FILE) or {AUTH_ENV}=user:password in "
+               "the environment, or pass --no-auth to serve without one")
 
 
 class MissingExtraError(NtiError, ImportError):
@@ -69,7 +85,100 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where inversions are kept (default {DEFAULT_CACHE})")
     p.add_argument("--max-queue", type=int, default=64, help="users waiting at most (default 64)")
+    p.add_argument("--auth-file", metavar="FILE", default=None,
+                   help=f"log-in: lines user:password, a file only its owner may read (chmod 600 FILE); "
+                        f"or {AUTH_ENV}=user:password in the environment (default: none)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve beyond this machine (--host, --share) without a password, knowingly (default: refused)")
     return p
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (`--host`) is reached from this machine only: "localhost" or a loopback address.
+
+    Args:
+        host (`str`): a host name or an IP address, IPv6 with or without brackets.
+    """
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: it may resolve to any interface
+        return False
+
+
+def parse_credentials(text: str, where: str) -> tuple[str, str]:
+    """`(user, password)` from "user:password"; `OptionError` naming `where`, never the text (it holds a password).
+
+    Args:
+        text (`str`): one "user:password"; the password is what follows the first colon, colons included.
+        where (`str`): where `text` came from, e.g. "NTI_APP_AUTH" or "users.txt, line 3".
+    """
+    user, sep, password = text.partition(":")
+    if not sep or not user.strip() or not password:
+        raise OptionError(f"{where}: expected user:password, with neither empty")
+    return user.strip(), password
+
+
+def read_auth_file(path: str | Path) -> list[tuple[str, str]]:
+    """The `(user, password)` pairs of an `--auth-file`: one `user:password` a line; blank lines and lines starting
+    with "#" are skipped.
+
+    Args:
+        path (`str` or `Path`): the file; `~` is expanded.
+
+    Raises:
+        `InputNotFoundError`: no such file. `OptionError`: it is not a plain file, others than its owner may read or
+        write it (the message gives the fix, `chmod 600 FILE`), or a line is not `user:password`.
+    """
+    path = Path(path).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputNotFoundError(f"--auth-file {path}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise OptionError(f"--auth-file {path}: not a file")
+    # Windows has no such permission bits (st_mode always reads 0o666 there): its ACLs are the user's to set.
+    if os.name == "posix" and mode & 0o077:
+        raise OptionError(f"--auth-file {path}: others than its owner may read or change it "
+                          f"(mode {stat.S_IMODE(mode):o}); the passwords in it must be the owner's alone: "
+                          f"chmod 600 {shlex.quote(str(path))}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise OptionError(f"--auth-file {path}: cannot read it ({type(error).__name__})") from None
+    pairs = [parse_credentials(line.strip(), f"--auth-file {path}, line {number}")
+             for number, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not pairs:
+        raise OptionError(f"--auth-file {path}: no user:password line in it")
+    return pairs
+
+
+def authentication(args: argparse.Namespace,
+                   environ: Optional[Mapping[str, str]] = None) -> Optional[list[tuple[str, str]]]:
+    """The log-ins of the page (`Blocks.launch(auth=...)`), or None for a page open to whoever reaches it.
+
+    Args:
+        args (`argparse.Namespace`): `parser()`'s: `auth_file`, `no_auth`, `host`, `share`.
+        environ (`Mapping[str, str]`, *optional*): where `NTI_APP_AUTH` is read; `os.environ` by default.
+
+    Raises:
+        `OptionError`: a bad `--auth-file` or `NTI_APP_AUTH`; `--no-auth` beside a password; or the page would be
+        served beyond this machine (`--host` not a loopback address, `--share`) without a password and without
+        `--no-auth`, naming both ways to set one.
+    """
+    environ = os.environ if environ is None else environ
+    credentials = read_auth_file(args.auth_file) if args.auth_file else []
+    if environ.get(AUTH_ENV):
+        credentials.append(parse_credentials(environ[AUTH_ENV], AUTH_ENV))
+    if credentials and args.no_auth:
+        given = "--auth-file" if args.auth_file else f"{AUTH_ENV} (set in the environment)"
+        raise OptionError(f"nti app: --no-auth, and a password in {given}: drop one of them")
+    exposed = ([] if is_loopback(args.host) else [f"--host {args.host} serves beyond this machine"])
+    exposed += ["--share serves on a public link"] if args.share else []
+    if exposed and not credentials and not args.no_auth:
+        raise OptionError(f"nti app: {' and '.join(exposed)}, and no password is set: {HOW_TO_AUTH}")
+    return credentials or None
 
 
 def require_gradio() -> Any:
@@ -152,21 +261,44 @@ def build(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any:
     return make_page(args, downloads).build().queue(default_concurrency_limit=1, max_size=args.max_queue)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Runs `nti app` until interrupted."""
-    args = parser().parse_args(argv)
-    if not 0 < args.port < 65536:
-        raise OptionError(f"--port must be between 1 and 65535, got {args.port}")
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine unasked
-    started = time.perf_counter()
-    blocks = build(args)
+def launch(blocks: Any, args: argparse.Namespace, auth: Optional[list[tuple[str, str]]] = None) -> None:
+    """Serves `blocks` as `args` say (`--host`, `--port`, `--share`), behind Gradio's log-in page when `auth` is given;
+    returns once it is served.
+
+    Args:
+        blocks (`gradio.Blocks`): `build(args)`'s.
+        args (`argparse.Namespace`): `parser()`'s.
+        auth (`list[tuple[str, str]]`, *optional*): `authentication(args)`'s (user, password) pairs; None: no log-in.
+
+    Raises:
+        `OptionError`: the port is taken, or the address is not this machine's.
+    """
     from nti_lightning.app.layout import launch_options
 
     try:
-        blocks.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True, **launch_options())
+        blocks.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                      auth=auth, **launch_options())
     except OSError as error:  # the port is taken, the address is not this machine's
         raise OptionError(f"cannot serve on {args.host}:{args.port}: {error}") from None
-    print(f"nti app: ready on http://{args.host}:{args.port} ({args.pretrained}, {time.perf_counter() - started:.1f} s)", flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Runs `nti app` until interrupted.
+
+    Args:
+        argv (`list[str]`, *optional*): the words after `nti app`; the command line's by default.
+    """
+    args = parser().parse_args(argv)
+    if not 0 < args.port < 65536:
+        raise OptionError(f"--port must be between 1 and 65535, got {args.port}")
+    auth = authentication(args)  # before the model loads: a refusal comes at once
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine unasked
+    started = time.perf_counter()
+    blocks = build(args)
+    launch(blocks, args, auth)
+    login = f", log-in for {len(auth)} user(s)" if auth else ""
+    print(f"nti app: ready on http://{args.host}:{args.port} ({args.pretrained}, "
+          f"{time.perf_counter() - started:.1f} s{login})", flush=True)
     if blocks.share_url:
         print(f"nti app: shared on {blocks.share_url}", flush=True)
     try:

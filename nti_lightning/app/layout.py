@@ -58,6 +58,19 @@ def launch_options() -> dict[str, Any]:
     return {"theme": theme, "ssr_mode": False, "quiet": True, "footer_links": ["api"], "max_file_size": MAX_UPLOAD}
 
 
+def close(blocks: gr.Blocks) -> None:
+    """Closes a launched `blocks`: its server, its queue and its `--share` tunnel (which `Blocks.close` leaves open).
+
+    Args:
+        blocks (`gr.Blocks`): a launched Blocks.
+    """
+    from gradio.tunneling import CURRENT_TUNNELS
+
+    blocks.close(verbose=False)
+    for tunnel in list(CURRENT_TUNNELS):
+        tunnel.kill()
+
+
 def shown_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Runs a handler; a user's mistake becomes a message on the page, anything else is logged
     and reported in one line. The app goes on serving either way."""
