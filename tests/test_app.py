@@ -6,6 +6,9 @@ each test opens its own client, that is its own browser session.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +38,7 @@ from nti_lightning.app import Editor, InversionCache  # noqa: E402
 from nti_lightning.app.cli import AUTH_ENV, authentication, launch, parser  # noqa: E402
 from nti_lightning.app.layout import close  # noqa: E402
 from nti_lightning.cli import main as nti_main  # noqa: E402
-from nti_lightning.errors import EXIT_USAGE, NtiError  # noqa: E402
+from nti_lightning.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, NtiError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -384,3 +387,28 @@ def test_serving_beyond_this_machine_without_a_password_is_refused(words, exposu
     assert line == (f"nti: error: nti app: {exposure}, and no password is set: set one with --auth-file FILE "
                     f"(lines user:password, chmod 600 FILE) or {AUTH_ENV}=user:password in the environment, "
                     f"or pass --no-auth to serve without one")
+
+
+# ----------------------------------------------------------------------------- signals
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)])
+def test_nti_app_stops_on_a_signal_with_its_status_after_closing_the_server(tmp_path, signum, status):
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if k not in ("NTI_DEBUG", AUTH_ENV)}, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nti_lightning.cli", "app", "--port", str(port), "--cache-dir", str(tmp_path / "cache"),
+         "--trainer.accelerator", "cpu", "--threads", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        ready = process.stdout.readline()  # the first line it prints, once it serves
+        assert ready.startswith(f"nti app: ready on http://127.0.0.1:{port} "), (ready, process.stderr.read())
+        assert Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/cancel") == ()  # it serves
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == status, stderr
+    assert stderr.strip().splitlines()[-1] == f"nti app: stopped by {signal.Signals(signum).name}; the server is closed"
+    assert "Traceback" not in stderr
+    with pytest.raises(OSError):  # nothing serves on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -13,22 +13,35 @@ The page asks for a user and password (Gradio's log-in page) when `--auth-file F
 in the environment gives one; never on the command line, which every user of the machine sees in
 `ps`. Serving beyond this machine (`--host` other than 127.0.0.1, localhost or ::1, or `--share`)
 without a password is refused unless `--no-auth` says so.
+
+It serves until interrupted: Ctrl-C (SIGINT) exits with status 130, SIGTERM with 143, each after
+closing the server.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import shlex
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from types import FrameType
+from typing import Any, Iterator, Mapping, Optional
 
-from nti_lightning.errors import InputNotFoundError, NtiError, OptionError
+from nti_lightning.errors import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    InputNotFoundError,
+    NtiError,
+    OptionError,
+)
 
 #: Where inversions are kept unless `--cache-dir` says otherwise.
 DEFAULT_CACHE = "~/.cache/nti-lightning/app"
@@ -91,6 +104,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-auth", action="store_true",
                    help="serve beyond this machine (--host, --share) without a password, knowingly (default: refused)")
     return p
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived: `nti app` stops with status 143 (`EXIT_SIGTERM`), after closing its server."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_SIGTERM)
+
+
+def _terminate(signum: int, frame: Optional[FrameType]) -> None:
+    """The SIGTERM handler: stops the main thread where it is, as Ctrl-C does, so that `finally` closes the server
+    (Python's default action would end the process at once, with the port and the queue left as they were)."""
+    raise Terminated()
 
 
 def is_loopback(host: str) -> bool:
@@ -282,8 +308,50 @@ def launch(blocks: Any, args: argparse.Namespace, auth: Optional[list[tuple[str,
         raise OptionError(f"cannot serve on {args.host}:{args.port}: {error}") from None
 
 
+def serve_until_stopped(blocks: Any) -> int:
+    """Waits while `blocks` serves, until SIGINT (Ctrl-C) or SIGTERM; closes the server; returns the exit status.
+
+    Gradio's own `block_thread` swallows Ctrl-C (the process then exited 0, as if it had ended normally).
+
+    Args:
+        blocks (`gradio.Blocks`): a launched `Blocks`.
+
+    Returns:
+        `int`: `EXIT_SIGINT` (130) or `EXIT_SIGTERM` (143).
+    """
+    from nti_lightning.app.layout import close
+
+    try:
+        while True:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        status, name = EXIT_SIGINT, "SIGINT"
+    except Terminated:
+        status, name = EXIT_SIGTERM, "SIGTERM"
+    finally:
+        close(blocks)
+    print(f"nti app: stopped by {name}; the server is closed", file=sys.stderr, flush=True)
+    return status
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """While in the block, SIGTERM raises `Terminated` in the main thread (as Ctrl-C raises `KeyboardInterrupt`);
+    the previous handler is restored after. Elsewhere than in the main thread, where Python sets no handler,
+    it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    """Runs `nti app` until interrupted.
+    """Runs `nti app` until interrupted; raises `SystemExit` with 130 (SIGINT) or 143 (SIGTERM) after closing the
+    server (SIGTERM while the model loads: 143 at once, nothing is served yet).
 
     Args:
         argv (`list[str]`, *optional*): the words after `nti app`; the command line's by default.
@@ -293,18 +361,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise OptionError(f"--port must be between 1 and 65535, got {args.port}")
     auth = authentication(args)  # before the model loads: a refusal comes at once
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine unasked
-    started = time.perf_counter()
-    blocks = build(args)
-    launch(blocks, args, auth)
-    login = f", log-in for {len(auth)} user(s)" if auth else ""
-    print(f"nti app: ready on http://{args.host}:{args.port} ({args.pretrained}, "
-          f"{time.perf_counter() - started:.1f} s{login})", flush=True)
-    if blocks.share_url:
-        print(f"nti app: shared on {blocks.share_url}", flush=True)
-    try:
-        blocks.block_thread()
-    finally:
-        blocks.close()
+    with sigterm_stops():
+        started = time.perf_counter()
+        blocks = build(args)
+        launch(blocks, args, auth)
+        login = f", log-in for {len(auth)} user(s)" if auth else ""
+        print(f"nti app: ready on http://{args.host}:{args.port} ({args.pretrained}, "
+              f"{time.perf_counter() - started:.1f} s{login})", flush=True)
+        if blocks.share_url:
+            print(f"nti app: shared on {blocks.share_url}", flush=True)
+        status = serve_until_stopped(blocks)
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":
