@@ -177,7 +177,7 @@ def test_bad_input_gets_a_message_and_the_app_keeps_serving(app, tmp_path, other
         (lambda: invert(session, files["huge"]), r"huge.png: 11000x10000 px is too large"),
         (lambda: invert(session, files["tiny"]), r"degenerate image \(4x4 px"),
         (lambda: invert(session, prompt="   "), r"the source prompt is empty"),
-        (lambda: invert(session, steps=0), r"Value 0 is less than minimum value 1"),  # the slider's own check
+        (lambda: invert(session, steps=0), r"Steps \(T\) must be a number between 1 and 200, got 0"),  # out of range
         (lambda: edit(session, "  \n "), r"no target prompt"),
         (lambda: edit(session, blend="square"), r"LocalBlend word\(s\) 'square' in none of the prompts"),
         (lambda: edit(session, reweights="fluffy=2"), r"word 'fluffy' is not in prompt"),
@@ -198,6 +198,37 @@ def test_bad_input_gets_a_message_and_the_app_keeps_serving(app, tmp_path, other
         assert gallery[1]["caption"] == BLUE_PROMPT and note.startswith("**Replace**")
     assert cache_files(app) == before  # nothing of a refused input reaches the cache
     assert_cache_complete(app)
+
+
+def test_messages_name_the_users_file_and_the_field(app, tmp_path, other_model_artifact):
+    # Gradio keeps an upload as <its temporary folder>/<hash>/<name>: a message names the name alone.
+    tiny, corrupt = tmp_path / "tiny (1).png", tmp_path / "corrupt (1).safetensors"
+    Image.new("RGB", (1, 1), "red").save(tiny)
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    session = client(app)
+    invert(session)
+    cases = [
+        (lambda: invert(session, tiny), "tiny (1).png: degenerate image (1x1 px; at least "),
+        (lambda: session.predict(handle_file(str(corrupt)), api_name="/load_inversion"),
+         "corrupt (1).safetensors: not a readable inversion file"),
+        # What a program can send and the page cannot: out of a slider's range, not among a radio's choices.
+        (lambda: invert(session, steps=-3), "Steps (T) must be a number between 1 and 200, got -3"),
+        (lambda: invert(session, inner_steps=51), "Inner steps (N) must be a number between 1 and 50, got 51"),
+        (lambda: invert(session, method="magic"), "Method must be one of null_text, "),
+        (lambda: session.predict(BLUE_PROMPT, "auto", -3, 0.7, "", "", 7.5, api_name="/edit"),
+         "Cross-attention replace steps must be a number between 0 and 1, got -3"),
+        (lambda: session.predict(BLUE_PROMPT, "auto", 0.8, 0.7, "", "", 99, api_name="/edit"),
+         "Guidance scale (w) must be a number between 0 and 15, got 99"),
+        (lambda: session.predict(BLUE_PROMPT, "sideways", 0.8, 0.7, "", "", 7.5, api_name="/edit"),
+         "Kind must be one of auto, replace, refine, got 'sideways'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(AppError) as raised:
+            call()
+        assert str(raised.value).startswith(message), str(raised.value)
+        assert str(tmp_path) not in str(raised.value) and "gradio" not in str(raised.value)
+    gallery, _, _ = edit(session)  # the session goes on
+    assert gallery[1]["caption"] == BLUE_PROMPT
 
 
 def test_an_uploaded_inversion_replaces_the_image(app):

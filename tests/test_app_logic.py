@@ -20,6 +20,7 @@ from nti_lightning.app import (
 )
 from nti_lightning.app.cache import inversion_key
 from nti_lightning.app.requests import auto_kind, kind_note, parse_reweights
+from nti_lightning.errors import NtiError
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +106,20 @@ def test_a_failed_or_cancelled_inversion_leaves_nothing_in_the_cache(pipe, tmp_p
     edited = editor.edit(result.entry.key, EditRequest.from_fields(BLUE_PROMPT, blend_words="circle"))
     assert edited.kind == "replace" and len(edited.edits) == 1 and edited.edits[0].size == (32, 32)
     assert edited.grid.width > 3 * 32 and edited.attention.width > 0
+
+
+def test_the_editors_messages_name_the_file_as_the_user_named_it(pipe, tmp_path):
+    editor = Editor(pipe, InversionCache(tmp_path / "cache"), accelerator="cpu", defaults=QUICK)
+    copy = tmp_path / "upload-3f2a" / "tiny.png"  # as a server keeps an upload: a folder of its own
+    copy.parent.mkdir()
+    Image.new("RGB", (1, 1), "red").save(copy)
+    with pytest.raises(NtiError, match=r"^my photo \(1\)\.png: degenerate image \(1x1 px") as raised:
+        editor.invert(copy, DEMO_PROMPT, name="my photo (1).png")
+    assert str(copy.parent) not in str(raised.value)
+    copy.write_text("not a picture")
+    with pytest.raises(ValueError) as raised:
+        editor.prepare_image(str(copy), "notes.png")
+    assert str(raised.value).startswith("notes.png: not a readable image (")
+    assert str(copy.parent) not in str(raised.value)
+    with pytest.raises(ValueError, match=r"^tiny\.png: not a readable image"):  # without a name: the file's own
+        editor.prepare_image(copy)

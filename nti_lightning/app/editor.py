@@ -119,11 +119,21 @@ class Editor:
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ inputs
-    def prepare_image(self, path: str | Path) -> Image.Image:
-        """The image at `path` as the model sees it (RGB, centre square, model resolution)."""
+    def prepare_image(self, path: str | Path, name: Optional[str] = None) -> Image.Image:
+        """The image at `path` as the model sees it (RGB, centre square, model resolution).
+
+        Args:
+            path (`str` or `Path`): the image file.
+            name (`str`, *optional*): what messages call it (an upload's name on the user's computer, not the
+                server's temporary copy); the file's own name by default.
+
+        Raises:
+            `ImageError` naming `name`: no image, not a readable one, a degenerate or too large one.
+        """
         if not path:
             raise ImageError("no image: upload, drop or paste one (or pick the example)")
-        too_large = f"{Path(path).name}: {{}} is too large (at most {MAX_PIXELS // 1_000_000} megapixels)"
+        name = name or Path(path).name
+        too_large = f"{name}: {{}} is too large (at most {MAX_PIXELS // 1_000_000} megapixels)"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # answered below
@@ -135,7 +145,11 @@ class Editor:
             width = height = 0  # open_image names the problem
         if width * height > MAX_PIXELS:
             raise ImageError(too_large.format(f"{width}x{height} px"))
-        return center_square(open_image(path), self.resolution)
+        try:
+            image = open_image(path)
+        except ImageError as error:  # its message names the server's copy (PIL's may too): name the user's file
+            raise ImageError(_renamed(str(error), path, name)) from None
+        return center_square(image, self.resolution)
 
     def key(self, image: Image.Image, prompt: str, settings: InversionSettings) -> str:
         """The cache key of inverting the prepared `image` with `prompt` and `settings` on this model."""
@@ -149,16 +163,18 @@ class Editor:
         settings: Optional[InversionSettings] = None,
         on_progress: Optional[Callable[[WalkProgress], None]] = None,
         cancel: Optional[threading.Event] = None,
+        name: Optional[str] = None,
     ) -> InversionResult:
         """Inverts the image at `path`, or finds it in the cache.
 
         `on_progress` gets the walk's `WalkProgress`; setting `cancel` stops the inversion at
-        its next inner iteration with `Cancelled`, and nothing of it is cached.
+        its next inner iteration with `Cancelled`, and nothing of it is cached. `name` is what
+        messages call the image (`prepare_image`).
         """
         started = time.perf_counter()
         prompt = source_prompt(prompt)
         settings = (settings or self.defaults).checked()
-        image = self.prepare_image(path)
+        image = self.prepare_image(path, name)
         key = self.key(image, prompt, settings)
         entry = self.cache.get(key)
         if entry is not None:
@@ -213,7 +229,7 @@ class Editor:
         try:
             inversion = Inversion.load(path)
         except NtiError as error:  # its message names the temporary upload: name the user's file
-            raise type(error)(str(error).replace(str(path), name)) from None
+            raise type(error)(_renamed(str(error), path, name)) from None
         check_compatible(self.pipeline, inversion, name=name)
         with self.lock:
             source = inversion.source_latent.unsqueeze(0).to(self.pipeline.vae.device)
@@ -247,3 +263,17 @@ class Editor:
         grid = labelled_grid([entry.input_image, entry.reconstruction, *edits], ["input", "reconstruction", *prompts[1:]])
         kind = request.resolved_kind(inversion.prompt) + (" + reweight" if request.reweights else "")
         return EditResult(kind, prompts, edits, grid, attention, time.perf_counter() - started)
+
+
+def _renamed(message: str, path: str | Path, name: str) -> str:
+    """`message` with the file `path` called `name`: where a message names it ("PATH: ...") and where PIL's
+    does ("... file 'PATH'"), in each way the path may have been written.
+
+    Args:
+        message (`str`): an error's message.
+        path (`str` or `Path`): the file it names.
+        name (`str`): what to call the file instead.
+    """
+    for written in sorted({str(path), str(Path(path)), str(Path(path).resolve())}, key=len, reverse=True):
+        message = message.replace(f"{written}: ", f"{name}: ").replace(f"'{written}'", f"'{name}'")
+    return message

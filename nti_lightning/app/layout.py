@@ -9,7 +9,9 @@ each edit, the source prompt's cross-attention maps) and the files to download.
 
 Every model call goes through one queue slot (`concurrency_id="model"`), so a waiting user sees
 their place in the queue; each browser session keeps its own inversion (a `gr.State` holding its
-cache key). A user's mistake is shown as a message on the page (`gr.Error`), never a traceback.
+cache key). A user's mistake is shown as a message on the page (`gr.Error`), never a traceback: it
+names the file as the user's computer named it (never the server's temporary copy), and a field
+by its label and range, also when a program sends a value the page itself cannot (through the API).
 """
 
 import functools
@@ -56,6 +58,36 @@ def launch_options() -> dict[str, Any]:
     internet), no server-side rendering process, Gradio's banner and analytics off."""
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     return {"theme": theme, "ssr_mode": False, "quiet": True, "footer_links": ["api"], "max_file_size": MAX_UPLOAD}
+
+
+class Upload(str):
+    """The server's path of an uploaded file (it is that `str`), with the name the file had on the user's computer.
+
+    Gradio keeps an upload as `<its temporary folder>/<hash>/<name stripped of some characters>`: a message about
+    the file names `original_name` instead.
+
+    Args:
+        path (`str`): the server's copy.
+        original_name (`str`, *optional*): the name the user's file had; the copy's own name when unknown.
+    """
+
+    original_name: str
+
+    def __new__(cls, path: str, original_name: Optional[str] = None) -> "Upload":
+        upload = super().__new__(cls, path)
+        upload.original_name = original_name or Path(path).name
+        return upload
+
+
+def upload_name(path: Optional[str]) -> Optional[str]:
+    """The name to show for the uploaded file at `path`: its `Upload.original_name`, else the file's own name.
+
+    Args:
+        path (`str`, *optional*): a handler's file argument (an `Upload` when the component was made by `Page.build`).
+    """
+    if not path:
+        return None
+    return getattr(path, "original_name", None) or Path(path).name
 
 
 def close(blocks: gr.Blocks) -> None:
@@ -192,7 +224,8 @@ class Page:
             )
 
         try:
-            result = self.editor.invert(image, prompt, settings, on_progress=on_progress, cancel=cancel)
+            result = self.editor.invert(image, prompt, settings, on_progress=on_progress, cancel=cancel,
+                                        name=upload_name(image))
         except Cancelled:
             gr.Warning("The inversion was cancelled; nothing of it was kept.")
             return gr.skip(), gr.skip(), "Inversion cancelled.", gr.skip()
@@ -209,7 +242,7 @@ class Page:
         """Takes an uploaded `.safetensors` inversion as the session's inversion."""
         if not file:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        result = self.editor.load_artifact(file, Path(file).name)
+        result = self.editor.load_artifact(file, upload_name(file))
         key, gallery, status, download = self._inversion_outputs(result.entry, [], result.cached, result.seconds)
         return key, gallery, status, download, result.entry.inversion.prompt
 
@@ -250,7 +283,7 @@ class Page:
                 with gr.Column():
                     image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                      format="png", elem_id="image")
-                    _readable_images(image)
+                    _readable_images(image)  # and named as the user's file
                     prompt = gr.Textbox(label="Source prompt", placeholder="what the image shows, e.g. a red circle on a green background",
                                         elem_id="prompt")
                     with gr.Accordion("Inversion settings", open=False):
@@ -266,6 +299,7 @@ class Page:
                         invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
                         cancel_button = gr.Button("Cancel", elem_id="cancel")
                     artifact = gr.File(label="...or an inversion file (.safetensors)", file_types=[".safetensors"], elem_id="artifact")
+                    _named_uploads(artifact)
                     if self.example is not None:
                         gr.Examples([list(self.example)], inputs=[image, prompt], label="Example")
                 with gr.Column():
@@ -289,6 +323,7 @@ class Page:
                     edit_w = gr.Slider(0, max(15, defaults.guidance_scale), value=defaults.guidance_scale, step=0.5,
                                        label="Guidance scale (w)")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
+                    _named_checks(method, steps, inner_steps, invert_w, kind, cross, self_, edit_w)
                 with gr.Column(scale=3):
                     results = gr.Gallery(label="Edits", columns=3, format="png", object_fit="contain", elem_id="results")
                     files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="files")
@@ -328,10 +363,48 @@ def _readable_images(component: gr.Image) -> None:
 
     def checked(payload: Any) -> Any:
         try:
-            return preprocess(payload)
+            path = preprocess(payload)
         except Exception as error:  # PIL cannot identify it, or refuses its size
             name = getattr(payload, "orig_name", None) or "the upload"
             reason = "too large to decode" if isinstance(error, Image.DecompressionBombError) else "not a readable image"
             raise gr.Error(f"{name}: {reason} (PNG, JPEG, WebP, ... expected)", print_exception=False) from None
+        return Upload(path, getattr(payload, "orig_name", None)) if isinstance(path, str) else path
 
     component.preprocess = checked  # type: ignore[method-assign]
+
+
+def _named_uploads(component: gr.File) -> None:
+    """Makes a single-file field hand its handler an `Upload`: the path, and the name the user's file had."""
+    preprocess = component.preprocess
+
+    def named(payload: Any) -> Any:
+        path = preprocess(payload)
+        return Upload(path, getattr(payload, "orig_name", None)) if isinstance(path, str) else path
+
+    component.preprocess = named  # type: ignore[method-assign]
+
+
+def _named_checks(*components: gr.Slider | gr.Radio) -> None:
+    """Makes a slider's or a radio's refusal name the field and what it takes.
+
+    The page's own controls cannot leave their range, but the API takes any value, and Gradio's refusal
+    ("Value -3 is less than minimum value 1") names no field.
+
+    Args:
+        components (`gr.Slider` or `gr.Radio`): the fields, each with its `label`.
+    """
+    for component in components:
+        preprocess = component.preprocess
+        if isinstance(component, gr.Slider):
+            takes = f"a number between {component.minimum:g} and {component.maximum:g}"
+        else:
+            takes = "one of " + ", ".join(str(value) for _, value in component.choices)
+
+        def checked(payload: Any, preprocess: Callable[[Any], Any] = preprocess, label: Any = component.label,
+                    takes: str = takes) -> Any:
+            try:
+                return preprocess(payload)
+            except Exception:  # out of range, not a number, not a choice
+                raise gr.Error(f"{label} must be {takes}, got {payload!r}", print_exception=False) from None
+
+        component.preprocess = checked  # type: ignore[method-assign]
