@@ -71,7 +71,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     from nti_lightning.training.callback import SUPPORTED_PRECISIONS
-    from nti_lightning.training.module import METHODS
+    from nti_lightning.inversion.methods import METHODS
 
     p = _Parser(prog="nti app", description="Invert a photo once and edit it live in the browser (Gradio).")
     p.add_argument("--model.pretrained", dest="pretrained", default="shapes",

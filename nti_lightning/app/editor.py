@@ -42,7 +42,7 @@ from nti_lightning.inversion.compatible import check_compatible
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.fingerprint import model_reference, pipeline_fingerprint
 from nti_lightning.models.pipelines import Pipeline
-from nti_lightning.training.module import METHODS
+from nti_lightning.inversion.methods import METHODS
 from nti_lightning.training.progress import WalkProgress
 
 #: Tokens per row of the cross-attention picture (a squarer picture than one long row).

@@ -31,7 +31,7 @@ from nti_lightning.app.cache import CachedInversion
 from nti_lightning.app.editor import Cancelled, Editor
 from nti_lightning.app.requests import KINDS, EditRequest, InversionSettings, kind_note
 from nti_lightning.errors import NtiError
-from nti_lightning.training.module import METHODS
+from nti_lightning.inversion.methods import METHODS, REGISTRY
 from nti_lightning.training.progress import WalkProgress
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ DOWNLOADS_KEPT_S = 3600
 MAX_UPLOAD = "300mb"
 #: Every model call shares this queue slot: one at a time on the accelerator.
 MODEL_QUEUE = "model"
-METHOD_NAMES = {"null_text": "Null-text", "negative_prompt": "negative prompt", "ddim": "DDIM", "direct": "Direct Inversion"}
+METHOD_NAMES = {name: method.label for name, method in REGISTRY.items()}
 
 #: Pictures are shown at their own resolution, small ones (32 px with `shapes`) enlarged by the
 #: browser pixel for pixel, not blurred.

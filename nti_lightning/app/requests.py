@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nti_lightning.editing.alignment import word_positions
 from nti_lightning.errors import NtiError
-from nti_lightning.training.module import METHODS
+from nti_lightning.inversion.methods import METHODS
 
 #: The edit kinds a user picks from; "auto" is Replace when every target has the source's word
 #: count, Refine otherwise.

@@ -190,7 +190,7 @@ class BatchedControl:
 
     def step_hook(self, after: Optional[StepCallback] = None) -> StepCallback:
         """The sampler's `on_step`: the controllers' end of step (LocalBlend), then `after` (Direct
-        Inversion's offsets: `edit.retrace_source`), in the order of a controller run alone."""
+        Inversion's offsets: `InversionMethod.source_hook`), in the order of a controller run alone."""
 
         def on_step(step: int, timestep: int, latents: torch.Tensor) -> torch.Tensor:
             self.store.end_step()

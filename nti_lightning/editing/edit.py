@@ -30,7 +30,7 @@ from nti_lightning.editing.controllers import AttentionController
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.compatible import check_compatible
 from nti_lightning.inversion.sampling import StepCallback, sample
-from nti_lightning.inversion.source_branch import retrace_source
+from nti_lightning.inversion.methods import source_branch_hook
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.pipelines import Pipeline
 from nti_lightning.models.text import PromptEncoder
@@ -168,7 +168,7 @@ def edit_jobs_latents(
             hooks.append(None)
             stepper = None
         stores.append(store)
-        steppers.append(retrace_source(job.inversion, job.prompts, stepper))
+        steppers.append(source_branch_hook(job.inversion, job.prompts, stepper))
     if all(hook is None for hook in hooks):
         return list(sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=_split_steps(steppers, sizes)).split(sizes))
     # Many edits: their controllers as whole-batch operations where they allow it (the built-in
@@ -176,7 +176,7 @@ def edit_jobs_latents(
     controllers = [job.controller for job in jobs]
     batched = BatchedControl.of(controllers, stores, sizes, schedule.num_inference_steps) if len(jobs) > 1 else None
     if batched is not None:
-        offsets = _split_steps([retrace_source(job.inversion, job.prompts, None) for job in jobs], sizes)
+        offsets = _split_steps([source_branch_hook(job.inversion, job.prompts, None) for job in jobs], sizes)
         hook: AttentionHook = batched
         on_step = batched.step_hook(offsets)
     else:

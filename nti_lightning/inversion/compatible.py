@@ -12,6 +12,7 @@ from typing import Optional
 
 from nti_lightning.errors import ModelError
 from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.methods import method_of
 from nti_lightning.models.fingerprint import model_reference, pipeline_fingerprint
 from nti_lightning.models.pipelines import Pipeline, is_sdxl
 
@@ -27,7 +28,8 @@ def check_compatible(
     """Raises `ValueError` naming the inversion when it was not made with a model like `pipeline`'s.
 
     Checks the latent shape against the UNet's, the null embeddings' token count and width against
-    the tokenizer and text encoder, their number against the recorded T, the prediction type, and
+    the tokenizer and text encoder, their number against the recorded T, the method (one this version
+    knows, with the offsets it stores or none), the prediction type, and
     the weights' fingerprint (`ModelError`, naming both models): a model of the same shape with
     other weights passes every other check and edits into garbage. An inversion without a
     fingerprint (written by an older version) is accepted with a warning, once per process.
@@ -71,6 +73,10 @@ def check_compatible(
     if null.shape[0] != steps or steps < 1:
         raise ValueError(f"{name}: {null.shape[0]} null embeddings for num_inference_steps={steps}")
     offsets = inversion.latent_offsets
+    method = method_of(inversion, name)  # refuses a method this version does not know
+    if (offsets is not None) != method.stores_offsets:
+        has = "carries latent offsets" if offsets is not None else "has no latent offsets"
+        raise ValueError(f"{name}: made by method {method.name!r}, but {has}; the file was altered or damaged")
     if offsets is not None and tuple(offsets.shape) != (steps, *expected):
         raise ValueError(f"{name}: latent offsets {tuple(offsets.shape)} should be [{steps}, {', '.join(map(str, expected))}]")
     if pipeline_xl:

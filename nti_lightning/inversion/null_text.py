@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from nti_lightning.diffusion.condition import Condition
-from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
-from nti_lightning.diffusion.guidance import guide, predict
+from nti_lightning.diffusion.ddim import DDIMSchedule
+from nti_lightning.diffusion.guidance import predict
+from nti_lightning.inversion.step import step_losses
 
 #: Per-step growth of the early-stop threshold in the reference (`ε + i * 2e-5`).
 THRESHOLD_SLOPE = 2e-5
@@ -109,12 +109,9 @@ class TimestepProblem:
         guidance_scale: float,
     ) -> torch.Tensor:
         """Per-image MSE between the guided step with the null condition `null` and the pivot target, `[B]` fp32."""
-        uncond_output = predict(unet, self.latent, self.timestep, null)
-        # The guidance and DDIM arithmetic run in fp32 even inside an autocast region.
-        with torch.autocast(device_type=self.latent.device.type, enabled=False):
-            guided = guide(uncond_output.float(), self.cond_output, guidance_scale)
-            predicted = prev_step(schedule, guided, self.timestep, self.latent)
-            return F.mse_loss(predicted, self.target, reduction="none").flatten(1).mean(1)
+        return step_losses(
+            schedule, unet, self.latent, self.timestep, null, self.cond_output, self.target, guidance_scale
+        )
 
     @torch.no_grad()
     def record(self, losses: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from nti_lightning.diffusion.ddim import ddim_scheduler
 from nti_lightning.errors import ModelError, OptionError
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.compatible import check_compatible
-from nti_lightning.inversion.source_branch import retrace_source
+from nti_lightning.inversion.methods import source_branch_hook
 from nti_lightning.models.pipelines import Pipeline
 
 #: A diffusers step callback: `(pipeline, step, timestep, callback_kwargs) -> dict`.
@@ -123,7 +123,7 @@ def pipeline_kwargs(
     swapped = ["prompt_embeds", "add_text_embeds"] if pooled is not None else ["prompt_embeds"]
     # Direct Inversion: the source prompt's rows get the step's offset after the step (and after
     # the user's callback, as LocalBlend comes first in `edit`), retracing the pivot.
-    retrace = retrace_source(inversion, prompts, None)
+    retrace = source_branch_hook(inversion, prompts, None)
     needed = swapped + (["latents"] if retrace is not None else [])
 
     def swap_nulls(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, torch.Tensor]) -> dict[str, Any]:

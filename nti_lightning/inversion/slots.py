@@ -36,17 +36,18 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from nti_lightning.diffusion.condition import Condition
-from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
-from nti_lightning.diffusion.guidance import guide, guided_step, predict
+from nti_lightning.diffusion.ddim import DDIMSchedule
+from nti_lightning.diffusion.guidance import predict
 from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.methods import REGISTRY, InversionMethod
 from nti_lightning.inversion.null_text import early_stop_threshold, step_learning_rate
 from nti_lightning.inversion.pivot import PivotTrajectory, ddim_invert
 from nti_lightning.inversion.pivot_store import PivotStore, load_or_compute
 from nti_lightning.inversion.row_adam import RowAdam
+from nti_lightning.inversion.step import advance, finished_inversion, step_losses
 
 
 @dataclass
@@ -79,15 +80,10 @@ class SlotImage:
 
     def inversion(self, metadata: dict[str, Any]) -> Inversion:
         """The finished image as an `Inversion` (on the CPU)."""
-        pooled = torch.cat(self.null_pooled_embeddings).cpu() if self.null_pooled_embeddings else None
-        return Inversion(
-            z_T=self.pivot.z_T[0].cpu().clone(),
-            null_embeddings=torch.cat(self.null_embeddings).cpu(),
-            source_latent=self.pivot.z0[0].cpu().clone(),
-            prompt=self.prompt,
-            metadata={**metadata, "id": self.id, "inner_iterations": list(self.iterations), "final_losses": list(self.losses)},
-            null_pooled_embeddings=pooled,
-            latent_offsets=torch.cat(self.offsets).cpu() if self.offsets else None,
+        pooled = torch.cat(self.null_pooled_embeddings) if self.null_pooled_embeddings else None
+        return finished_inversion(
+            self.pivot.z_T[0], self.pivot.z0[0], self.prompt, self.id, metadata, torch.cat(self.null_embeddings), pooled,
+            self.iterations, self.losses, torch.cat(self.offsets) if self.offsets else None,
         )
 
 
@@ -103,16 +99,14 @@ class SlotWalk:
         num_inner_steps (`int`): N.
         epsilon (`float`): ε of the early stop (`loss < ε + i·2e-5`).
         learning_rate (`float`): Adam's rate at step 0, `lr·(1 - i/100)` at step i.
-        optimise (`bool`, defaults to True): False for the methods without optimisation: every
-            step is frozen as it starts (∅, or the prompt's own condition with `negative_prompt`).
-        negative_prompt (`bool`, defaults to False): start from the prompt's condition C instead of ∅.
+        method (`InversionMethod`, *optional*): the inversion method (defaults to Null-text's): where
+            each step's null condition starts, whether it is optimised (otherwise every step is
+            frozen as it starts) and where the walk goes on after a step.
         reuse_cond_output (`bool`, defaults to False): the advance reuses the step's conditional
             output instead of recomputing it with the frozen null (the reference recomputes it:
             one row fewer per step, results equal up to float rounding).
         fixed_shapes (`bool`, defaults to False): every UNet call covers all S slots, idle ones
             masked (the inner iteration, the advance, the conditional outputs and the pivots).
-        retrace_pivot (`bool`, defaults to False): Direct Inversion: each advance records the
-            offset from where it landed to the step's pivot latent and goes on from the pivot.
         pivot_store (`PivotStore`, *optional*): pivots read from (and written to) disk, computed
             only where none fits (`nti_lightning.inversion.pivot_store`).
     """
@@ -126,24 +120,20 @@ class SlotWalk:
         num_inner_steps: int,
         epsilon: float,
         learning_rate: float,
-        optimise: bool = True,
-        negative_prompt: bool = False,
+        method: Optional[InversionMethod] = None,
         reuse_cond_output: bool = False,
         fixed_shapes: bool = False,
-        retrace_pivot: bool = False,
         pivot_store: Optional[PivotStore] = None,
     ) -> None:
         self.schedule = schedule
         self.pivot_store = pivot_store
-        self.retrace_pivot = retrace_pivot
+        self.method = method if method is not None else REGISTRY["null_text"]
         self.null = list(null)
         self.empty = empty
         self.guidance_scale = guidance_scale
         self.num_inner_steps = num_inner_steps
         self.epsilon = epsilon
         self.learning_rate = learning_rate
-        self.optimise = optimise
-        self.negative_prompt = negative_prompt
         self.reuse_cond_output = reuse_cond_output
         self.fixed_shapes = fixed_shapes
         slots = self.null[0].shape[0]
@@ -252,7 +242,7 @@ class SlotWalk:
             image.started = now
             self.images[slot] = image
             self.step[slot] = 0
-        start = cond if self.negative_prompt else self.empty.expand(len(slots))
+        start = self.method.start_condition(cond, self.empty)
         for param, value in zip(self.null, start.tunable()):
             param.data[index] = value.to(param.dtype)
         self._start_steps(unet, slots)
@@ -282,7 +272,7 @@ class SlotWalk:
         self.optimizer.reset(slots, [step_learning_rate(step, self.learning_rate) for step in steps])
         self.iteration[slots] = 0
         self.loss[slots] = float("nan")
-        self.optimising[slots] = self.optimise
+        self.optimising[slots] = self.method.optimises
 
     # ------------------------------------------------------------------------ optimisation
     def null_condition(self, index: torch.Tensor) -> Condition:
@@ -292,14 +282,11 @@ class SlotWalk:
     def losses(self, unet: UNet2DConditionModel, slots: Sequence[int]) -> torch.Tensor:
         """Per-slot MSE of the guided step with the current null condition, `[len(slots)]` fp32."""
         index = torch.tensor(list(slots), device=self.latent.device)
-        timesteps = self.timesteps(slots)
-        latent = self.latent[index]
-        uncond_output = predict(unet, latent, timesteps, self.null_condition(index))
         self.unet_rows += len(slots)
-        with torch.autocast(device_type=latent.device.type, enabled=False):
-            guided = guide(uncond_output.float(), self.cond_output[index], self.guidance_scale)
-            predicted = prev_step(self.schedule, guided, timesteps, latent)
-            return F.mse_loss(predicted, self.target[index], reduction="none").flatten(1).mean(1)
+        return step_losses(
+            self.schedule, unet, self.latent[index], self.timesteps(slots), self.null_condition(index),
+            self.cond_output[index], self.target[index], self.guidance_scale,
+        )
 
     @torch.no_grad()
     def update(self, slots: Sequence[int], losses: torch.Tensor) -> list[int]:
@@ -344,15 +331,13 @@ class SlotWalk:
         every = torch.tensor(rows, device=index.device)
         frozen = self.null_condition(every).clone().to(dtype=torch.float32)
         cond_output = self.cond_output[every] if self.reuse_cond_output else None
-        stepped = guided_step(
-            self.schedule, unet, self.latent[every], self.timesteps(rows), frozen, self.cond.rows(every),
-            self.guidance_scale, cond_output=cond_output,
+        stepped, offsets = advance(
+            self.method, self.schedule, unet, self.latent[every], self.timesteps(rows), frozen, self.cond.rows(every),
+            self.target[every], self.guidance_scale, cond_output,
         )
         if rows != slots:  # fixed shapes: every slot was computed, the advancing ones are kept
             frozen, stepped = frozen.rows(index), stepped[index]
-        offsets = None
-        if self.retrace_pivot:  # Direct Inversion: back onto the pivot, remembering the way
-            offsets, stepped = self.target[index] - stepped, self.target[index].clone()
+            offsets = None if offsets is None else offsets[index]
         self.latent[index] = stepped
         self.unet_rows += len(rows) * (1 if self.reuse_cond_output else 2)
         finished, going_on = [], []

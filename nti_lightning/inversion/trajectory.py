@@ -16,11 +16,12 @@ from diffusers import UNet2DConditionModel
 
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
-from nti_lightning.diffusion.guidance import guided_step
 from nti_lightning.inversion.artifact import Inversion
+from nti_lightning.inversion.methods import REGISTRY, InversionMethod
 from nti_lightning.inversion.null_text import TimestepProblem
 from nti_lightning.inversion.pivot import PivotTrajectory, ddim_invert
 from nti_lightning.inversion.pivot_store import PivotStore, load_or_compute
+from nti_lightning.inversion.step import advance, finished_inversion
 
 
 @dataclass
@@ -41,8 +42,9 @@ class NullTextTrajectory:
         losses (`list[torch.Tensor]`): `[B]` last loss of each finished step.
         valid (`torch.Tensor`, *optional*): `[B]` bool, slots that hold an image; an empty slot
             (the end of a short batch) is carried along but never optimised nor returned.
-        offsets (`list[torch.Tensor]`): Direct Inversion's `[B, C, h, w]` offset of each finished
-            step (empty for the other methods; see `advance`).
+        offsets (`list[torch.Tensor]`): the `[B, C, h, w]` offset of each finished step, for a
+            method that stores them (Direct Inversion; empty for the others; see `advance`).
+        method (`InversionMethod`, defaults to Null-text): the inversion method.
     """
 
     ids: list[str]
@@ -57,6 +59,7 @@ class NullTextTrajectory:
     losses: list[torch.Tensor] = field(default_factory=list)
     valid: Optional[torch.Tensor] = None
     offsets: list[torch.Tensor] = field(default_factory=list)
+    method: InversionMethod = field(default_factory=lambda: REGISTRY["null_text"])
 
     @classmethod
     @torch.no_grad()
@@ -71,9 +74,11 @@ class NullTextTrajectory:
         prompts: list[str],
         valid: Optional[torch.Tensor] = None,
         pivot_store: Optional[PivotStore] = None,
+        method: Optional[InversionMethod] = None,
     ) -> "NullTextTrajectory":
         """Computes the pivot of images `pixels` with VAE latents `z0` (step 1 of docs/ALGORITHM.md),
-        or reads it from `pivot_store` (see `nti_lightning.inversion.pivot_store`)."""
+        or reads it from `pivot_store` (see `nti_lightning.inversion.pivot_store`); `method`
+        defaults to Null-text."""
         if valid is None:
             valid = torch.ones(len(ids), dtype=torch.bool)
         pivot = load_or_compute(
@@ -81,7 +86,8 @@ class NullTextTrajectory:
             prompts, valid.tolist(),
         )
         valid = valid.to(z0.device)
-        return cls(ids, prompts, pixels, cond, pivot, latent=pivot.z_T.clone(), valid=valid)
+        method = method if method is not None else REGISTRY["null_text"]
+        return cls(ids, prompts, pixels, cond, pivot, latent=pivot.z_T.clone(), valid=valid, method=method)
 
     @property
     def step(self) -> int:
@@ -92,14 +98,14 @@ class NullTextTrajectory:
     def done(self) -> bool:
         return self.step == len(self.pivot)
 
-    def problem(self, unet: UNet2DConditionModel, epsilon: float, optimise: bool = True) -> TimestepProblem:
+    def problem(self, unet: UNet2DConditionModel, epsilon: float) -> TimestepProblem:
         """The null-text problem of the next step, starting from the current latent.
 
-        With `optimise` False (the negative-prompt and DDIM-only methods) no image is active:
+        For a method without optimisation (`InversionMethod.optimises` False) no image is active:
         the step is only frozen and advanced.
         """
         item = self.pivot[self.step]
-        active = self.valid if optimise else torch.zeros_like(self.valid)
+        active = self.valid if self.method.optimises else torch.zeros_like(self.valid)
         return TimestepProblem.start(
             unet, item["step"], item["timestep"], self.latent, item["target"], self.cond, epsilon, active
         )
@@ -113,32 +119,25 @@ class NullTextTrajectory:
         null: Condition,
         guidance_scale: float,
         reuse_cond_output: bool = False,
-        retrace_pivot: bool = False,
     ) -> None:
-        """Freezes the null condition `null` as this step's result and takes the guided DDIM step with it.
+        """Freezes the null condition `null` as this step's result and takes the guided DDIM step
+        with it (`nti_lightning.inversion.step.advance`: the method then decides where the walk
+        goes on from, and what offset it stores).
 
         By default the step evaluates both branches in one UNet call, as the reference does, so
         a single image reproduces it bit for bit; `reuse_cond_output` reuses the step's
         conditional output instead (one UNet forward less per step, same maths, different
-        float rounding). With `retrace_pivot` (Direct Inversion) the step records the offset
-        from where it landed to the pivot latent of its target, `z*_{t-1} - step(z*_t)`, and the
-        walk goes on from the pivot.
+        float rounding).
         """
         target = self.pivot[self.step]["target"]
         frozen = null.clone().to(dtype=torch.float32)
-        self.latent = guided_step(
-            schedule,
-            unet,
-            self.latent,
-            problem.timestep,
-            frozen,
-            self.cond,
-            guidance_scale,
-            cond_output=problem.cond_output if reuse_cond_output else None,
+        cond_output = problem.cond_output if reuse_cond_output else None
+        self.latent, offset = advance(
+            self.method, schedule, unet, self.latent, problem.timestep, frozen, self.cond, target, guidance_scale,
+            cond_output,
         )
-        if retrace_pivot:
-            self.offsets.append(target - self.latent)
-            self.latent = target.clone()
+        if offset is not None:
+            self.offsets.append(offset)
         self.null_embeddings.append(frozen.embeddings)
         if frozen.pooled is not None:
             self.null_pooled_embeddings.append(frozen.pooled)
@@ -153,21 +152,15 @@ class NullTextTrajectory:
     def inversions(self, metadata: dict[str, Any]) -> list[Inversion]:
         """One `Inversion` per image (on CPU, empty slots left out), with `metadata` and the
         per-step statistics."""
-        embeddings = torch.stack(self.null_embeddings, dim=1).cpu()  # [B, T, 77, D]
-        pooled = torch.stack(self.null_pooled_embeddings, dim=1).cpu() if self.null_pooled_embeddings else None
+        embeddings = torch.stack(self.null_embeddings, dim=1)  # [B, T, 77, D]
+        pooled = torch.stack(self.null_pooled_embeddings, dim=1) if self.null_pooled_embeddings else None
         iterations = torch.stack(self.iterations, dim=1).cpu().tolist()
         losses = torch.stack(self.losses, dim=1).cpu().tolist()
-        z_T, z0 = self.pivot.z_T.cpu(), self.pivot.z0.cpu()
-        offsets = torch.stack(self.offsets, dim=1).cpu() if self.offsets else None  # [B, T, C, h, w]
+        offsets = torch.stack(self.offsets, dim=1) if self.offsets else None  # [B, T, C, h, w]
         return [
-            Inversion(
-                z_T=z_T[b].clone(),
-                null_embeddings=embeddings[b].clone(),
-                source_latent=z0[b].clone(),
-                prompt=self.prompts[b],
-                metadata={**metadata, "id": self.ids[b], "inner_iterations": iterations[b], "final_losses": losses[b]},
-                null_pooled_embeddings=None if pooled is None else pooled[b].clone(),
-                latent_offsets=None if offsets is None else offsets[b].clone(),
+            finished_inversion(
+                self.pivot.z_T[b], self.pivot.z0[b], self.prompts[b], self.ids[b], metadata, embeddings[b],
+                None if pooled is None else pooled[b], iterations[b], losses[b], None if offsets is None else offsets[b],
             )
             for b in self.slots
         ]

@@ -85,9 +85,7 @@ class NullTextWalkCallback(pl.Callback):
             pl_module.problem = None
             return
         with trainer.precision_plugin.forward_context():
-            pl_module.problem = pl_module.trajectory.problem(
-                pl_module.denoiser, pl_module.hparams.early_stop_epsilon, optimise=pl_module.optimises
-            )
+            pl_module.problem = pl_module.trajectory.problem(pl_module.denoiser, pl_module.hparams.early_stop_epsilon)
         assert pl_module.problem.step == batch["step"], "walk and trajectory are out of step"
         optimizer = trainer.optimizers[0]
         optimizer.state.clear()
@@ -113,7 +111,8 @@ class NullTextWalkCallback(pl.Callback):
         z0 = vae_codec.encode(pl_module.vae, pixels)
         with trainer.precision_plugin.forward_context():
             pl_module.trajectory = NullTextTrajectory.start(
-                pl_module.denoiser, pl_module.schedule, pixels, z0, cond, ids, prompts, valid, pl_module.pivot_store
+                pl_module.denoiser, pl_module.schedule, pixels, z0, cond, ids, prompts, valid, pl_module.pivot_store,
+                pl_module.method,
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -128,7 +127,6 @@ class NullTextWalkCallback(pl.Callback):
                 pl_module.null_condition(),
                 pl_module.hparams.guidance_scale,
                 reuse_cond_output=pl_module.hparams.reuse_cond_output,
-                retrace_pivot=pl_module.hparams.method == "direct",
             )
         slots = trajectory.valid
         step_metrics = {

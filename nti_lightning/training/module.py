@@ -21,6 +21,7 @@ from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import NULL_DTYPES, Inversion
+from nti_lightning.inversion.methods import MethodName, method_named
 from nti_lightning.inversion.null_text import TimestepProblem, keep_inactive, objective
 from nti_lightning.inversion.pivot_store import PivotStore
 from nti_lightning.inversion.row_adam import RowAdam
@@ -32,8 +33,6 @@ from nti_lightning.models.loading import load_pipeline
 from nti_lightning.models.pipelines import Pipeline
 from nti_lightning.models.text import PromptEncoder
 
-#: Inversion methods: the paper's, and the two baselines it is compared with.
-METHODS = ("null_text", "negative_prompt", "ddim", "direct")
 #: How the images of a batch share UNet calls (see `NullTextInversion`'s `scheduling`).
 SCHEDULINGS = ("continuous", "lockstep")
 
@@ -125,7 +124,7 @@ class NullTextInversion(pl.LightningModule):
         ddim_baseline: bool = True,
         keep_results: bool = False,
         reuse_cond_output: bool = False,
-        method: Literal["null_text", "negative_prompt", "ddim", "direct"] = "null_text",
+        method: MethodName = "null_text",
         early_exit: bool = True,
         channels_last: bool = False,
         compile: bool = False,
@@ -142,8 +141,7 @@ class NullTextInversion(pl.LightningModule):
             raise OptionError(
                 f"model.num_inference_steps and model.num_inner_steps must be positive, got {num_inference_steps} and {num_inner_steps}"
             )
-        if method not in METHODS:
-            raise OptionError(f"model.method must be one of {METHODS}, got {method!r}")
+        self.method = method_named(method)
         if null_dtype not in NULL_DTYPES:
             raise OptionError(f"model.null_dtype must be one of {sorted(NULL_DTYPES)}, got {null_dtype!r}")
         if scheduling not in SCHEDULINGS:
@@ -247,8 +245,8 @@ class NullTextInversion(pl.LightningModule):
 
     @property
     def optimises(self) -> bool:
-        """Whether the method tunes the null embedding (only "null_text" does)."""
-        return self.hparams.method == "null_text"
+        """Whether the method tunes the null embedding (Null-text does; see `InversionMethod`)."""
+        return self.method.optimises
 
     @property
     def inner_iterations(self) -> int:
@@ -318,11 +316,12 @@ class NullTextInversion(pl.LightningModule):
         return self.prompt_encoder.encode(prompts).to(self.device)
 
     def reset_null_embedding(self, cond: Condition) -> None:
-        """Sets the parameters for a new batch, in place: ∅ (the pipeline's own unconditional
-        input), or the prompts' own condition `C` for the negative-prompt method."""
+        """Sets the parameters for a new batch, in place, where the method starts each step: ∅
+        (the pipeline's own unconditional input), or the prompts' own condition `C` for the
+        negative-prompt method."""
         if self.empty is None:
             self.empty = self.prompt_encoder.null().to(self.device)
-        start = cond if self.hparams.method == "negative_prompt" else self.empty.expand(cond.batch)
+        start = self.method.start_condition(cond, self.empty)
         with torch.no_grad():
             for param, value in zip(self.null_parameters(), start.tunable()):
                 param.copy_(value.expand_as(param))

@@ -49,11 +49,9 @@ class SlotWalkCallback(NullTextWalkCallback):
             hparams.num_inner_steps,
             hparams.early_stop_epsilon,
             hparams.learning_rate,
-            optimise=pl_module.optimises,
-            negative_prompt=hparams.method == "negative_prompt",
+            method=pl_module.method,
             reuse_cond_output=hparams.reuse_cond_output,
             fixed_shapes=not hparams.early_exit,
-            retrace_pivot=hparams.method == "direct",
             pivot_store=pl_module.open_pivot_store(),
         )
         # The module's optimiser is the walk's: one RowAdam over the same parameters.
