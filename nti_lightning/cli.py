@@ -123,10 +123,8 @@ def _run(args: list[str], given: Optional[list[str]]) -> int:
         train_demo_main(args[1:])
         return EXIT_OK
     if args and args[0] == "bench":
-        if "--score" in args[1:]:
-            from nti_lightning.bench.score import main as bench_main
-        else:
-            from nti_lightning.bench.run import main as bench_main
+        # both ways, --config FILE and --score DIR
+        from nti_lightning.bench.run import main as bench_main
 
         scores = bench_main(args[1:])
         # Outputs that could not be scored are failed rows (the CSV, under the tables): 1, as a fit's failed images.

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,21 +111,114 @@ def test_bench_config_mistakes_are_named(tmp_path):
     assert exit_info.value.code == 2
     from nti_lightning.bench.run import BenchConfig
 
-    with pytest.raises(OptionError, match=r"bench.yaml: methods \['magic'\] not among"):
+    with pytest.raises(OptionError, match=r"methods: \['magic'\] not among"):
         BenchConfig.load(config)
     config.write_text("rooot: x\n")
-    with pytest.raises(OptionError, match=r"unknown key\(s\) \['rooot'\]"):
+    with pytest.raises(OptionError, match=r"rooot: unknown key \(did you mean root\?\)"):
         BenchConfig.load(config)
+    with pytest.raises(OptionError, match=r"batch_size: must be at least 1, got 0"):
+        BenchConfig(batch_size=0).checked()  # a config made in Python is checked as a file's is
 
 
-@pytest.mark.parametrize("args, culprit", [([], "required: --config"), (["--config", "b.yaml", "--rooot", "x"], "unrecognized arguments: --rooot")])
-def test_bench_command_line_mistakes_are_one_error_line(args, culprit, capsys):
+@pytest.mark.parametrize("args, culprit", [
+    ([], "nothing to do"),
+    (["--config", "{config}", "--rooot", "x"], "Unrecognized arguments: --rooot"),
+    (["--config", "{config}", "--bench.root", "x"], "--bench.root is an option of scoring a folder: add --score DIR"),
+])
+def test_bench_command_line_mistakes_are_one_error_line(tmp_path, args, culprit, capsys):
     from nti_lightning.bench.run import main as bench_main
 
-    with pytest.raises(OptionError, match=culprit) as error:
-        bench_main(args)
+    config = tmp_path / "bench.yaml"
+    config.write_text("root: pie\n")
+    with pytest.raises(OptionError, match=re.escape(culprit)) as error:
+        bench_main([word.format(config=config) for word in args])
     assert "--score DIR" in str(error.value)  # the other way to call it
-    assert capsys.readouterr().err == ""  # argparse printed no usage of its own
+    assert capsys.readouterr().err == ""  # jsonargparse printed no usage of its own
+
+
+def test_bench_help_lists_every_key_and_both_ways(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    # the two ways to call it, first
+    assert "nti bench --config FILE" in printed and "nti bench --score DIR --bench.root ROOT" in printed
+    for key in ("--config", "--root", "--output_dir", "--methods", "--batch_size", "--demo_samples", "--share_pivots",
+                "--model.num_inner_steps", "--model.pretrained", "--trainer.accelerator", "--trainer.precision",
+                "--edit.cross_replace_steps", "--score.dino", "--score DIR", "--bench.root ROOT", "--bench.methods"):
+        assert key in printed, key
+    # each key with its type and default: a run's own and the model's (the bench's default model)
+    assert "(type: int, default: 8)" in printed and "default: CompVis/stable-diffusion-v1-4" in printed
+    assert "--model.method " not in printed and "--model.output_dir" not in printed  # set by the bench
+
+
+def test_command_line_overrides_reach_the_stages(tmp_path, monkeypatch, capsys):
+    """`--model.num_inner_steps 5` overrides the YAML's model.num_inner_steps (as `nti fit`'s do),
+    `--root` and `--output_dir` the YAML's keys, and `nti fit` gets what results."""
+    from nti_lightning.bench import run
+    from nti_lightning.bench.options import parse_run_args
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump({"root": "pie", "output_dir": "out", "methods": ["null_text"], "demo_samples": 2,
+                                      "model": {"pretrained": "tiny", "num_inner_steps": 10}}))
+    words = ["--config", str(config), "--model.num_inner_steps", "5", "--root", "other", "--output_dir", "elsewhere"]
+    loaded = parse_run_args(words)
+    assert loaded.model == {"pretrained": "tiny", "num_inner_steps": 5}
+    assert (loaded.root, loaded.output_dir, loaded.methods) == ("other", "elsewhere", ["null_text"])
+    stages = []
+    monkeypatch.setattr(run, "_stage_runner", lambda trainer: stages.append)  # record the stages, run none
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *words])
+    assert exit_info.value.code == 2 and "no method produced an edit" in capsys.readouterr().err
+    fit = stages[0]
+    assert fit[0] == "fit" and fit[fit.index("--model.num_inner_steps") + 1] == "5"
+    assert fit[fit.index("--data.manifest") + 1] == str(Path("other") / "mapping_file.json")
+
+
+def test_every_mistake_of_a_config_is_one_line_before_any_file_is_read(tmp_path, capsys):
+    """Several mistakes and a root that does not exist: every mistake, each with its key, in one
+    `nti: error:` line and exit status 2, and not a word about the root; once they are fixed, the root."""
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump({
+        "root": str(tmp_path / "no-such-root"), "batch_size": -3, "methods": ["null_text", "magic"], "rooot": 1,
+        "model": {"num_inner_steps": "many", "method": "ddim"}, "trainer": {"precision": "bf17"},
+        "edit": {"blend_start": 2.0}, "score": {"device": "tpu-ish"},
+    }))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--config", str(config), "--demo_resolution", "4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nti: error: nti bench: the config has 9 mistakes: "), err
+    for culprit in ("batch_size: must be at least 1, got -3", "methods: ['magic'] not among", "rooot: unknown key",
+                    "model.num_inner_steps: expected int, got 'many'", "model.method: set by nti bench",
+                    "trainer.precision: expected one of", "'bf17'", "edit.blend_start: must be a fraction",
+                    "score.device: 'tpu-ish' is not a device name", "demo_resolution: must be at least 8, got 4"):
+        assert culprit in lines[0], culprit
+    assert "no-such-root" not in err and "mapping_file" not in err
+    config.write_text(yaml.safe_dump({"root": str(tmp_path / "no-such-root"), "methods": ["null_text"]}))
+    with pytest.raises(SystemExit):
+        main(["bench", "--config", str(config)])
+    assert "no-such-root/mapping_file.json: no PIE-Bench mapping file" in capsys.readouterr().err
+
+
+def test_the_console_script_prints_the_mistakes_as_one_line_and_help_with_status_0(tmp_path):
+    """`nti bench` in its own process, as a user runs it: the config's mistakes on one line with
+    status 2 and no traceback, the missing root not reached; `--help` lists the keys, status 0."""
+    config = tmp_path / "bench.yaml"
+    config.write_text("root: no-such-root\nbatch_size: -3\nmethods: [null_text, magic]\nmodel: {num_inner_steps: 0}\n")
+    env = {key: value for key, value in os.environ.items() if key != "NTI_DEBUG"}
+    command = [sys.executable, "-c", "from nti_lightning.cli import main; main()", "bench"]
+    result = subprocess.run([*command, "--config", str(config), "--trainer.precision", "bf17"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("nti: error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    for culprit in ("batch_size", "magic", "model.num_inner_steps", "trainer.precision"):
+        assert culprit in lines[0], culprit
+    assert "no-such-root" not in result.stderr
+    shown = subprocess.run([*command, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "--model.num_inner_steps" in shown.stdout and "--score DIR" in shown.stdout
 
 
 def test_bench_on_two_devices_runs_each_stage_across_both(tmp_path, monkeypatch):

@@ -17,7 +17,8 @@ devices (`trainer.devices`) each stage runs as a child `nti` process, which Ligh
 per device as for `nti fit`. Each stage prints a timestamped line with its count, time and
 rate, and appends them to `output_dir/bench_timings.jsonl`.
 
-The config (YAML), with its defaults:
+Its options (`nti_lightning.bench.options`): a YAML config (`--config`), the command line, or both,
+as for `nti fit`; `nti bench --help` lists every key with its type, default and help:
 
     root: PIE-Bench_v1               # mapping_file.json and annotation_images/
     demo_samples: 0                  # > 0: first write the offline shapes benchmark of that many samples into root
@@ -32,6 +33,10 @@ The config (YAML), with its defaults:
     score: {dino: facebook/dino-vitb8, clip: openai/clip-vit-large-patch14, lpips: squeeze, device: null}
     share_pivots: true               # compute each image's DDIM pivot once, for every method (output_dir/pivots)
     vae_round_trip: true             # also score the VAE round trip of each source (the row vae_round_trip)
+
+`--model.num_inner_steps 5` overrides the YAML's `model: {num_inner_steps: ...}`. Every value is
+checked before the benchmark's files are read, and all the mistakes of a config are reported
+together. `nti bench --score DIR --bench.root ROOT` scores a folder instead (`score.main`).
 """
 
 from __future__ import annotations
@@ -42,20 +47,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import yaml
 from PIL import Image
 
-from nti_lightning.bench.score import (
-    IMAGES,
-    MAPPING_FILE,
-    BenchParser,
-    BenchScores,
-    score_folder,
+from nti_lightning.bench.options import (
+    METHODS,
+    BenchConfig,
+    is_score_mode,
+    parse_run_args,
 )
+from nti_lightning.bench.score import IMAGES, MAPPING_FILE, BenchScores, score_folder
+from nti_lightning.bench.score import main as score_main
 from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT
 from nti_lightning.data.pie_bench import BenchSample, read_mapping
@@ -71,8 +75,7 @@ from nti_lightning.errors import (
 from nti_lightning.storage.atomic import atomic_path, atomic_text
 from nti_lightning.training.progress import duration
 
-#: The methods of the published table, in its order.
-METHODS = ("ddim", "null_text", "negative_prompt", "direct")
+__all__ = ["METHODS", "PIVOTS", "TIMINGS", "VAE_ROUND_TRIP", "BenchConfig", "main", "run_bench", "write_strip"]
 
 #: The row of the VAE round trip (the source decoded from its own latent): what an edit that kept
 #: the source latent would score on the unedited region, the reference the methods are read against.
@@ -83,52 +86,17 @@ PIVOTS = "pivots"
 TIMINGS = "bench_timings.jsonl"
 
 
-@dataclass
-class BenchConfig:
-    """What `nti bench --config` runs (see the module's documentation for each key)."""
-
-    root: str = "PIE-Bench_v1"
-    demo_samples: int = 0
-    demo_resolution: int = 32
-    methods: list[str] = field(default_factory=lambda: ["null_text", "negative_prompt", "ddim", "direct"])
-    output_dir: str = "bench"
-    batch_size: int = 8
-    model: dict[str, Any] = field(default_factory=lambda: {"pretrained": "CompVis/stable-diffusion-v1-4"})
-    trainer: dict[str, Any] = field(default_factory=dict)
-    edit: dict[str, Any] = field(default_factory=dict)
-    score: dict[str, Any] = field(default_factory=lambda: {"dino": DINO_DEFAULT, "clip": CLIP_DEFAULT, "lpips": LPIPS_DEFAULT})
-    share_pivots: bool = True
-    vae_round_trip: bool = True
-
-    @classmethod
-    def load(cls, path: str | Path) -> "BenchConfig":
-        """Reads a YAML config; `OptionError` naming the file and the key for a mistake."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputNotFoundError(f"{path}: bench config not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise OptionError(f"{path}: not YAML ({error})") from error
-        if not isinstance(raw, dict):
-            raise OptionError(f"{path}: a bench config is a mapping of keys, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise OptionError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(cls.__dataclass_fields__)}")
-        config = cls(**raw)
-        bad = [m for m in config.methods if m not in METHODS]
-        if bad or not config.methods:
-            raise OptionError(f"{path}: methods {bad or '[]'} not among {list(METHODS)}")
-        for key in ("model", "trainer", "edit", "score"):
-            if not isinstance(getattr(config, key), dict):
-                raise OptionError(f"{path}: '{key}' must be a mapping")
-        if "method" in config.model or "output_dir" in config.model:
-            raise OptionError(f"{path}: model.method and model.output_dir are set by nti bench (methods, output_dir)")
-        return config
-
-
 def run_bench(config: BenchConfig) -> BenchScores:
-    """Inverts, edits and scores the benchmark for every method of `config`; returns the scores."""
+    """Inverts, edits and scores the benchmark for every method of `config`; returns the scores.
+
+    Args:
+        config (`BenchConfig`): the run; checked first (`BenchConfig.checked`), before any file is read.
+
+    Raises:
+        `OptionError`: every mistake in `config`, in one message; `InputNotFoundError`: `root`
+        holds no mapping file (and `demo_samples` is 0).
+    """
+    config = config.checked()
     root, out = Path(config.root), Path(config.output_dir)
     mapping = root / MAPPING_FILE
     if config.demo_samples > 0 and not mapping.is_file():
@@ -311,13 +279,20 @@ def _child_process(words: list[str]) -> None:
 
 
 def main(args: Optional[Sequence[str]] = None) -> BenchScores:
-    """`nti bench --config FILE [--root DIR] [--output_dir DIR]`."""
-    parser = BenchParser(prog="nti bench", description="PIE-Bench end to end: invert, edit and score.")
-    parser.add_argument("--config", required=True, help="the bench's YAML config (see nti_lightning/bench/run.py)")
-    parser.add_argument("--root", help="overrides the config's root")
-    parser.add_argument("--output_dir", help="overrides the config's output_dir")
-    options = parser.parse_args(list(args) if args is not None else None)
-    config = BenchConfig.load(options.config)
-    config.root = options.root or config.root
-    config.output_dir = options.output_dir or config.output_dir
-    return run_bench(config)
+    """`nti bench`: `--config FILE [--KEY VALUE ...]` runs the benchmark, `--score DIR --bench.root
+    ROOT [--bench.KEY VALUE ...]` scores a folder (`score.main`).
+
+    Args:
+        args (`Sequence[str]`, *optional*): the words after `nti bench`; the command line's by default.
+
+    Returns:
+        `BenchScores`: the scores written.
+
+    Raises:
+        `OptionError`: a usage mistake, or every mistake of the config (one message), raised
+        before any file but the config files is read.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    if is_score_mode(args):
+        return score_main(args)
+    return run_bench(parse_run_args(args))

@@ -14,9 +14,9 @@ the benchmark itself (its mapping file, a source image, a mask) must be usable: 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -37,6 +37,7 @@ from nti_lightning.bench.metrics import (
     ssim_unedited,
     structure_distance,
 )
+from nti_lightning.bench.options import parse_score_args
 from nti_lightning.bench.summary import (
     Summary,
     log_tensorboard,
@@ -382,15 +383,6 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
     return result
 
 
-class BenchParser(argparse.ArgumentParser):
-    """argparse that reports a mistake as `OptionError` (one `nti: error:` line, exit 2) with the
-    two ways `nti bench` is called."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise OptionError(f"nti bench: {message} (`nti bench --config FILE` runs the benchmark, "
-                          f"`nti bench --score DIR --bench.root ROOT` scores a folder)")
-
-
 def main(args: Optional[Sequence[str]] = None) -> BenchScores:
     """`nti bench --score OUTPUTS --bench.root ROOT [options]`: scores a folder of PIE-Bench outputs.
 
@@ -401,22 +393,9 @@ def main(args: Optional[Sequence[str]] = None) -> BenchScores:
         `BenchScores`, after writing the CSV and the Markdown summary (beside the outputs unless
         `--bench.output` / `--bench.summary` say otherwise) and printing the summary.
     """
-    parser = BenchParser(prog="nti bench", description="Score a folder of PIE-Bench outputs with the benchmark's metrics.")
-    parser.add_argument("--score", metavar="OUTPUTS", required=True,
-                        help="folder of <method>/annotation_images/<image_path> outputs (or one method's folder)")
-    parser.add_argument("--bench.root", dest="root", required=True, help="PIE-Bench folder: mapping_file.json, annotation_images/")
-    parser.add_argument("--bench.methods", dest="methods", help="comma-separated methods to score (default: all)")
-    parser.add_argument("--bench.edit_types", dest="edit_types", help="comma-separated editing_type_ids (default: all)")
-    parser.add_argument("--bench.dino", dest="dino", default=DINO_DEFAULT, help="DINO ViT-B/8 folder or cached hub id; none: off")
-    parser.add_argument("--bench.clip", dest="clip", default=CLIP_DEFAULT, help="CLIP ViT-L/14 folder or cached hub id; none: off")
-    parser.add_argument("--bench.lpips", dest="lpips", default=LPIPS_DEFAULT,
-                        help="squeeze (torch hub cache) or a torch hub folder holding checkpoints/squeezenet1_1-*.pth; none: off")
-    parser.add_argument("--bench.device", dest="device", help="cpu or cuda (default: cuda when there is a GPU)")
-    parser.add_argument("--bench.output", dest="output", help="per-image CSV (default: OUTPUTS/pie_bench.csv)")
-    parser.add_argument("--bench.summary", dest="summary", help="Markdown summary (default: OUTPUTS/pie_bench.md)")
-    parser.add_argument("--bench.tensorboard", dest="tensorboard", help="also log the means for TensorBoard here")
-    options = parser.parse_args(list(args) if args is not None else None)
-    outputs = Path(options.score)
+    parsed = parse_score_args(list(sys.argv[1:] if args is None else args))
+    options = parsed.bench
+    outputs = Path(parsed.score)
     split = lambda text: [part.strip() for part in text.split(",") if part.strip()] if text else None  # noqa: E731
     print_progress = lambda done, total, key: print(f"scored {done}/{total} ({key})", flush=True) if done % 50 == 0 or done == total else None  # noqa: E731
     result = score_folder(
