@@ -40,9 +40,10 @@ from jsonargparse import (
 from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT
 from nti_lightning.editing.pie_bench import BENCHMARK_OPTIONS
 from nti_lightning.errors import InputNotFoundError, OptionError
+from nti_lightning.inversion.methods import METHODS as INVERSION_METHODS
 
-#: The methods of the published table, in its order.
-METHODS = ("ddim", "null_text", "negative_prompt", "direct")
+#: The methods a run can compare: every registered inversion method (`nti_lightning.inversion.methods`).
+METHODS = INVERSION_METHODS
 
 #: The model a run inverts and edits with unless `model.pretrained` says otherwise (the benchmark's).
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
