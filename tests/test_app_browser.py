@@ -7,8 +7,8 @@ must be blue and the background still green. A screenshot of the page is saved; 
 `NTI_UPDATE_SCREENSHOT=1` it also replaces docs/app.png, the one the README shows.
 
 Chromium and chromedriver come from the OS (`apt-get install chromium chromium-driver`; `.ci/run`
-installs them). Without them this test fails with that line; outside CI (`CI` unset),
-`NTI_SKIP_BROWSER=1` skips it instead.
+installs them). Without them this test is skipped, saying what is missing and how to install it;
+under CI (`CI` set) it fails instead, so CI never passes without having driven the page.
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ CHROMIUMS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-sta
 
 
 def browser_paths() -> tuple[str, str]:
-    """(Chromium, chromedriver), or a failure (a skip only with NTI_SKIP_BROWSER=1 outside CI)."""
+    """(Chromium, chromedriver); without them a skip, or a failure under CI."""
     chromium = next((path for path in map(shutil.which, CHROMIUMS) if path), None)
     driver = shutil.which("chromedriver") or next((p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if Path(p).is_file()), None)
     if chromium and driver:
         return chromium, driver
     missing = " and ".join(name for name, path in (("Chromium", chromium), ("chromedriver", driver)) if not path)
-    if os.environ.get("NTI_SKIP_BROWSER") == "1" and not os.environ.get("CI"):
-        pytest.skip(f"{missing} not installed and NTI_SKIP_BROWSER=1")
-    pytest.fail(f"the browser test needs {missing}: {INSTALL}; outside CI, NTI_SKIP_BROWSER=1 skips it", pytrace=False)
+    if os.environ.get("CI"):
+        pytest.fail(f"the browser test needs {missing} under CI: {INSTALL}", pytrace=False)
+    pytest.skip(f"the browser test needs {missing}: {INSTALL}")
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,14 @@ def test_upload_invert_and_edit_red_to_blue_in_the_browser(browser, tmp_path):
         assert browser.save_screenshot(str(shot))
         if os.environ.get("NTI_UPDATE_SCREENSHOT") == "1":
             shutil.copyfile(shot, ROOT / "docs" / "app.png")
+
+
+def test_without_chromium_the_browser_test_is_skipped_saying_why_and_under_ci_it_fails(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(Path, "is_file", lambda self: False)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="needs Chromium and chromedriver: sudo apt-get install chromium"):
+        browser_paths()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="needs Chromium and chromedriver under CI"):
+        browser_paths()
