@@ -11,6 +11,7 @@ from nti_lightning.editing import LocalBlend, Refine, Replace, Reweight
 from nti_lightning.editing.attention import AttentionStore
 from nti_lightning.editing.batched_control import BatchedControl
 from nti_lightning.editing.edit import EditJob, edit_jobs_latents, edit_latents
+from nti_lightning.editing.editor import EditRows, editor_for
 from nti_lightning.models.text import PromptEncoder
 
 STEPS = 6
@@ -63,7 +64,8 @@ def jobs_for(pipe) -> list[EditJob]:
 def batched_control(jobs: list[EditJob]):
     """`BatchedControl.of` the jobs' controllers, begun as `edit_jobs_latents` begins them."""
     stores = [job.controller.begin(STEPS).store if job.controller else job.attention_store for job in jobs]
-    return BatchedControl.of([job.controller for job in jobs], stores, [len(job.prompts) for job in jobs], STEPS)
+    rows = EditRows([len(job.prompts) for job in jobs], [job.controller for job in jobs], stores, STEPS)
+    return BatchedControl.of(rows)
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
@@ -71,7 +73,7 @@ def test_jobs_together_equal_each_alone(model):
     pipe = load_pipeline(model)
     jobs = jobs_for(pipe)
     # the built-in controllers run as whole-batch operations (one split word: one general mapper row)
-    assert batched_control(jobs).general_rows.tolist() == [3]
+    assert batched_control(jobs).forms.general_rows.tolist() == [3]
     together = edit_jobs_latents(pipe, jobs)
     recorded = jobs[-1].attention_store
     for job, latents in zip(jobs_for(pipe), together):
@@ -109,6 +111,18 @@ def test_a_controller_of_its_own_kind_runs_on_its_own_rows():
         torch.testing.assert_close(latents, alone, rtol=0, atol=5e-4)
     plain = edit_latents(pipe, jobs[0].inversion, swap, controller=Replace(swap, pipe.tokenizer, local_blend=own.local_blend))
     assert float((together[0][1] - plain[1]).abs().max()) > 1e-3  # its own replace_cross was used
+
+
+def test_edit_rows_name_each_jobs_source_and_targets():
+    rows = EditRows([2, 1, 3], ["settings", None, "settings"], [None, None, AttentionStore()], STEPS)
+    assert rows.rows == 6 and rows.spans == [(0, 2), (2, 3), (3, 6)]
+    assert rows.source_row().tolist() == [0, 0, 2, 3, 3, 3]  # a job without settings: each row its own
+    assert rows.target_rows().tolist() == [1, 4, 5]
+    # settings no editor knows: refused by name rather than sampled unedited
+    with pytest.raises(ValueError, match=r"no editor edits a batch of \['str'\]"):
+        editor_for(rows, [BatchedControl])
+    with pytest.raises(ValueError, match="one size, settings and store per job"):
+        EditRows([2], [None, None], [None], STEPS)
 
 
 def test_a_batch_needs_one_number_of_steps():
@@ -189,7 +203,7 @@ def test_batched_local_blend_equals_each_blend_alone():
     ]
     for controller in controllers:
         controller.begin(STEPS)
-    control = BatchedControl.of(controllers, [c.store for c in controllers], [2, 2, 3], STEPS)
+    control = BatchedControl.of(EditRows([2, 2, 3], controllers, [c.store for c in controllers], STEPS))
     generator = torch.Generator().manual_seed(0)
     for layer in (AttentionLayer("down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor", "down", True),
                   AttentionLayer("up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", "up", True)):

@@ -1,4 +1,4 @@
-"""Prompt-to-Prompt editing of inverted images: attention control, controllers, `edit`, the predict CLI."""
+"""Prompt-to-Prompt editing of inverted images: attention control, controllers, editors, `edit`, the predict CLI."""
 
 from nti_lightning.editing.attention import (
     AttentionLayer,
@@ -14,6 +14,7 @@ from nti_lightning.editing.controllers import (
     Reweight,
 )
 from nti_lightning.editing.edit import edit, edit_latents
+from nti_lightning.editing.editor import Editor, EditRows
 from nti_lightning.editing.pictures import cross_attention_picture, token_attention_maps
 from nti_lightning.inversion.compatible import check_compatible
 
@@ -22,6 +23,8 @@ __all__ = [
     "AttentionLayer",
     "AttentionStore",
     "ControlledAttnProcessor",
+    "EditRows",
+    "Editor",
     "LocalBlend",
     "Refine",
     "Replace",

@@ -11,6 +11,10 @@ of its down and up blocks. By default the blend uses that coarsest resolution wh
 16 for SD 1.x at 512 px, 24 for SD 2.x at 768 px, 32 for SDXL at 1024 px (its attention runs at
 64x64 and 32x32 only; 32x32 is the same 1/32 of the image side as SD 1.x's 16x16), 8 for the tiny test model (whose only down/up
 cross-attention runs at the latent's own 8x8).
+
+The maths is written once, here (`blend_resolution`, `blend_mask`, `keep_source_outside`): a
+`LocalBlend` called on one edit's rows and Prompt-to-Prompt's batched control
+(`nti_lightning.editing.batched_control`), which blends every row of a batch at once, both use it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,59 @@ def words_region(
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.view(-1, 1, 1, 1)
     return word_maps / peak > threshold
+
+
+def blend_resolution(store: AttentionStore, resolution: Optional[int], max_queries: Optional[int] = None) -> int:
+    """The side of the maps a blend reads: its own `resolution`, else the coarsest down/up
+    cross-attention maps kept in `store`.
+
+    Args:
+        store (`AttentionStore`): the maps recorded so far.
+        resolution (`int`, *optional*): the blend's own choice.
+        max_queries (`int`, *optional*): only maps of at most this many positions count (the
+            bound of the edit's own store, where `store` holds a whole batch's maps and may keep finer ones).
+
+    Raises:
+        `ValueError` when `store` holds no such maps.
+    """
+    if resolution is not None:
+        return resolution
+    kept = [side for side in store.resolutions(BLEND_PLACES) if max_queries is None or side * side <= max_queries]
+    if not kept:
+        raise ValueError("LocalBlend found no down/up cross-attention maps in the store")
+    return kept[0]
+
+
+def blend_mask(
+    maps: torch.Tensor,
+    weights: torch.Tensor,
+    threshold: Union[float, torch.Tensor],
+    latent_size: Sequence[int],
+    source_row: torch.Tensor,
+) -> torch.Tensor:
+    """`[P, 1, h, w]` boolean mask of each row: its words' region united with its source row's.
+
+    Args:
+        maps (`torch.Tensor`): `[P, r, r, K]` cross-attention maps (summed over steps and layers).
+        weights (`torch.Tensor`): `[P, K]` 1 on each row's blend words' tokens.
+        threshold (`float` or `torch.Tensor`): see `words_region`.
+        latent_size (`Sequence[int]`): `(h, w)` of the latents the mask applies to.
+        source_row (`torch.Tensor`): `[P]` long, each row's source row (a source row's own index).
+    """
+    region = words_region(maps, weights, threshold, latent_size)
+    return region.index_select(0, source_row) | region
+
+
+def keep_source_outside(latents: torch.Tensor, mask: torch.Tensor, source_row: torch.Tensor) -> torch.Tensor:
+    """`x_src + mask (x - x_src)` for every row: its source row's latent outside its mask.
+
+    Args:
+        latents (`torch.Tensor`): `[P, C, h, w]` latents after a step.
+        mask (`torch.Tensor`): `[P, 1, h, w]` boolean mask of each row (`blend_mask`).
+        source_row (`torch.Tensor`): `[P]` long, each row's source row.
+    """
+    sources = latents.index_select(0, source_row)
+    return sources + mask.to(latents.dtype) * (latents - sources)
 
 
 class LocalBlend:
@@ -96,19 +153,16 @@ class LocalBlend:
 
     def mask(self, store: AttentionStore, latent_size: Sequence[int]) -> torch.Tensor:
         """`[P, 1, h, w]` boolean region of each prompt (the edits' include the source's)."""
-        resolution = self.resolution
-        if resolution is None:
-            available = store.resolutions(BLEND_PLACES)
-            if not available:
-                raise ValueError("LocalBlend found no down/up cross-attention maps in the store")
-            resolution = available[0]
+        resolution = blend_resolution(store, self.resolution)
         maps = store.maps(resolution, BLEND_PLACES, is_cross=True, average=False)  # [P, r, r, K]
-        mask = words_region(maps, self.weights.to(device=maps.device, dtype=maps.dtype), self.threshold, latent_size)
-        return mask[:1] | mask
+        weights = self.weights.to(device=maps.device, dtype=maps.dtype)
+        source = torch.zeros(maps.shape[0], dtype=torch.long, device=maps.device)  # every prompt's source is prompt 0
+        return blend_mask(maps, weights, self.threshold, latent_size, source)
 
     def __call__(self, latents: torch.Tensor, store: AttentionStore, step: int, num_steps: int) -> torch.Tensor:
         """Latents after step `step` with each edit kept at the source outside its mask."""
         if step < self.start_step(num_steps):
             return latents
-        mask = self.mask(store, latents.shape[2:]).to(latents.dtype)
-        return latents[:1] + mask * (latents - latents[:1])
+        mask = self.mask(store, latents.shape[2:])
+        source = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
+        return keep_source_outside(latents, mask, source)

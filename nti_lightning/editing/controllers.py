@@ -21,11 +21,17 @@ Semantics follow the authors' `AttentionControlEdit` and its subclasses (google/
 `prompt-to-prompt_stable.ipynb`), including their step windows: a cross-attention window
 `(start, end)` covers steps `int(start * (T + 1)) <= i < int(end * (T + 1))`, a self-attention
 window `int(start * T) <= i < int(end * T)`.
+
+The controllers describe an edit; they do not compute it. Each states its `replace_cross` as a
+`CrossForm` (token mapper, aligned tokens, factors), and `begin` turns its windows into per-step
+tensors; `job_control` hands them over as a `JobControl`, and
+`nti_lightning.editing.batched_control.BatchedControl` runs them, for one edit or for a batch of
+them. A controller called on its own (`__call__`, `end_step`: what a user's subclass extends) runs
+a `BatchedControl` of its own rows, so Prompt-to-Prompt's maths has one path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -38,7 +44,16 @@ from nti_lightning.editing.alignment import (
     word_positions,
 )
 from nti_lightning.editing.attention import MAX_QUERIES, AttentionLayer, AttentionStore
+from nti_lightning.editing.batched_control import (
+    BatchedControl,
+    ConversionCache,
+    CrossForm,
+    JobControl,
+    StackedForms,
+    converted_once,
+)
 from nti_lightning.editing.blend import LocalBlend
+from nti_lightning.editing.editor import EditRows
 
 #: A fraction f of the steps (from the start: (0, f)) or a (start, end) pair of fractions.
 StepsWindow = Union[float, tuple[float, float]]
@@ -90,62 +105,35 @@ def cross_replace_windows(
     return windows
 
 
-@dataclass(frozen=True)
-class CrossForm:
-    """A controller's `replace_cross` as tensors, so that many controllers run as one batched
-    operation (`nti_lightning.editing.batched_control`). Edit prompt p's maps become
+def cross_form_of(controller: "AttentionController") -> Optional[CrossForm]:
+    """`controller.cross_form()` where it states the controller's `replace_cross`, else None.
 
-        `(einsum("hqw,wn->hqn", source, mapper[p]) * aligned[p] + edit * (1 - aligned[p])) * factors[p]`
+    It does where `replace_cross` is the base's (which applies the form) or is defined by the
+    class that defines `cross_form`; not where a subclass changed `replace_cross` alone (a
+    user's own kind, whose maps only its own `replace_cross` knows).
 
     Args:
-        mapper (`torch.Tensor`): `[P-1, K, K]` source token w -> edit token n weights.
-        aligned (`torch.Tensor`): `[P-1, K]` 1 where the edit token takes the mapped source map,
-            0 where it keeps its own (Refine's inserted words).
-        factors (`torch.Tensor`): `[P-1, K]` scale of each edit token's map (Reweight).
+        controller (`AttentionController`): any controller.
     """
-
-    mapper: torch.Tensor
-    aligned: torch.Tensor
-    factors: torch.Tensor
-
-    @staticmethod
-    def identity(edits: int, tokens: int) -> "CrossForm":
-        """Every edit prompt takes the source's maps token for token."""
-        ones = torch.ones(edits, tokens)
-        return CrossForm(torch.eye(tokens).expand(edits, -1, -1).clone(), ones, ones.clone())
-
-
-def cross_form_of(controller: "AttentionController") -> Optional[CrossForm]:
-    """`controller.cross_form()`, or None when the class that defines its `replace_cross` is not the
-    one that defines its `cross_form` (a subclass that changed `replace_cross` alone)."""
 
     def owner(name: str) -> type:
         return next(kind for kind in type(controller).__mro__ if name in vars(kind))
 
-    if owner("replace_cross") is not owner("cross_form"):
+    replace_owner = owner("replace_cross")
+    if replace_owner is not AttentionController and replace_owner is not owner("cross_form"):
         return None
     return controller.cross_form()
-
-
-#: Tensors already converted for a run, by (name, device, dtype).
-ConversionCache = dict[tuple[str, torch.device, torch.dtype], torch.Tensor]
-
-
-def converted_once(cache: ConversionCache, name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`tensor` on `like`'s device (and dtype, unless it holds indices), kept in `cache` under
-    `name`: a controller's constants are converted once per run, not once per layer and step."""
-    dtype = tensor.dtype if not tensor.is_floating_point() else like.dtype
-    key = (name, like.device, dtype)
-    if key not in cache:
-        cache[key] = tensor.to(device=like.device, dtype=dtype)
-    return cache[key]
 
 
 class AttentionController:
     """Base of the Prompt-to-Prompt controllers (the authors' `AttentionControlEdit`).
 
-    Subclasses define `replace_cross`. `edit` calls `begin` before sampling, passes the
-    controller to the attention processors, and calls `end_step` after every step.
+    A subclass states how the edit prompts' cross-attention maps come from the source's: a
+    `cross_form` (the built-in ones), or its own `replace_cross` (a user's kind: it runs on the
+    edit's rows alone, see `job_control`). `edit` calls `begin` before sampling; the edit's
+    attention hook and step hook are then those of `nti_lightning.editing.batched_control.BatchedControl`,
+    or this controller's `__call__` and `end_step` (which run one over its own rows) where a
+    subclass changed them.
 
     Args:
         prompts (`Sequence[str]`): the source prompt, then one or more edit prompts.
@@ -179,19 +167,29 @@ class AttentionController:
         if local_blend is not None and local_blend.prompts != self.prompts:
             raise ValueError(f"local_blend was built for prompts {local_blend.prompts}, not {self.prompts}")
         self.local_blend = local_blend
-        if isinstance(self_replace_max_queries, bool) or not isinstance(self_replace_max_queries, int) or self_replace_max_queries < 1:
-            raise ValueError(f"self_replace_max_queries must be a positive number of query positions, got {self_replace_max_queries!r}")
-        self.self_replace_max_queries = self_replace_max_queries
+        max_queries = self_replace_max_queries
+        if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+            raise ValueError(
+                f"self_replace_max_queries must be a positive number of query positions, got {max_queries!r}"
+            )
+        self.self_replace_max_queries = max_queries
         self.store = self.new_store()
         self.num_steps = 0
-        self.step = 0
         self.cross_alpha = torch.zeros(0)
         self.self_steps = (0, 0)
         self._on_device: ConversionCache = {}
+        self._forms: Optional[StackedForms] = None  # the form `replace_cross` applies, once stacked
+        self._alone: Optional[BatchedControl] = None  # the control of this controller's own calls
 
     def begin(self, num_steps: int, store: Optional[AttentionStore] = None) -> "AttentionController":
-        """Prepares a sampling run of `num_steps` steps (the controller can be reused)."""
-        self.num_steps, self.step = num_steps, 0
+        """Prepares a sampling run of `num_steps` steps (the controller can be reused).
+
+        Args:
+            num_steps (`int`): T.
+            store (`AttentionStore`, *optional*): where the run's maps are recorded (reset here);
+                defaults to a new `new_store()`.
+        """
+        self.num_steps = num_steps
         self.store = store if store is not None else self.new_store()
         self.store.reset()
         # The authors' cross-attention windows are cut on T + 1 rows, self-attention ones on T.
@@ -200,23 +198,43 @@ class AttentionController:
         self.cross_alpha = ((steps >= bounds[..., 0]) & (steps < bounds[..., 1])).float()  # [T, P-1, K]
         self.self_steps = (int(num_steps * self.self_window[0]), int(num_steps * self.self_window[1]))
         self._on_device.clear()
+        # This controller's own calls run the batched control over its rows alone: one path for the maths.
+        rows = EditRows((len(self.prompts),), (self,), (self.store,), num_steps)
+        self._alone = BatchedControl(rows, [self._control()])
         return self
 
+    @property
+    def step(self) -> int:
+        """The sampling step that this controller's own next calls belong to (0 before `begin`)."""
+        alone = getattr(self, "_alone", None)
+        return alone.step if alone is not None else 0
+
+    @step.setter
+    def step(self, value: int) -> None:
+        # Before `begin` there is no run: only its start (0) may be set (as a subclass's own reset may).
+        if getattr(self, "_alone", None) is None and value == 0:
+            return
+        self._begun().step = value
+
     def __call__(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
-        """Edits `[P, heads, queries, keys]` conditional maps of one layer at the current step."""
-        if probs.shape[0] != len(self.prompts):
-            raise RuntimeError(f"controller built for {len(self.prompts)} prompts got a batch of {probs.shape[0]}")
-        if self.step >= self.num_steps:
-            raise RuntimeError(f"step {self.step} past the {self.num_steps} steps given to begin()")
-        if layer.is_cross:
-            base, edits = probs[0], probs[1:]
-            alpha = self.on_device("cross_alpha", self.cross_alpha, probs)[self.step][:, None, None, :]
-            edits = self.replace_cross(base, edits) * alpha + (1 - alpha) * edits
-            probs = torch.cat([probs[:1], edits.to(probs.dtype)])
-        elif self.self_steps[0] <= self.step < self.self_steps[1] and probs.shape[2] <= self.self_replace_max_queries:
-            probs = probs[:1].expand_as(probs)
-        self.store.record(probs, layer)
-        return probs
+        """Edits `[P, heads, queries, keys]` conditional maps of one layer at the current step
+        (in place when nothing tracks gradients) and records them in `store`.
+
+        Args:
+            probs (`torch.Tensor`): the maps of this controller's P prompts.
+            layer (`AttentionLayer`): where the call happens.
+        """
+        return self._begun()(probs, layer)
+
+    def end_step(self, step: int, timestep: int, latents: torch.Tensor) -> torch.Tensor:
+        """After sampling step `step`: applies LocalBlend and moves on (the sampler's `on_step`).
+
+        Args:
+            step (`int`): the step just taken (0-based).
+            timestep (`int`): its timestep (unused: the blend goes by steps).
+            latents (`torch.Tensor`): `[P, C, h, w]` latents after it.
+        """
+        return self._begun().end_step(step, latents)
 
     def new_store(self) -> AttentionStore:
         """An attention store that keeps the maps LocalBlend reads (32x32 and coarser, or its
@@ -224,25 +242,62 @@ class AttentionController:
         resolution = self.local_blend.resolution if self.local_blend is not None else None
         return AttentionStore(max_queries=max(MAX_QUERIES, (resolution or 0) ** 2))
 
-    def end_step(self, step: int, timestep: int, latents: torch.Tensor) -> torch.Tensor:
-        """After sampling step `step`: applies LocalBlend and moves on (the sampler's `on_step`)."""
-        self.store.end_step()
-        if self.local_blend is not None:
-            latents = self.local_blend(latents, self.store, step, self.num_steps)
-        self.step = step + 1
-        return latents
+    def job_control(self) -> Optional[JobControl]:
+        """This controller's edit as tensors over its rows, for the run `begin` prepared: what a
+        `BatchedControl` of many edits runs. None when calls of its own are needed instead: a
+        subclass's own `__call__` or `end_step`, a blend of another class than `LocalBlend`, or
+        a `replace_cross` without a `CrossForm`."""
+        kind = type(self)
+        if kind.__call__ is not AttentionController.__call__ or kind.end_step is not AttentionController.end_step:
+            return None
+        if self.local_blend is not None and type(self.local_blend) is not LocalBlend:
+            return None
+        control = self._control()
+        return control if control.form is not None else None
+
+    def _control(self) -> JobControl:
+        """The run's tensors, with this controller's own `replace_cross` where it has no form."""
+        if self.cross_alpha.shape[0] != self.num_steps or self.num_steps == 0:
+            raise RuntimeError(f"{type(self).__name__}: call begin(num_steps) before sampling")
+        form = cross_form_of(self)
+        own = self.replace_cross if form is None else None
+        return JobControl(self.cross_alpha, self.self_steps, self.self_replace_max_queries, form, own, self.local_blend)
+
+    def _begun(self) -> BatchedControl:
+        """The control of this controller's own calls, once `begin` made it."""
+        if getattr(self, "_alone", None) is None:
+            raise RuntimeError(f"{type(self).__name__}: call begin(num_steps) before sampling")
+        return self._alone
 
     def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
-        """`[P-1, heads, queries, keys]` maps for the edit prompts from the source's `[heads, queries, keys]`."""
-        raise NotImplementedError
+        """`[P-1, heads, queries, keys]` maps for the edit prompts from the source's
+        `[heads, queries, keys]`: the controller's `cross_form` applied (a subclass may define
+        its own instead).
+
+        Args:
+            base (`torch.Tensor`): `[heads, queries, keys]` the source prompt's maps.
+            edits (`torch.Tensor`): `[P-1, heads, queries, keys]` the edit prompts' own maps.
+        """
+        if self._forms is None:
+            form = self.cross_form()
+            if form is None:
+                raise NotImplementedError(f"{type(self).__name__} defines neither replace_cross nor cross_form")
+            self._forms = StackedForms([form])
+        return self._forms.replaced(base.expand_as(edits), edits)
 
     def cross_form(self) -> Optional[CrossForm]:
-        """`replace_cross` as a `CrossForm`, or None when it has none (then edits batched with
-        this controller call it on their own rows)."""
+        """`replace_cross` as a `CrossForm`, or None when it has none (then the edit runs on its
+        own rows, calling `replace_cross`)."""
         return None
 
     def on_device(self, name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """`tensor` on `like`'s device (and dtype, unless it holds indices), converted once per run."""
+        """`tensor` on `like`'s device (and dtype, unless it holds indices), converted once per run.
+
+        Args:
+            name (`str`): the tensor's key.
+            tensor (`torch.Tensor`): the tensor, on the host.
+            like (`torch.Tensor`): a tensor of the device and float dtype wanted.
+        """
         return converted_once(self._on_device, name, tensor, like)
 
 
@@ -273,11 +328,8 @@ class Replace(AttentionController):
         super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries)
         self.mappers = torch.stack([replacement_mapper(self.prompts[0], p, tokenizer) for p in self.prompts[1:]])
 
-    def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
-        mappers = self.on_device("mappers", self.mappers, base)
-        return torch.einsum("hqw,pwn->phqn", base, mappers)
-
     def cross_form(self) -> CrossForm:
+        """Every edit token takes its mapped source tokens' maps (`mappers`)."""
         ones = torch.ones(self.mappers.shape[:2])
         return CrossForm(self.mappers.float(), ones, ones.clone())
 
@@ -310,12 +362,8 @@ class Refine(AttentionController):
         self.mappers = torch.stack([mapper for mapper, _ in pairs])  # [P-1, K] source position
         self.aligned = torch.stack([weights for _, weights in pairs])  # [P-1, K] 1 aligned, 0 inserted
 
-    def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
-        mapped = base[:, :, self.on_device("mappers", self.mappers, base)].permute(2, 0, 1, 3)
-        aligned = self.on_device("aligned", self.aligned, base)[:, None, None, :]
-        return mapped * aligned + edits * (1 - aligned)
-
     def cross_form(self) -> CrossForm:
+        """Aligned edit tokens take their source token's maps, inserted ones keep their own."""
         # Taking column mappers[p, n] is a product with its one-hot matrix (exact: one term).
         tokens = self.mappers.shape[1]
         mapper = F.one_hot(self.mappers.long(), tokens).transpose(1, 2).float()  # [P-1, w, n]
@@ -376,17 +424,21 @@ class Reweight(AttentionController):
             for index, prompt in enumerate(self.prompts[1:]):
                 self.factors[index, word_positions(prompt, word, tokenizer)] = float(factor)
 
-    def begin(self, num_steps: int, store: Optional[AttentionStore] = None) -> "Reweight":
-        super().begin(num_steps, store)
-        if self.base is not None:
-            self.base._on_device.clear()
-        return self
-
     def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
-        maps = self.base.replace_cross(base, edits) if self.base is not None else base[None]
-        return maps * self.on_device("factors", self.factors, base)[:, None, None, :]
+        """The form's maps; on top of a base of the user's own kind (which has no form), the
+        base's `replace_cross` scaled by the factors.
+
+        Args:
+            base (`torch.Tensor`): `[heads, queries, keys]` the source prompt's maps.
+            edits (`torch.Tensor`): `[P-1, heads, queries, keys]` the edit prompts' own maps.
+        """
+        if self.base is None or cross_form_of(self.base) is not None:
+            return super().replace_cross(base, edits)
+        return self.base.replace_cross(base, edits) * self.on_device("factors", self.factors, base)[:, None, None, :]
 
     def cross_form(self) -> Optional[CrossForm]:
+        """The base's form (the source's maps token for token without one), its factors scaled
+        by this one's; None on a base without form."""
         if self.base is None:
             form = CrossForm.identity(*self.factors.shape)
         else:

@@ -5,6 +5,11 @@ embedding of step i as the unconditional input of every prompt at step i, throug
 sampler as the reconstruction (`nti_lightning.inversion.sampling.sample`). Without a controller
 (and without an attention store) nothing is hooked, so editing with the source prompt alone is
 exactly `nti_lightning.reconstruct`.
+
+One edit or many (`edit_jobs_latents`), the batch's rows are edited by one editor
+(`nti_lightning.editing.editor`), the first of `EDITORS` that takes them: Prompt-to-Prompt's
+`BatchedControl` for built-in controllers, else `_SplitHook`, each controller's own calls on its
+rows (a user's subclass).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from nti_lightning.editing.attention import (
 )
 from nti_lightning.editing.batched_control import BatchedControl
 from nti_lightning.editing.controllers import AttentionController
+from nti_lightning.editing.editor import Editor, EditRows, editor_for, then
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.compatible import check_compatible
-from nti_lightning.inversion.sampling import StepCallback, sample
 from nti_lightning.inversion.methods import source_branch_hook
+from nti_lightning.inversion.sampling import StepCallback, sample
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.pipelines import Pipeline
 from nti_lightning.models.text import PromptEncoder
@@ -124,7 +130,8 @@ def edit_jobs_latents(
 ) -> list[torch.Tensor]:
     """Several edits sampled together: every job's rows in each UNet call, each job with its own
     `z_T`, per-step nulls, controller, attention store and LocalBlend state. Each job's `[P, C, h, w]`
-    latents equal those of its edit alone up to the float rounding of a larger batch.
+    latents equal those of its edit alone up to the float rounding of a larger batch. One editor
+    (`EDITORS`) edits all rows; each job's inversion method adds its source-branch hook after it.
 
     Args:
         pipeline (`Pipeline`): the pipeline the inversions were made with.
@@ -150,41 +157,26 @@ def edit_jobs_latents(
     z_T = torch.cat([job.inversion.z_T.unsqueeze(0).expand(size, -1, -1, -1) for job, size in zip(jobs, sizes)]).to(device)
     nulls = _batched_nulls(jobs, sizes, cond)
 
-    hooks: list[Optional[AttentionHook]] = []
     stores: list[Optional[AttentionStore]] = []
-    steppers: list[Optional[StepCallback]] = []
     for job in jobs:
         store = job.attention_store
         if job.controller is not None:
             store = store if store is not None else job.controller.new_store()
-            store.reset()
-            hooks.append(job.controller.begin(schedule.num_inference_steps, store))
-            stepper: Optional[StepCallback] = job.controller.end_step
+            job.controller.begin(schedule.num_inference_steps, store)  # resets the store
         elif store is not None:
             store.reset()
-            hooks.append(store)
-            stepper = _store_stepper(store)
-        else:
-            hooks.append(None)
-            stepper = None
         stores.append(store)
-        steppers.append(source_branch_hook(job.inversion, job.prompts, stepper))
-    if all(hook is None for hook in hooks):
-        return list(sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=_split_steps(steppers, sizes)).split(sizes))
-    # Many edits: their controllers as whole-batch operations where they allow it (the built-in
-    # ones do); one edit, or a controller of its own kind: each controller on its own rows.
-    controllers = [job.controller for job in jobs]
-    batched = BatchedControl.of(controllers, stores, sizes, schedule.num_inference_steps) if len(jobs) > 1 else None
-    if batched is not None:
-        offsets = _split_steps([source_branch_hook(job.inversion, job.prompts, None) for job in jobs], sizes)
-        hook: AttentionHook = batched
-        on_step = batched.step_hook(offsets)
-    else:
-        hook, on_step = _SplitHook(hooks, sizes), _split_steps(steppers, sizes)
-    with controlled_attention(unet, hook):
-        latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=on_step)
-    if batched is not None:
-        batched.finish()
+    # Each job's source-branch hook (Direct Inversion's offsets on its source rows, or nothing),
+    # after the editor's own end of step.
+    source_branches = _split_steps([source_branch_hook(job.inversion, job.prompts, None) for job in jobs], sizes)
+    if all(job.controller is None and store is None for job, store in zip(jobs, stores)):
+        # Nothing to hook: with the source prompt alone, exactly `reconstruct`.
+        return list(sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=source_branches).split(sizes))
+    rows = EditRows(sizes, [job.controller for job in jobs], stores, schedule.num_inference_steps)
+    editor = editor_for(rows, EDITORS)
+    with controlled_attention(unet, editor):
+        latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=editor.step_hook(source_branches))
+    editor.finish()
     return list(latents.split(sizes))
 
 
@@ -222,6 +214,8 @@ def _batched_nulls(jobs: Sequence[EditJob], sizes: Sequence[int], cond: Conditio
 
 
 def _store_stepper(store: AttentionStore) -> StepCallback:
+    """A step hook that counts `store`'s steps."""
+
     def on_step(step: int, timestep: int, latents: torch.Tensor) -> None:
         store.end_step()
 
@@ -229,7 +223,7 @@ def _store_stepper(store: AttentionStore) -> StepCallback:
 
 
 def _split_steps(steppers: Sequence[Optional[StepCallback]], sizes: Sequence[int]) -> Optional[StepCallback]:
-    """One step hook for the batch: each job's hook on its own rows."""
+    """One step hook for the batch: each job's hook on its own rows (None when no job has one)."""
     if all(stepper is None for stepper in steppers):
         return None
 
@@ -243,18 +237,67 @@ def _split_steps(steppers: Sequence[Optional[StepCallback]], sizes: Sequence[int
     return on_step
 
 
-class _SplitHook:
-    """The attention hook of a batch of jobs: each job's controller (or store) on its own rows of
-    the conditional maps; rows of jobs without one pass untouched."""
+class _SplitHook(Editor):
+    """The per-controller path, for a batch that `BatchedControl` leaves: each job's controller
+    (of a user's own kind: its own `__call__`, `end_step`, `replace_cross`, blend or store) or
+    attention store called on its own rows of the conditional maps and latents; rows of jobs
+    without one pass untouched. Build it with `_SplitHook.of`.
 
-    def __init__(self, hooks: Sequence[Optional[AttentionHook]], sizes: Sequence[int]) -> None:
-        self.hooks, self.sizes = list(hooks), list(sizes)
+    Args:
+        rows (`EditRows`): the batch's rows; each job's settings an `AttentionController` (begun) or None.
+    """
+
+    def __init__(self, rows: EditRows) -> None:
+        self.sizes = list(rows.sizes)
+        self.hooks: list[Optional[AttentionHook]] = []
+        self.steppers: list[Optional[StepCallback]] = []
+        for controller, store in zip(rows.settings, rows.stores):
+            if controller is not None:
+                self.hooks.append(controller)
+                self.steppers.append(controller.end_step)
+            else:
+                self.hooks.append(store)
+                self.steppers.append(_store_stepper(store) if store is not None else None)
+
+    @classmethod
+    def of(cls, rows: EditRows) -> Optional["_SplitHook"]:
+        """The per-controller calls of `rows`, or None when a job's settings are no controller.
+
+        Args:
+            rows (`EditRows`): the batch's rows.
+        """
+        if any(settings is not None and not isinstance(settings, AttentionController) for settings in rows.settings):
+            return None
+        return cls(rows)
 
     def __call__(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
+        """Each job's hook on its rows of `[rows, heads, queries, keys]` maps.
+
+        Args:
+            probs (`torch.Tensor`): the maps of every row of the batch.
+            layer (`AttentionLayer`): where the call happens.
+        """
         if len(self.hooks) == 1:
             return self.hooks[0](probs, layer)
-        parts = [hook(part, layer) if hook is not None else part for hook, part in zip(self.hooks, probs.split(self.sizes))]
+        jobs = probs.split(self.sizes)
+        parts = [hook(part, layer) if hook is not None else part for hook, part in zip(self.hooks, jobs)]
         return torch.cat(parts)
+
+    def step_hook(self, after: Optional[StepCallback] = None) -> StepCallback:
+        """Each job's `end_step` (or its store's step) on its rows, then `after`.
+
+        Args:
+            after (`StepCallback`, *optional*): run next (the source-branch hooks).
+        """
+        own = _split_steps(self.steppers, self.sizes)
+        assert own is not None  # a job of this batch has a controller or a store
+        return then(own, after) or own
+
+
+#: The editors a batch of edits is offered to, in order: the first whose `of` takes the batch's
+#: rows edits it (`editor_for`). A new editor is one module with an `Editor` subclass, added here
+#: before `_SplitHook`, which takes whatever batch of controllers the others leave.
+EDITORS: tuple[type[Editor], ...] = (BatchedControl, _SplitHook)
 
 
 def null_conditions(inversion: Inversion, cond: Condition) -> list[Condition]:
