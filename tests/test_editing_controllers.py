@@ -224,3 +224,28 @@ def test_cross_forms_are_the_controllers_replace_cross(tokenizer):
 
     assert cross_form_of(Halved(swap, tokenizer)) is None
     assert cross_form_of(Reweight(swap, tokenizer, words={"on": 2.0}, base=Halved(swap, tokenizer))) is None
+
+
+def test_a_subclass_of_its_own_kind_keeps_its_own_calls(tokenizer):
+    prompts = ["a cat on grass", "a dog on grass"]
+    calls = []
+
+    class Negated(LocalBlend):  # a blend of its own class
+        def __call__(self, latents, store, step, num_steps):
+            calls.append((store, step, num_steps))
+            return -latents
+
+    class Extended(Replace):  # its own attention call, on top of the base's
+        def __call__(self, probs, layer):
+            return super().__call__(probs, layer)
+
+    assert Replace(prompts, tokenizer).begin(4).job_control() is not None  # built-in: batched with others
+    assert Extended(prompts, tokenizer).begin(4).job_control() is None
+    controller = Replace(prompts, tokenizer, local_blend=Negated(prompts, tokenizer, ["cat", "dog"])).begin(4)
+    assert controller.job_control() is None
+    # its own calls: the maps are edited as Replace's, the blend is called with the controller's store
+    maps = synthetic_maps(2, 16)
+    torch.testing.assert_close(controller(maps.clone(), CROSS), Replace(prompts, tokenizer).begin(4)(maps.clone(), CROSS))
+    latents = torch.randn(2, 4, 8, 8)
+    assert torch.equal(controller.end_step(0, 981, latents), -latents)
+    assert calls == [(controller.store, 0, 4)] and controller.step == 1 and controller.store.num_steps == 1

@@ -150,6 +150,56 @@ def test_edit_agrees_with_the_authors_code(pipe, random_inversion, kind):
         assert 0.1 < ours.local_blend.mask(ours.store, (8, 8))[1].float().mean() < 0.9
 
 
+class HalvedReplace(Replace):
+    """A user's controller: Replace with the mapped maps halved (its own `replace_cross`, no form)."""
+
+    def replace_cross(self, base, edits):
+        return 0.5 * super().replace_cross(base, edits)
+
+
+class RefHalvedReplace(ref.AttentionReplace):
+    """The same controller in the authors' code."""
+
+    def replace_cross_attention(self, attn_base, att_replace):
+        return 0.5 * super().replace_cross_attention(attn_base, att_replace)
+
+
+def test_one_edit_runs_on_the_batched_control_and_a_users_kind_on_its_own_calls(pipe, random_inversion, monkeypatch):
+    from nti_lightning.editing import AttentionController
+    from nti_lightning.editing.batched_control import BatchedControl
+
+    editors, calls = [], []
+    of, own_call = BatchedControl.of.__func__, AttentionController.__call__
+
+    def spying_of(cls, rows):
+        editors.append(of(cls, rows))
+        return editors[-1]
+
+    def counting_call(self, probs, layer):  # the per-controller path's attention hook
+        calls.append(type(self))
+        return own_call(self, probs, layer)
+
+    monkeypatch.setattr(BatchedControl, "of", classmethod(spying_of))
+    monkeypatch.setattr(AttentionController, "__call__", counting_call)
+    prompts = [SOURCE, "a hippopotamus sitting on a sofa"]
+    blend = LocalBlend(prompts, pipe.tokenizer, ["cat", "hippopotamus"], threshold=0.96)
+    # a built-in controller alone: the batched control edits it, no controller call is made
+    replace = Replace(prompts, pipe.tokenizer, 0.8, 0.4, blend)
+    built_in = edit_latents(pipe, random_inversion, prompts, controller=replace)
+    [editor] = editors
+    assert isinstance(editor, BatchedControl) and editor.step == STEPS and calls == []
+    # a user's subclass: BatchedControl declines it, its own calls run, and it edits as the authors' code does
+    editors.clear()
+    ours = HalvedReplace(prompts, pipe.tokenizer, 0.8, 0.4, blend)
+    latents = edit_latents(pipe, random_inversion, prompts, controller=ours)
+    assert editors == [None] and len(calls) > 0 and set(calls) == {HalvedReplace} and ours.step == STEPS
+    ref_blend = ref.LocalBlend(prompts, ["cat", "hippopotamus"], pipe.tokenizer, STEPS, threshold=0.96)
+    theirs = RefHalvedReplace(prompts, STEPS, 0.8, 0.4, pipe.tokenizer, local_blend=ref_blend)
+    expected = ref.reference_edit(pipe, random_inversion, prompts, theirs)
+    assert torch.allclose(latents, expected, atol=1e-5), (latents - expected).abs().max()
+    assert (latents[1] - built_in[1]).abs().max() > 1e-3  # its own replace_cross was used
+
+
 @pytest.fixture(scope="module")
 def sd2_shaped(pipe):
     """The tiny pipeline with an SD 2.x-shaped UNet: heads per block, linear projections, v-prediction."""
