@@ -56,7 +56,12 @@ def answers(url: str) -> bool:
 def start_app(args: argparse.Namespace, cache: Path) -> tuple[subprocess.Popen, str, dict[str, float]]:
     """Starts `nti app` in a new process; returns it, its URL and the seconds to page and API."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "PYTHONPATH": str(ROOT),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
     command = [sys.executable, "-m", "nti_lightning.cli", "app", "--port", str(port), "--cache-dir", str(cache),
                "--model.pretrained", args.model, "--trainer.accelerator", args.device,
                "--model.num_inference_steps", str(args.steps), "--model.num_inner_steps", str(args.inner_steps),
@@ -117,7 +122,9 @@ def main() -> None:
         image = handle_file(str(DEMO_IMAGE))
 
         def invert(session=client):
-            return session.predict(image, DEMO_PROMPT, "null_text", args.steps, args.inner_steps, 7.5, api_name="/invert")
+            return session.predict(
+                image, DEMO_PROMPT, "null_text", args.steps, args.inner_steps, 7.5, api_name="/invert"
+            )
 
         def edit():
             return client.predict(BLUE_PROMPT, "auto", 0.8, 0.7, "", "circle", 7.5, api_name="/edit")
@@ -136,7 +143,9 @@ def main() -> None:
 
     pipeline = load_pipeline(args.model).to(args.device)
     settings = InversionSettings(num_inference_steps=args.steps, num_inner_steps=args.inner_steps)
-    editor = Editor(pipeline, InversionCache(work / f"cache{args.starts - 1}"), accelerator=args.device, defaults=settings)
+    editor = Editor(
+        pipeline, InversionCache(work / f"cache{args.starts - 1}"), accelerator=args.device, defaults=settings
+    )
     request = EditRequest.from_fields(BLUE_PROMPT, "auto", 0.8, 0.7, "", "circle", 7.5)
     assert editor.invert(DEMO_IMAGE, DEMO_PROMPT).cached, "the app's inversion must be in its cache"
     key = editor.invert(DEMO_IMAGE, DEMO_PROMPT).entry.key
@@ -146,7 +155,9 @@ def main() -> None:
 
     median = statistics.median
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = ""
     result = {
@@ -171,12 +182,18 @@ def main() -> None:
     rows = [
         ("app start to ready (page / API)", f"{result['start_to_page_s']:.2f} / {result['start_to_api_s']:.2f} s"),
         ("first inversion of the demo image (API)", f"{first:.2f} s"),
-        ("cache hit (API / API + downloads / Editor)",
-         f"{result['cache_hit_api_s']:.3f} / {result['cache_hit_api_downloaded_s']:.3f} / {result['cache_hit_editor_s']:.4f} s"),
+        (
+            "cache hit (API / API + downloads / Editor)",
+            f"{result['cache_hit_api_s']:.3f} / {result['cache_hit_api_downloaded_s']:.3f} / "
+            f"{result['cache_hit_editor_s']:.4f} s",
+        ),
         ("edit of a cached inversion (API / Editor)", f"{result['edit_api_s']:.3f} / {result['edit_editor_s']:.3f} s"),
     ]
-    print(f"\n{args.model}, T = {args.steps}, N = {args.inner_steps}, {args.device}, {args.threads} thread(s); medians of "
-          f"{args.starts} starts and {args.repeats} requests")
+    print(
+        f"\n{args.model}, T = {args.steps}, N = {args.inner_steps}, {args.device}, {args.threads} thread(s); medians "
+        "of "
+        f"{args.starts} starts and {args.repeats} requests"
+    )
     for name, value in rows:
         print(f"  {name:<46} {value}")
     line = json.dumps(result)

@@ -96,10 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nshapes, {len(losses)} held-out images, T=50: reconstruction PSNR from the fp32 and the fp16 file")
         print("| image | fp32 dB | fp16 dB | loss dB |\n|---|---:|---:|---:|")
         for k, row in enumerate(losses):
-            print(f"| {k} | {row['fp32_psnr']:.4f} | {row['fp16_psnr']:.4f} | {row['fp32_psnr'] - row['fp16_psnr']:+.4f} |")
+            print(
+                f"| {k} | {row['fp32_psnr']:.4f} | {row['fp16_psnr']:.4f} | "
+                f"{row['fp32_psnr'] - row['fp16_psnr']:+.4f} |"
+            )
         worst = max(row["fp32_psnr"] - row["fp16_psnr"] for row in losses)
         mean = sum(row["fp32_psnr"] - row["fp16_psnr"] for row in losses) / len(losses)
-        print(f"mean loss {mean:+.4f} dB, largest {worst:+.4f} dB; file {losses[0]['fp32_bytes']} -> {losses[0]['fp16_bytes']} bytes")
+        print(
+            f"mean loss {mean:+.4f} dB, largest {worst:+.4f} dB; file {losses[0]['fp32_bytes']} -> "
+            f"{losses[0]['fp16_bytes']} bytes"
+        )
     print("\n| model | method | float32 bytes | float16 bytes |\n|---|---|---:|---:|")
     for row in sizes:
         print(f"| {row['model']} | {row['method']} | {row['float32']:,} | {row['float16']:,} |")

@@ -71,7 +71,9 @@ def stage_seconds(timings: Path) -> dict[str, dict[str, float]]:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -82,12 +84,16 @@ def main(args: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=32, help="generated PIE-format samples (default 32)")
     parser.add_argument("--resolution", type=int, default=512, help="their side in px (default 512, PIE-Bench's)")
     parser.add_argument("--methods", nargs="+", default=["null_text", "ddim", "negative_prompt", "direct"])
-    parser.add_argument("--batch-size", type=int, default=8, help="images inverted and specs edited together (default 8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="images inverted and specs edited together (default 8)"
+    )
     parser.add_argument("--steps", type=int, default=50, help="T (default 50)")
     parser.add_argument("--inner-steps", type=int, default=10, help="N (default 10)")
     parser.add_argument("--precision", default="bf16-mixed", help="trainer.precision (default bf16-mixed)")
     parser.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
-    parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: the tiny model, 4 samples, T = 4, N = 2, small scorers")
+    parser.add_argument(
+        "--tiny", action="store_true", help="CPU rehearsal: the tiny model, 4 samples, T = 4, N = 2, small scorers"
+    )
     parser.add_argument("--folder", help="where the set and the outputs go (default: a temporary folder)")
     parser.add_argument("--output", help="append the result as a JSON line to this file")
     options = parser.parse_args(args)
@@ -101,11 +107,23 @@ def main(args: list[str] | None = None) -> dict:
         folder = Path(options.folder or temporary)
         networks = score_networks(folder / "networks", options.tiny)
         config = BenchConfig(
-            root=str(folder / "pie"), demo_samples=options.samples, demo_resolution=options.resolution,
-            methods=list(options.methods), output_dir=str(folder / "out"), batch_size=options.batch_size,
-            model={"pretrained": options.model, "num_inference_steps": options.steps, "num_inner_steps": options.inner_steps},
-            trainer={"accelerator": "cpu" if options.device == "cpu" else "gpu", "devices": 1,
-                     "precision": options.precision, "enable_progress_bar": False},
+            root=str(folder / "pie"),
+            demo_samples=options.samples,
+            demo_resolution=options.resolution,
+            methods=list(options.methods),
+            output_dir=str(folder / "out"),
+            batch_size=options.batch_size,
+            model={
+                "pretrained": options.model,
+                "num_inference_steps": options.steps,
+                "num_inner_steps": options.inner_steps,
+            },
+            trainer={
+                "accelerator": "cpu" if options.device == "cpu" else "gpu",
+                "devices": 1,
+                "precision": options.precision,
+                "enable_progress_bar": False,
+            },
             score={**networks, "lpips": "none", "device": options.device},
         )
         started = time.monotonic()
@@ -118,20 +136,53 @@ def main(args: list[str] | None = None) -> dict:
         stages = seconds.get(method, {})
         spent = stages.get("invert", 0.0) + stages.get("edit", 0.0) + score_share
         per_hour = options.samples / spent * 3600 if spent > 0 else float("nan")
-        rows.append({"method": method, "invert_s": round(stages.get("invert", 0.0), 2), "edit_s": round(stages.get("edit", 0.0), 2),
-                     "score_share_s": round(score_share, 2), "images_per_hour": round(per_hour, 1),
-                     "pie_bench_minutes": round(PIE_BENCH_IMAGES / per_hour * 60, 1)})
-    device = torch.cuda.get_device_name(0) if options.device != "cpu" and torch.cuda.is_available() else platform.processor() or "cpu"
-    result = {"benchmark": "pie_throughput", "device": device, "date": time.strftime("%Y-%m-%d"), "commit": commit(),
-              "torch": torch.__version__, "model": options.model, "samples": options.samples, "resolution": options.resolution,
-              "T": options.steps, "N": options.inner_steps, "precision": options.precision, "batch_size": options.batch_size,
-              "total_s": round(total, 1), "rows": rows}
-    print(f"\nPIE-Bench-shaped run: {options.model}, {options.samples} samples at {options.resolution} px, T = {options.steps}, "
-          f"N = {options.inner_steps}, {options.precision}, batch {options.batch_size}, on {device}; {total:.0f} s in all\n")
-    print("| method | invert s | edit s | score share s | images/hour | 700 images (min) |\n|---|---:|---:|---:|---:|---:|")
+        rows.append(
+            {
+                "method": method,
+                "invert_s": round(stages.get("invert", 0.0), 2),
+                "edit_s": round(stages.get("edit", 0.0), 2),
+                "score_share_s": round(score_share, 2),
+                "images_per_hour": round(per_hour, 1),
+                "pie_bench_minutes": round(PIE_BENCH_IMAGES / per_hour * 60, 1),
+            }
+        )
+    device = (
+        torch.cuda.get_device_name(0)
+        if options.device != "cpu" and torch.cuda.is_available()
+        else platform.processor() or "cpu"
+    )
+    result = {
+        "benchmark": "pie_throughput",
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit(),
+        "torch": torch.__version__,
+        "model": options.model,
+        "samples": options.samples,
+        "resolution": options.resolution,
+        "T": options.steps,
+        "N": options.inner_steps,
+        "precision": options.precision,
+        "batch_size": options.batch_size,
+        "total_s": round(total, 1),
+        "rows": rows,
+    }
+    print(
+        f"\nPIE-Bench-shaped run: {options.model}, {options.samples} samples at {options.resolution} px, T = "
+        f"{options.steps}, "
+        f"N = {options.inner_steps}, {options.precision}, batch {options.batch_size}, on {device}; {total:.0f} s in "
+        "all\n"
+    )
+    print(
+        "| method | invert s | edit s | score share s | images/hour | 700 images (min) "
+        "|\n|---|---:|---:|---:|---:|---:|"
+    )
     for row in rows:
-        print(f"| {row['method']} | {row['invert_s']} | {row['edit_s']} | {row['score_share_s']} | {row['images_per_hour']} | "
-              f"{row['pie_bench_minutes']} |")
+        print(
+            f"| {row['method']} | {row['invert_s']} | {row['edit_s']} | {row['score_share_s']} | "
+            f"{row['images_per_hour']} | "
+            f"{row['pie_bench_minutes']} |"
+        )
     if options.output:
         with open(options.output, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(result) + "\n")

@@ -62,7 +62,9 @@ def method_scores(pipeline: nti.Pipeline, config: BenchConfig, samples: list, me
     chosen = [s for s in samples if (inversions / f"{s.id}.safetensors").is_file()]
     jobs = []
     for sample in chosen:
-        spec = EditSpec.from_dict(benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit), sample.id)
+        spec = EditSpec.from_dict(
+            benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit), sample.id
+        )
         inversion = Inversion.load(spec.artifact)
         prompts = spec.all_prompts(inversion.prompt)
         controller = spec.controller(prompts, pipeline.tokenizer)
@@ -84,7 +86,9 @@ def method_scores(pipeline: nti.Pipeline, config: BenchConfig, samples: list, me
             far = F.interpolate(cells[None], scale_factor=factor, mode="nearest")[0, 0].numpy().astype(mask.dtype)
             values = [psnr_unedited(source, edit, mask), psnr_unedited(source, decoded(pipeline, latent[0]), mask),
                       psnr_unedited(source, vae, mask), psnr_unedited(source, decoded(pipeline, composite), mask)]
-            values += [psnr_unedited(source, edit, far), psnr_unedited(source, vae, far)] if far.min() < 1 else [math.nan] * 2
+            values += (
+                [psnr_unedited(source, edit, far), psnr_unedited(source, vae, far)] if far.min() < 1 else [math.nan] * 2
+            )
             values.append(psnr_unedited(source, edit, 1 - mask))  # the region the edit was asked to change
             for column, value in zip(COLUMNS, values):
                 scores[column].append(value)
@@ -93,7 +97,9 @@ def method_scores(pipeline: nti.Pipeline, config: BenchConfig, samples: list, me
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/bench_demo.yaml", help="an nti bench config (default configs/bench_demo.yaml)")
+    parser.add_argument(
+        "--config", default="configs/bench_demo.yaml", help="an nti bench config (default configs/bench_demo.yaml)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:

@@ -152,7 +152,11 @@ def _run(args: list[str], given: Optional[list[str]]) -> int:
 def _status(cli: LightningCLI, counter: type) -> int:
     """1 when the run's callback of type `counter` (it counts `failed`) saw failures, else 0."""
     trainer = getattr(cli, "trainer", None)
-    failed = sum(getattr(callback, "failed", 0) for callback in (trainer.callbacks if trainer else []) if isinstance(callback, counter))
+    failed = sum(
+        getattr(callback, "failed", 0)
+        for callback in (trainer.callbacks if trainer else [])
+        if isinstance(callback, counter)
+    )
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 

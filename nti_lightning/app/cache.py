@@ -128,7 +128,9 @@ class InversionCache:
             return None  # an entry damaged on disk is made again
         return self._remember(CachedInversion(key, inversion, input_image, reconstruction, path))
 
-    def put(self, key: str, inversion: Inversion, input_image: Image.Image, reconstruction: Image.Image) -> CachedInversion:
+    def put(
+        self, key: str, inversion: Inversion, input_image: Image.Image, reconstruction: Image.Image
+    ) -> CachedInversion:
         """Writes an entry (pictures first, the inversion last, each atomically) and returns it."""
         input_path, reconstruction_path, path = self.paths(key)
         for image, target in ((input_image, input_path), (reconstruction, reconstruction_path)):

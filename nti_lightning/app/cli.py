@@ -70,8 +70,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from nti_lightning.training.callback import SUPPORTED_PRECISIONS
     from nti_lightning.inversion.methods import METHODS
+    from nti_lightning.training.callback import SUPPORTED_PRECISIONS
 
     p = _Parser(prog="nti app", description="Invert a photo once and edit it live in the browser (Gradio).")
     p.add_argument("--model.pretrained", dest="pretrained", default="shapes",
@@ -93,7 +93,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the model (default: OMP_NUM_THREADS when set, else every core but one, "
                         "which serves the page)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"
+    )
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where inversions are kept (default {DEFAULT_CACHE})")
@@ -212,7 +214,9 @@ def require_gradio() -> Any:
     try:
         import gradio
     except ImportError:
-        raise MissingExtraError('nti app needs Gradio: pip install -e ".[app]" (or pip install "nti-lightning[app]")') from None
+        raise MissingExtraError(
+            'nti app needs Gradio: pip install -e ".[app]" (or pip install "nti-lightning[app]")'
+        ) from None
     return gradio
 
 
@@ -227,7 +231,9 @@ def device_for(accelerator: str, precision: str = "32-true") -> tuple[str, str]:
     if accelerator == "cuda" and not torch.cuda.is_available():
         raise OptionError("--trainer.accelerator gpu: no CUDA device is available (use cpu or auto)")
     if precision == "16-mixed" and accelerator != "cuda":
-        raise OptionError(f"--trainer.precision 16-mixed needs a CUDA device, not {accelerator}; use bf16-mixed or 32-true")
+        raise OptionError(
+            f"--trainer.precision 16-mixed needs a CUDA device, not {accelerator}; use bf16-mixed or 32-true"
+        )
     return accelerator, accelerator
 
 
@@ -241,7 +247,11 @@ def set_threads(threads: Optional[int]) -> int:
     import torch
 
     if threads is None:
-        threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else max(1, (os.cpu_count() or 2) - 1)
+        threads = (
+            int(os.environ["OMP_NUM_THREADS"])
+            if os.environ.get("OMP_NUM_THREADS", "").isdigit()
+            else max(1, (os.cpu_count() or 2) - 1)
+        )
     if threads < 1:
         raise OptionError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
@@ -267,11 +277,15 @@ def make_page(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any
     from nti_lightning.models.loading import load_pipeline
     from nti_lightning.storage.atomic import ensure_folder
 
-    settings = InversionSettings(args.method, args.steps, args.guidance_scale, args.inner_steps, args.epsilon, args.learning_rate).checked()
+    settings = InversionSettings(
+        args.method, args.steps, args.guidance_scale, args.inner_steps, args.epsilon, args.learning_rate
+    ).checked()
     for name in ("cross_replace_steps", "self_replace_steps"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise OptionError(f"--model.{name} must be a fraction between 0 and 1, got {getattr(args, name)}")
-    edit_defaults = EditRequest(targets=[], cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps)
+    edit_defaults = EditRequest(
+        targets=[], cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps
+    )
     device, accelerator = device_for(args.accelerator, args.precision)
     set_threads(args.threads)
     cache = InversionCache(args.cache_dir)

@@ -39,10 +39,10 @@ from nti_lightning.editing.specs import EditSpec
 from nti_lightning.errors import NtiError
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.compatible import check_compatible
+from nti_lightning.inversion.methods import METHODS
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.fingerprint import model_reference, pipeline_fingerprint
 from nti_lightning.models.pipelines import Pipeline
-from nti_lightning.inversion.methods import METHODS
 from nti_lightning.training.progress import WalkProgress
 
 #: Tokens per row of the cross-attention picture (a squarer picture than one long row).
@@ -257,10 +257,14 @@ class Editor:
         store = controller.new_store()
         w = inversion.guidance_scale if request.guidance_scale is None else request.guidance_scale
         with self.lock, torch.no_grad():
-            latents = edit_latents(self.pipeline, inversion, prompts, controller=controller, guidance_scale=w, attention_store=store)
+            latents = edit_latents(
+                self.pipeline, inversion, prompts, controller=controller, guidance_scale=w, attention_store=store
+            )
             edits = [to_pil(image) for image in vae_codec.decode(self.pipeline.vae, latents[1:])]
         attention = cross_attention_picture(store, tokenizer, prompts[0], columns=ATTENTION_COLUMNS)
-        grid = labelled_grid([entry.input_image, entry.reconstruction, *edits], ["input", "reconstruction", *prompts[1:]])
+        grid = labelled_grid(
+            [entry.input_image, entry.reconstruction, *edits], ["input", "reconstruction", *prompts[1:]]
+        )
         kind = request.resolved_kind(inversion.prompt) + (" + reweight" if request.reweights else "")
         return EditResult(kind, prompts, edits, grid, attention, time.perf_counter() - started)
 

@@ -46,7 +46,10 @@ METHOD_NAMES = {name: method.label for name, method in REGISTRY.items()}
 
 #: Pictures are shown at their own resolution, small ones (32 px with `shapes`) enlarged by the
 #: browser pixel for pixel, not blurred.
-CSS = "#image img, #inversion img, #results img { image-rendering: pixelated; } #image img { width: 192px !important; height: 192px !important; object-fit: contain; }"
+CSS = (
+    "#image img, #inversion img, #results img { image-rendering: pixelated; } "
+    "#image img { width: 192px !important; height: 192px !important; object-fit: contain; }"
+)
 
 DESCRIPTION = """# Null-text Inversion editor
 Invert a photo once (the slow part), then edit it with Prompt-to-Prompt as often as you like.
@@ -56,7 +59,9 @@ Inversions are kept on disk: the same image, prompt, model and settings are neve
 def launch_options() -> dict[str, Any]:
     """`Blocks.launch` keywords of the app: the system's fonts (the page fetches nothing from the
     internet), no server-side rendering process, Gradio's banner and analytics off."""
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
     return {"theme": theme, "ssr_mode": False, "quiet": True, "footer_links": ["api"], "max_file_size": MAX_UPLOAD}
 
 
@@ -117,7 +122,9 @@ def shown_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise gr.Error(" ".join(str(error).split()), print_exception=False) from None
         except Exception as error:
             log.exception("nti app: %s failed", fn.__name__)
-            raise gr.Error(f"unexpected error ({type(error).__name__}); the server's log has the details", print_exception=False) from None
+            raise gr.Error(
+                f"unexpected error ({type(error).__name__}); the server's log has the details", print_exception=False
+            ) from None
 
     return handler
 
@@ -179,7 +186,9 @@ class Page:
         image.save(path, format="PNG")
         return str(path)
 
-    def _inversion_outputs(self, entry: CachedInversion, others: list[CachedInversion], cached: bool, seconds: float) -> tuple:
+    def _inversion_outputs(
+        self, entry: CachedInversion, others: list[CachedInversion], cached: bool, seconds: float
+    ) -> tuple:
         inversion = entry.inversion
         entries = [entry] + [other for other in others if other.key != entry.key]  # this method first
         # The cached files themselves: nothing to encode again on a cache hit.
@@ -220,7 +229,10 @@ class Page:
                 return
             progress(
                 walk.fraction,
-                desc=f"step {walk.step + 1}/{walk.num_steps}, t = {walk.timestep}, iteration {walk.iteration}/{walk.num_inner_steps}",
+                desc=(
+                    f"step {walk.step + 1}/{walk.num_steps}, t = {walk.timestep}, "
+                    f"iteration {walk.iteration}/{walk.num_inner_steps}"
+                ),
             )
 
         try:
@@ -258,13 +270,21 @@ class Page:
         guidance_scale: float,
     ) -> tuple:
         """Edits the session's inversion; the gallery gets the grid, each edit and the attention maps."""
-        request = EditRequest.from_fields(targets, kind, cross_replace_steps, self_replace_steps, reweights, blend_words, guidance_scale)
+        request = EditRequest.from_fields(
+            targets, kind, cross_replace_steps, self_replace_steps, reweights, blend_words, guidance_scale
+        )
         result = self.editor.edit(key, request)
         targets = result.prompts[1:]
         # Each picture is encoded once: the gallery shows the files offered for download.
         folder = self._folder()
-        edits = [self._offer_image(image, folder, f"{k + 1}-{slug(target)}.png") for k, (image, target) in enumerate(zip(result.edits, targets))]
-        grid, attention = self._offer_image(result.grid, folder, "grid.png"), self._offer_image(result.attention, folder, "attention.png")
+        edits = [
+            self._offer_image(image, folder, f"{k + 1}-{slug(target)}.png")
+            for k, (image, target) in enumerate(zip(result.edits, targets))
+        ]
+        grid, attention = (
+            self._offer_image(result.grid, folder, "grid.png"),
+            self._offer_image(result.attention, folder, "attention.png"),
+        )
         gallery = [(grid, "input | reconstruction | edits"), *zip(edits, targets)]
         gallery.append((attention, f"cross-attention of '{result.prompts[0]}', per token"))
         files = [*edits, grid, attention]
@@ -284,21 +304,48 @@ class Page:
                     image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                      format="png", elem_id="image")
                     _readable_images(image)  # and named as the user's file
-                    prompt = gr.Textbox(label="Source prompt", placeholder="what the image shows, e.g. a red circle on a green background",
-                                        elem_id="prompt")
+                    prompt = gr.Textbox(
+                        label="Source prompt",
+                        placeholder="what the image shows, e.g. a red circle on a green background",
+                        elem_id="prompt",
+                    )
                     with gr.Accordion("Inversion settings", open=False):
-                        method = gr.Radio(list(METHODS), value=defaults.method, label="Method",
-                                          info="null_text: the paper's; negative_prompt, ddim and direct: the methods it is compared with")
-                        steps = gr.Slider(1, max(200, defaults.num_inference_steps), value=defaults.num_inference_steps, step=1,
-                                          label="Steps (T)")
-                        inner_steps = gr.Slider(1, max(50, defaults.num_inner_steps), value=defaults.num_inner_steps, step=1,
-                                                label="Inner steps (N)")
-                        invert_w = gr.Slider(0, max(15, defaults.guidance_scale), value=defaults.guidance_scale, step=0.5,
-                                             label="Guidance scale (w)")
+                        method = gr.Radio(
+                            list(METHODS),
+                            value=defaults.method,
+                            label="Method",
+                            info=(
+                                "null_text: the paper's; negative_prompt, ddim and direct: the methods it is "
+                                "compared with"
+                            ),
+                        )
+                        steps = gr.Slider(
+                            1,
+                            max(200, defaults.num_inference_steps),
+                            value=defaults.num_inference_steps,
+                            step=1,
+                            label="Steps (T)",
+                        )
+                        inner_steps = gr.Slider(
+                            1,
+                            max(50, defaults.num_inner_steps),
+                            value=defaults.num_inner_steps,
+                            step=1,
+                            label="Inner steps (N)",
+                        )
+                        invert_w = gr.Slider(
+                            0,
+                            max(15, defaults.guidance_scale),
+                            value=defaults.guidance_scale,
+                            step=0.5,
+                            label="Guidance scale (w)",
+                        )
                     with gr.Row():
                         invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
                         cancel_button = gr.Button("Cancel", elem_id="cancel")
-                    artifact = gr.File(label="...or an inversion file (.safetensors)", file_types=[".safetensors"], elem_id="artifact")
+                    artifact = gr.File(
+                        label="...or an inversion file (.safetensors)", file_types=[".safetensors"], elem_id="artifact"
+                    )
                     _named_uploads(artifact)
                     if self.example is not None:
                         gr.Examples([list(self.example)], inputs=[image, prompt], label="Example")
@@ -310,22 +357,40 @@ class Page:
             gr.Markdown("## Edit")
             with gr.Row():
                 with gr.Column(scale=2):
-                    targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets",
-                                         placeholder="the source prompt with words changed, e.g. a blue circle on a green background")
+                    targets = gr.Textbox(
+                        label="Target prompts, one per line",
+                        lines=3,
+                        elem_id="targets",
+                        placeholder="the source prompt with words changed, e.g. a blue circle on a green background",
+                    )
                     with gr.Row():
                         kind = gr.Radio(list(KINDS), value=edit_defaults.kind, label="Kind", elem_id="kind")
-                        note = gr.Markdown(kind_note(None, None, edit_defaults.kind), label="Kind used", elem_id="kind-note")
-                    cross = gr.Slider(0, 1, value=edit_defaults.cross_replace_steps, step=0.05, label="Cross-attention replace steps")
-                    self_ = gr.Slider(0, 1, value=edit_defaults.self_replace_steps, step=0.05, label="Self-attention replace steps")
-                    reweights = gr.Textbox("", label="Word weights", placeholder="word=factor, e.g. fluffy=2, red=0.5", elem_id="reweights")
-                    blend = gr.Textbox("", label="LocalBlend words", placeholder="words whose region may change, e.g. circle",
-                                       elem_id="blend")
+                        note = gr.Markdown(
+                            kind_note(None, None, edit_defaults.kind), label="Kind used", elem_id="kind-note"
+                        )
+                    cross = gr.Slider(
+                        0, 1, value=edit_defaults.cross_replace_steps, step=0.05, label="Cross-attention replace steps"
+                    )
+                    self_ = gr.Slider(
+                        0, 1, value=edit_defaults.self_replace_steps, step=0.05, label="Self-attention replace steps"
+                    )
+                    reweights = gr.Textbox(
+                        "", label="Word weights", placeholder="word=factor, e.g. fluffy=2, red=0.5", elem_id="reweights"
+                    )
+                    blend = gr.Textbox(
+                        "",
+                        label="LocalBlend words",
+                        placeholder="words whose region may change, e.g. circle",
+                        elem_id="blend",
+                    )
                     edit_w = gr.Slider(0, max(15, defaults.guidance_scale), value=defaults.guidance_scale, step=0.5,
                                        label="Guidance scale (w)")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
                     _named_checks(method, steps, inner_steps, invert_w, kind, cross, self_, edit_w)
                 with gr.Column(scale=3):
-                    results = gr.Gallery(label="Edits", columns=3, format="png", object_fit="contain", elem_id="results")
+                    results = gr.Gallery(
+                        label="Edits", columns=3, format="png", object_fit="contain", elem_id="results"
+                    )
                     files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="files")
 
             inversion_outputs = [key, inversion_gallery, status, download]
@@ -333,14 +398,20 @@ class Page:
                 shown_errors(self.invert), [image, prompt, method, steps, inner_steps, invert_w], inversion_outputs,
                 api_name="invert", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
             )
-            cancel_button.click(shown_errors(self.cancel), None, None, cancels=[invert_event], queue=False, api_name="cancel")
+            cancel_button.click(
+                shown_errors(self.cancel), None, None, cancels=[invert_event], queue=False, api_name="cancel"
+            )
             artifact.upload(
                 shown_errors(self.load_inversion), [artifact], [*inversion_outputs, prompt],
                 api_name="load_inversion", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
             )
             edit_button.click(
-                shown_errors(self.edit), [key, targets, kind, cross, self_, reweights, blend, edit_w], [results, files, note],
-                api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+                shown_errors(self.edit),
+                [key, targets, kind, cross, self_, reweights, blend, edit_w],
+                [results, files, note],
+                api_name="edit",
+                concurrency_id=MODEL_QUEUE,
+                concurrency_limit=1,
             )
             gr.on([targets.change, kind.change, prompt.change], kind_note, [prompt, targets, kind], note,
                   queue=False, show_progress="hidden", api_visibility="private")
@@ -366,7 +437,9 @@ def _readable_images(component: gr.Image) -> None:
             path = preprocess(payload)
         except Exception as error:  # PIL cannot identify it, or refuses its size
             name = getattr(payload, "orig_name", None) or "the upload"
-            reason = "too large to decode" if isinstance(error, Image.DecompressionBombError) else "not a readable image"
+            reason = (
+                "too large to decode" if isinstance(error, Image.DecompressionBombError) else "not a readable image"
+            )
             raise gr.Error(f"{name}: {reason} (PNG, JPEG, WebP, ... expected)", print_exception=False) from None
         return Upload(path, getattr(payload, "orig_name", None)) if isinstance(path, str) else path
 

@@ -65,10 +65,21 @@ class InversionSettings:
             raise AppInputError(f"steps (T) must be between 1 and {MAX_STEPS}, got {steps}")
         if not 1 <= inner <= MAX_INNER_STEPS:
             raise AppInputError(f"inner steps (N) must be between 1 and {MAX_INNER_STEPS}, got {inner}")
-        for name, value in (("guidance scale (w)", self.guidance_scale), ("early-stop ε", self.early_stop_epsilon), ("learning rate", self.learning_rate)):
+        for name, value in (
+            ("guidance scale (w)", self.guidance_scale),
+            ("early-stop ε", self.early_stop_epsilon),
+            ("learning rate", self.learning_rate),
+        ):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise AppInputError(f"{name} must be a non-negative number, got {value!r}")
-        return InversionSettings(self.method, steps, float(self.guidance_scale), inner, float(self.early_stop_epsilon), float(self.learning_rate))
+        return InversionSettings(
+            self.method,
+            steps,
+            float(self.guidance_scale),
+            inner,
+            float(self.early_stop_epsilon),
+            float(self.learning_rate),
+        )
 
     def invert_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `nti_lightning.invert` these settings stand for."""
@@ -120,14 +131,21 @@ class EditRequest:
         prompts = [" ".join(line.split()) for line in (targets or "").splitlines()]
         prompts = [prompt for prompt in prompts if prompt]
         if not prompts:
-            raise AppInputError("no target prompt: write one or more, one per line (e.g. 'a blue circle on a green background')")
+            raise AppInputError(
+                "no target prompt: write one or more, one per line (e.g. 'a blue circle on a green background')"
+            )
         kind = kind or "auto"
         if kind not in KINDS:
             raise AppInputError(f"edit kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        for name, value in (("cross-attention replace steps", cross_replace_steps), ("self-attention replace steps", self_replace_steps)):
+        for name, value in (
+            ("cross-attention replace steps", cross_replace_steps),
+            ("self-attention replace steps", self_replace_steps),
+        ):
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise AppInputError(f"{name} must be a fraction between 0 and 1, got {value!r}")
-        if guidance_scale is not None and (not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0):
+        if guidance_scale is not None and (
+            not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0
+        ):
             raise AppInputError(f"guidance scale (w) must be a non-negative number, got {guidance_scale!r}")
         return cls(
             targets=prompts,
@@ -146,12 +164,20 @@ class EditRequest:
     def spec(self, source: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         """The edit as an `nti predict` spec (`nti_lightning.editing.specs.EditSpec.from_dict`)."""
         kind = self.resolved_kind(source)
-        options: dict[str, Any] = {"cross_replace_steps": self.cross_replace_steps, "self_replace_steps": self.self_replace_steps}
+        options: dict[str, Any] = {
+            "cross_replace_steps": self.cross_replace_steps,
+            "self_replace_steps": self.self_replace_steps,
+        }
         prompts = [source, *self.targets]
         if self.blend_words:
             options["blend_words"] = blend_words_per_prompt(prompts, self.blend_words, tokenizer)
         if self.reweights:
-            return {"artifact": "<app>", "prompts": prompts, "kind": "reweight", "options": {**options, "words": dict(self.reweights), "base": kind}}
+            return {
+                "artifact": "<app>",
+                "prompts": prompts,
+                "kind": "reweight",
+                "options": {**options, "words": dict(self.reweights), "base": kind},
+            }
         return {"artifact": "<app>", "prompts": prompts, "kind": kind, "options": options}
 
 
@@ -195,12 +221,16 @@ def parse_reweights(text: str) -> dict[str, float]:
     return weights
 
 
-def blend_words_per_prompt(prompts: Sequence[str], words: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[str]]:
+def blend_words_per_prompt(
+    prompts: Sequence[str], words: Sequence[str], tokenizer: PreTrainedTokenizerBase
+) -> list[list[str]]:
     """For each prompt, the LocalBlend words it holds; `AppInputError` for a word in none of them."""
     found = [[word for word in words if _holds(prompt, word, tokenizer)] for prompt in prompts]
     missing = [word for word in words if not any(word in entry for entry in found)]
     if missing:
-        raise AppInputError(f"LocalBlend word(s) {', '.join(repr(w) for w in missing)} in none of the prompts {list(prompts)}")
+        raise AppInputError(
+            f"LocalBlend word(s) {', '.join(repr(w) for w in missing)} in none of the prompts {list(prompts)}"
+        )
     return found
 
 

@@ -101,7 +101,9 @@ def run_bench(config: BenchConfig) -> BenchScores:
     mapping = root / MAPPING_FILE
     if config.demo_samples > 0 and not mapping.is_file():
         write_shapes_bench(root, config.demo_samples, resolution=config.demo_resolution)
-        _say(f"wrote the offline shapes benchmark ({config.demo_samples} samples, {config.demo_resolution} px) to {root}")
+        _say(
+            f"wrote the offline shapes benchmark ({config.demo_samples} samples, {config.demo_resolution} px) to {root}"
+        )
     if not mapping.is_file():
         raise InputNotFoundError(f"{mapping}: no PIE-Bench mapping file (root must hold {MAPPING_FILE} and {IMAGES}/)")
     samples, _ = read_mapping(mapping)
@@ -117,9 +119,18 @@ def run_bench(config: BenchConfig) -> BenchScores:
     if config.vae_round_trip and (out / VAE_ROUND_TRIP / IMAGES).is_dir():
         present.append(VAE_ROUND_TRIP)
     score = {"dino": DINO_DEFAULT, "clip": CLIP_DEFAULT, "lpips": LPIPS_DEFAULT, **config.score}
-    scores = score_folder(root, out, present, dino=score["dino"], clip=score["clip"], lpips=score["lpips"],
-                          device=score.get("device"), csv_path=out / "pie_bench.csv", markdown_path=out / "pie_bench.md",
-                          tensorboard_dir=out / "runs" / "bench")
+    scores = score_folder(
+        root,
+        out,
+        present,
+        dino=score["dino"],
+        clip=score["clip"],
+        lpips=score["lpips"],
+        device=score.get("device"),
+        csv_path=out / "pie_bench.csv",
+        markdown_path=out / "pie_bench.md",
+        tensorboard_dir=out / "runs" / "bench",
+    )
     _record(out / TIMINGS, "all", "score", time.monotonic() - started, len(scores.rows))
     print(scores.markdown)
     print("written: " + ", ".join(str(path) for path in scores.written), flush=True)
@@ -149,7 +160,9 @@ def _edit(config: BenchConfig, stage: Callable[[list[str]], None], samples: list
     yet, then their strips (and the VAE round trip's) in the authors' layout."""
     out = Path(config.output_dir)
     inversions, strips = out / method / "inversions", out / method / IMAGES
-    pending = [s for s in samples if (inversions / f"{s.id}.safetensors").is_file() and not (strips / s.image_path).is_file()]
+    pending = [
+        s for s in samples if (inversions / f"{s.id}.safetensors").is_file() and not (strips / s.image_path).is_file()
+    ]
     if not pending:
         return
     _say(f"{method}: editing {len(pending)} sample(s)")
@@ -157,8 +170,14 @@ def _edit(config: BenchConfig, stage: Callable[[list[str]], None], samples: list
     edits, specs = out / method / "edits", out / method / "edits.jsonl"
     with atomic_text(specs) as handle:
         for sample in pending:
-            handle.write(json.dumps(benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit)) + "\n")
-    model = {k: v for k, v in config.model.items() if k in ("pretrained", "guidance_scale", "allow_model_mismatch", "channels_last")}
+            handle.write(
+                json.dumps(benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit)) + "\n"
+            )
+    model = {
+        k: v
+        for k, v in config.model.items()
+        if k in ("pretrained", "guidance_scale", "allow_model_mismatch", "channels_last")
+    }
     vae_strips = out / VAE_ROUND_TRIP / IMAGES
     inputs = config.vae_round_trip and any(not (vae_strips / s.image_path).is_file() for s in pending)
     stage(["predict", *_flags("model", {**model, "attention_maps": False, "reconstruction": False}),

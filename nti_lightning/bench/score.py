@@ -75,10 +75,15 @@ def read_samples(root: Union[str, Path], edit_types: Optional[Sequence[str]] = N
     """
     path = Path(root) / MAPPING_FILE
     if not path.is_file():
-        raise InputNotFoundError(f"{path}: no PIE-Bench mapping file (bench.root must be the folder holding {MAPPING_FILE} and {IMAGES}/)")
+        raise InputNotFoundError(
+            f"{path}: no PIE-Bench mapping file (bench.root must be the folder holding {MAPPING_FILE} and {IMAGES}/)"
+        )
     samples, unusable = read_mapping(path)
     if unusable:
-        raise BenchmarkError("; ".join(reason for _, reason in unusable[:3]) + (f" (and {len(unusable) - 3} more)" if len(unusable) > 3 else ""))
+        raise BenchmarkError(
+            "; ".join(reason for _, reason in unusable[:3])
+            + (f" (and {len(unusable) - 3} more)" if len(unusable) > 3 else "")
+        )
     return [sample for sample in samples if edit_types is None or sample.editing_type_id in edit_types]
 
 
@@ -130,7 +135,9 @@ def edit_panel(output: Image.Image, sample: Optional[str] = None) -> Image.Image
     """
     width, height = output.size
     if width < height:
-        raise BenchmarkError(f"sample {sample}: the output is {width}x{height}; expected a strip at least as wide as tall")
+        raise BenchmarkError(
+            f"sample {sample}: the output is {width}x{height}; expected a strip at least as wide as tall"
+        )
     return output if width == height else output.crop((width - height, 0, width, height))
 
 
@@ -183,7 +190,9 @@ def score_sample(networks: BenchNetworks, source: np.ndarray, edit: np.ndarray, 
     if networks.dino is not None:
         if cache.dino_similarity is None:
             cache.dino_similarity = dino_self_similarity(networks.dino, source)
-        scores["structure_distance"] = structure_distance(networks.dino, source, edit, source_similarity=cache.dino_similarity)
+        scores["structure_distance"] = structure_distance(
+            networks.dino, source, edit, source_similarity=cache.dino_similarity
+        )
     scores["psnr_unedited"] = psnr_unedited(source, edit, mask, device)
     if networks.lpips is not None:
         scores["lpips_unedited"] = lpips_unedited(networks.lpips, source, edit, mask, device)
@@ -261,7 +270,9 @@ GRID_SAMPLES = 2
 GRID_PANEL = 256
 
 
-def sample_grids(shown: dict[str, list[tuple[str, list[Optional[np.ndarray]]]]], methods: Sequence[str]) -> dict[str, Image.Image]:
+def sample_grids(
+    shown: dict[str, list[tuple[str, list[Optional[np.ndarray]]]]], methods: Sequence[str]
+) -> dict[str, Image.Image]:
     """One picture per edit type: a row per sample, its source then each method's edit (grey where
     a method has none), labelled, panels at most `GRID_PANEL` px."""
     from nti_lightning.editing.pictures import labelled_grid
@@ -274,9 +285,13 @@ def sample_grids(shown: dict[str, list[tuple[str, list[Optional[np.ndarray]]]]],
         for sample_id, panels in entries:
             for label, panel in zip([f"source {sample_id}", *methods], panels):
                 picture = Image.new("RGB", first.size, (128, 128, 128)) if panel is None else Image.fromarray(panel)
-                images.append(picture.resize(first.size, Image.Resampling.BICUBIC) if picture.size != first.size else picture)
+                images.append(
+                    picture.resize(first.size, Image.Resampling.BICUBIC) if picture.size != first.size else picture
+                )
                 labels.append(label)
-        grids[f"{edit_type} {EDIT_TYPES.get(edit_type, '')}".strip()] = labelled_grid(images, labels, columns=1 + len(methods))
+        grids[f"{edit_type} {EDIT_TYPES.get(edit_type, '')}".strip()] = labelled_grid(
+            images, labels, columns=1 + len(methods)
+        )
     return grids
 
 
@@ -322,7 +337,10 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
     root = Path(root)
     samples = read_samples(root, edit_types)
     if not samples:
-        raise OptionError(f"{root / MAPPING_FILE}: no sample to score" + (f" with editing_type_id in {', '.join(edit_types)}" if edit_types else ""))
+        raise OptionError(
+            f"{root / MAPPING_FILE}: no sample to score"
+            + (f" with editing_type_id in {', '.join(edit_types)}" if edit_types else "")
+        )
     found = find_methods(outputs)
     if methods:
         unknown = [m for m in methods if m not in found]
@@ -335,7 +353,9 @@ def score_folder(root: Union[str, Path], outputs: Union[str, Path], methods: Opt
     failed: list[dict] = []
     table: list[dict] = []  # the CSV's rows, scored and failed, in the mapping file's order
     missing: dict[str, list[str]] = {method: [] for method in found}
-    shown: dict[str, list[tuple[str, list[Optional[np.ndarray]]]]] = {}  # edit type -> (id, source and edits) for the grids
+    shown: dict[
+        str, list[tuple[str, list[Optional[np.ndarray]]]]
+    ] = {}  # edit type -> (id, source and edits) for the grids
     for done, sample in enumerate(samples, 1):
         source = as_array(_open(root / IMAGES / sample.image_path, f"source image of sample {sample.id}"))
         mask = decode_mask(sample.mask, source.shape[:2], sample=sample.id)
@@ -397,7 +417,11 @@ def main(args: Optional[Sequence[str]] = None) -> BenchScores:
     options = parsed.bench
     outputs = Path(parsed.score)
     split = lambda text: [part.strip() for part in text.split(",") if part.strip()] if text else None  # noqa: E731
-    print_progress = lambda done, total, key: print(f"scored {done}/{total} ({key})", flush=True) if done % 50 == 0 or done == total else None  # noqa: E731
+
+    def print_progress(done: int, total: int, key: str) -> None:
+        if done % 50 == 0 or done == total:
+            print(f"scored {done}/{total} ({key})", flush=True)
+
     result = score_folder(
         options.root, outputs, split(options.methods), dino=options.dino, clip=options.clip, lpips=options.lpips,
         device=options.device, edit_types=split(options.edit_types),

@@ -46,11 +46,15 @@ def bench_entry(sample: ShapeSample, kind: str, image_path: str) -> dict:
     touched = sample.coverage > 0  # every pixel the shape's colour reaches
     if kind == "6":
         color = next(c for c in SHAPE_COLORS if c not in (sample.color, sample.background))
-        editing = caption_for(sample.color, sample.shape, sample.background).replace(f"a {sample.color} ", f"a [{color}] ", 1)
+        editing = caption_for(sample.color, sample.shape, sample.background).replace(
+            f"a {sample.color} ", f"a [{color}] ", 1
+        )
         blended, mask, instruction = f"{sample.shape} {sample.shape}", touched, f"make the {sample.shape} {color}"
     elif kind == "1":
         shape = next(s for s in SHAPES if s != sample.shape)
-        editing = caption_for(sample.color, sample.shape, sample.background).replace(f" {sample.shape} ", f" [{shape}] ", 1)
+        editing = caption_for(sample.color, sample.shape, sample.background).replace(
+            f" {sample.shape} ", f" [{shape}] ", 1
+        )
         left, top, right, bottom = sample.box
         mask = touched.copy()
         mask[top:bottom, left:right] = True

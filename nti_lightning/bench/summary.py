@@ -131,9 +131,13 @@ def _images(means: Mapping[str, Optional[MetricMean]]) -> int:
     return max((m.count + m.nan for m in means.values() if m is not None), default=0)
 
 
-def markdown_summary(summary: Summary, metrics: Sequence[str] = METRICS, unavailable: Optional[Mapping[str, str]] = None,
-                     missing: Optional[Mapping[str, Sequence[str]]] = None,
-                     failed: Optional[Sequence[Mapping[str, str]]] = None) -> str:
+def markdown_summary(
+    summary: Summary,
+    metrics: Sequence[str] = METRICS,
+    unavailable: Optional[Mapping[str, str]] = None,
+    missing: Optional[Mapping[str, Sequence[str]]] = None,
+    failed: Optional[Sequence[Mapping[str, str]]] = None,
+) -> str:
     """The summary as Markdown: one table over all images, then one per method by edit type.
 
     Args:
@@ -205,7 +209,11 @@ def log_tensorboard(summary: Summary, log_dir: Union[str, Path], markdown: Optio
                 for metric, mean in means.items():
                     if mean is None or math.isnan(mean.mean):
                         continue
-                    tag = f"pie_bench/{metric}/{method}" if group == ALL else f"pie_bench_by_type/{metric}/{method}/{group}"
+                    tag = (
+                        f"pie_bench/{metric}/{method}"
+                        if group == ALL
+                        else f"pie_bench_by_type/{metric}/{method}/{group}"
+                    )
                     writer.add_scalar(tag, mean.mean, 0)
         if markdown:
             writer.add_text("pie_bench/summary", markdown, 0)

@@ -61,7 +61,11 @@ class InversionDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise OptionError(f"data.batch_size must be at least 1, got {batch_size}")
-        sources = [name for name, value in (("image/images", image or images), ("manifest", manifest), ("folder", folder)) if value]
+        sources = [
+            name
+            for name, value in (("image/images", image or images), ("manifest", manifest), ("folder", folder))
+            if value
+        ]
         if len(sources) > 1:
             raise OptionError(f"give one source of images, not {' and '.join(sources)}")
         self.failures: list[Failure] = []
@@ -141,7 +145,11 @@ class InversionDataModule(pl.LightningDataModule):
 
 
 def _samples(
-    image: Any, prompt: Optional[str], images: Optional[list[Any]], prompts: Optional[list[str]], ids: Optional[list[str]]
+    image: Any,
+    prompt: Optional[str],
+    images: Optional[list[Any]],
+    prompts: Optional[list[str]],
+    ids: Optional[list[str]],
 ) -> list[ImageSample]:
     if image is not None:
         if images:

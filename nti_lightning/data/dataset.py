@@ -77,7 +77,8 @@ def read_manifest(path: str | Path) -> tuple[list[ImageSample], list[Failure]]:
         rows = _csv_rows(path)
     else:
         raise DatasetError(
-            f"{path}: a manifest must be .jsonl, .csv or a PIE-Bench mapping_file.json, not {path.suffix or 'extensionless'}"
+            f"{path}: a manifest must be .jsonl, .csv or a PIE-Bench mapping_file.json, not "
+            f"{path.suffix or 'extensionless'}"
         )
     samples, failures = [], []
     for line, row in rows:
@@ -103,7 +104,9 @@ def read_manifest(path: str | Path) -> tuple[list[ImageSample], list[Failure]]:
             try:
                 edits = json.loads(edits)
             except json.JSONDecodeError as error:
-                failures.append(Failure(id=name, image=str(image_path), reason=f"{where}: 'edits' is not JSON ({error})"))
+                failures.append(
+                    Failure(id=name, image=str(image_path), reason=f"{where}: 'edits' is not JSON ({error})")
+                )
                 continue
         samples.append(ImageSample(id=name, prompt=prompt, image=image_path, edits=edits or None))
     return samples, failures
@@ -123,7 +126,9 @@ def read_folder(folder: str | Path) -> tuple[list[ImageSample], list[Failure]]:
         sidecar = image.with_suffix(".txt")
         prompt = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
         if not prompt:
-            failures.append(Failure(id=image.stem, image=str(image), reason=f"{sidecar}: no prompt sidecar (or it is empty)"))
+            failures.append(
+                Failure(id=image.stem, image=str(image), reason=f"{sidecar}: no prompt sidecar (or it is empty)")
+            )
             continue
         samples.append(ImageSample(id=image.stem, prompt=prompt, image=image))
     if not samples and not failures:
@@ -169,5 +174,7 @@ def _csv_rows(path: Path) -> list[tuple[int, Any]]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or "image" not in reader.fieldnames or "prompt" not in reader.fieldnames:
-            raise DatasetError(f"{path}: the CSV header must name 'image' and 'prompt' columns, got {reader.fieldnames}")
+            raise DatasetError(
+                f"{path}: the CSV header must name 'image' and 'prompt' columns, got {reader.fieldnames}"
+            )
         return [(reader.line_num, dict(row)) for row in reader]

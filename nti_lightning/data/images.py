@@ -14,7 +14,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nti_lightning.errors import NtiError
 
-
 #: Smallest image side accepted: anything smaller is a thumbnail or a broken file, not a photo.
 MIN_SIDE = 8
 

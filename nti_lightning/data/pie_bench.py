@@ -88,7 +88,9 @@ def read_mapping(path: str | Path) -> tuple[list[BenchSample], list[tuple[str, s
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BenchmarkError(f"{path}: not a JSON file ({error})") from error
     if not isinstance(entries, dict):
-        raise BenchmarkError(f"{path}: a mapping file is a JSON object keyed by sample id, got {type(entries).__name__}")
+        raise BenchmarkError(
+            f"{path}: a mapping file is a JSON object keyed by sample id, got {type(entries).__name__}"
+        )
     images = path.parent / "annotation_images"
     samples, failures = [], []
     for key, entry in entries.items():

@@ -54,9 +54,14 @@ def decode_mask(runs: Sequence[int], size: tuple[int, int] = PIE_BENCH_SIZE, sam
         start, length = runs[index], runs[index + 1]
         # bool is an Integral too, but `True` as a start is a damaged file, not pixel 1.
         if any(isinstance(v, bool) or not isinstance(v, Integral) for v in (start, length)):
-            raise BenchmarkError(f"{_where(sample)}mask run {index // 2} is ({start!r}, {length!r}); starts and lengths are integers")
+            raise BenchmarkError(
+                f"{_where(sample)}mask run {index // 2} is ({start!r}, {length!r}); starts and lengths are integers"
+            )
         if not 0 <= start < total:
-            raise BenchmarkError(f"{_where(sample)}mask run {index // 2} starts at {start}, outside the {height}x{width} image (0..{total - 1})")
+            raise BenchmarkError(
+                f"{_where(sample)}mask run {index // 2} starts at {start}, outside the {height}x{width} image "
+                f"(0..{total - 1})"
+            )
         if length < 0:
             raise BenchmarkError(f"{_where(sample)}mask run {index // 2} has a negative length {length}")
         flat[start : start + min(length, total - start)] = 1

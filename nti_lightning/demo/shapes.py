@@ -335,5 +335,7 @@ def nearest_color(rgb: np.ndarray, palette: Optional[dict[str, tuple[int, int, i
     """
     palette = palette or BACKGROUND_COLORS
     names = list(palette)
-    distances = np.linalg.norm(np.asarray([palette[n] for n in names], np.float32) - np.asarray(rgb, np.float32), axis=1)
+    distances = np.linalg.norm(
+        np.asarray([palette[n] for n in names], np.float32) - np.asarray(rgb, np.float32), axis=1
+    )
     return names[int(distances.argmin())]

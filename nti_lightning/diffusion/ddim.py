@@ -110,7 +110,9 @@ def to_epsilon(
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
-def _ddim_move(eps: torch.Tensor, sample: torch.Tensor, alpha_from: torch.Tensor, alpha_to: torch.Tensor) -> torch.Tensor:
+def _ddim_move(
+    eps: torch.Tensor, sample: torch.Tensor, alpha_from: torch.Tensor, alpha_to: torch.Tensor
+) -> torch.Tensor:
     """`sqrt(ā_to) x̂0 + sqrt(1-ā_to) ε` with `x̂0 = (x - sqrt(1-ā_from) ε) / sqrt(ā_from)`.
 
     Written in the operation order of `DDIMScheduler.step`, so the two agree bit for bit.

@@ -13,7 +13,9 @@ from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule, Timestep, prev_step
 
 
-def predict(unet: UNet2DConditionModel, latents: torch.Tensor, timestep: Timestep, condition: Condition) -> torch.Tensor:
+def predict(
+    unet: UNet2DConditionModel, latents: torch.Tensor, timestep: Timestep, condition: Condition
+) -> torch.Tensor:
     """The UNet's output for `latents` at `timestep` under `condition`, as fp32.
 
     Args:

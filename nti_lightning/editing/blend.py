@@ -9,8 +9,8 @@ source's, and the edit latent becomes `x_src + mask (x - x_src)` (the authors' `
 The authors read the 16x16 maps of SD 1.x at 512 px, which are the coarsest cross-attention maps
 of its down and up blocks. By default the blend uses that coarsest resolution whatever the model:
 16 for SD 1.x at 512 px, 24 for SD 2.x at 768 px, 32 for SDXL at 1024 px (its attention runs at
-64x64 and 32x32 only; 32x32 is the same 1/32 of the image side as SD 1.x's 16x16), 8 for the tiny test model (whose only down/up
-cross-attention runs at the latent's own 8x8).
+64x64 and 32x32 only; 32x32 is the same 1/32 of the image side as SD 1.x's 16x16), 8 for the
+tiny test model (whose only down/up cross-attention runs at the latent's own 8x8).
 
 The maths is written once, here (`blend_resolution`, `blend_mask`, `keep_source_outside`): a
 `LocalBlend` called on one edit's rows and Prompt-to-Prompt's batched control

@@ -325,7 +325,9 @@ class Replace(AttentionController):
         local_blend: Optional[LocalBlend] = None,
         self_replace_max_queries: int = MAX_QUERIES,
     ) -> None:
-        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries)
+        super().__init__(
+            prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries
+        )
         self.mappers = torch.stack([replacement_mapper(self.prompts[0], p, tokenizer) for p in self.prompts[1:]])
 
     def cross_form(self) -> CrossForm:
@@ -357,7 +359,9 @@ class Refine(AttentionController):
         local_blend: Optional[LocalBlend] = None,
         self_replace_max_queries: int = MAX_QUERIES,
     ) -> None:
-        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries)
+        super().__init__(
+            prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries
+        )
         pairs = [refinement_mapper(self.prompts[0], p, tokenizer) for p in self.prompts[1:]]
         self.mappers = torch.stack([mapper for mapper, _ in pairs])  # [P-1, K] source position
         self.aligned = torch.stack([weights for _, weights in pairs])  # [P-1, K] 1 aligned, 0 inserted
@@ -412,7 +416,9 @@ class Reweight(AttentionController):
             local_blend = base.local_blend
         if self_replace_max_queries is None:
             self_replace_max_queries = base.self_replace_max_queries if base is not None else MAX_QUERIES
-        super().__init__(prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries)
+        super().__init__(
+            prompts, tokenizer, cross_replace_steps, self_replace_steps, local_blend, self_replace_max_queries
+        )
         if not words:
             raise ValueError("Reweight needs at least one word and its factor")
         self.base = base

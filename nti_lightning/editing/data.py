@@ -63,7 +63,8 @@ class EditDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         if not edits and not edits_file and not benchmark:
             raise OptionError(
-                "no edits: set `edits` (a list of specs), `edits_file` (a JSONL file) or `benchmark` (a PIE-Bench mapping_file.json)"
+                "no edits: set `edits` (a list of specs), `edits_file` (a JSONL file) or `benchmark` (a PIE-Bench "
+                "mapping_file.json)"
             )
         self.edits = list(edits or [])
         self.edits_file = edits_file

@@ -154,7 +154,9 @@ def edit_jobs_latents(
     if cond.has_pooled:  # the micro-conditioning each image was inverted with
         time_ids = torch.cat([_time_ids(job.inversion, size) for job, size in zip(jobs, sizes)])
         cond = Condition(cond.embeddings, cond.pooled, time_ids.to(device))
-    z_T = torch.cat([job.inversion.z_T.unsqueeze(0).expand(size, -1, -1, -1) for job, size in zip(jobs, sizes)]).to(device)
+    z_T = torch.cat([job.inversion.z_T.unsqueeze(0).expand(size, -1, -1, -1) for job, size in zip(jobs, sizes)]).to(
+        device
+    )
     nulls = _batched_nulls(jobs, sizes, cond)
 
     stores: list[Optional[AttentionStore]] = []
@@ -206,7 +208,9 @@ def _batched_nulls(jobs: Sequence[EditJob], sizes: Sequence[int], cond: Conditio
     return [
         Condition(
             torch.cat([nulls[step].embeddings.expand(size, -1, -1) for nulls, size in zip(per_job, sizes)]),
-            None if time_ids is None else torch.cat([nulls[step].pooled.expand(size, -1) for nulls, size in zip(per_job, sizes)]),
+            None
+            if time_ids is None
+            else torch.cat([nulls[step].pooled.expand(size, -1) for nulls, size in zip(per_job, sizes)]),
             time_ids,
         )
         for step in range(len(per_job[0]))

@@ -125,7 +125,11 @@ class EditModule(pl.LightningModule):
                         pictures.append(own_error)
             for (k, spec, _), picture in zip(group, pictures):
                 item = batch[k]
-                results[k] = _failure(item, picture) if isinstance(picture, Exception) else {"id": item["id"], "where": item["where"], **picture}
+                results[k] = (
+                    _failure(item, picture)
+                    if isinstance(picture, Exception)
+                    else {"id": item["id"], "where": item["where"], **picture}
+                )
         return [result for result in results if result is not None]
 
     def prepare(self, spec: EditSpec) -> EditJob:
@@ -165,7 +169,11 @@ class EditModule(pl.LightningModule):
         results = []
         for job, spec, images in zip(jobs, specs, decoded):
             prompts = job.prompts
-            attention = cross_attention_picture(job.attention_store, pipeline.tokenizer, prompts[0]) if hparams.attention_maps else None
+            attention = (
+                cross_attention_picture(job.attention_store, pipeline.tokenizer, prompts[0])
+                if hparams.attention_maps
+                else None
+            )
             labels = list(prompts[1:])
             if spec.kind == "reweight":  # the prompt alone would not say what changed
                 factors = ", ".join(f"{word} x{factor:g}" for word, factor in spec.options["words"].items())

@@ -25,13 +25,17 @@ BENCHMARK_OPTIONS: dict[str, Any] = {
 }
 
 
-def benchmark_edit(sample: BenchSample, artifact: str | Path, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def benchmark_edit(
+    sample: BenchSample, artifact: str | Path, overrides: Optional[dict[str, Any]] = None
+) -> dict[str, Any]:
     """The edit spec (see `nti_lightning.editing.specs`) of `sample`'s inversion file `artifact`
     with the benchmark's settings (`BENCHMARK_OPTIONS`, each overridable in `overrides`)."""
     settings = {**BENCHMARK_OPTIONS, **(overrides or {})}
     unknown = sorted(set(settings) - set(BENCHMARK_OPTIONS))
     if unknown:
-        raise BenchmarkError(f"unknown benchmark edit setting(s) {unknown}; expected some of {sorted(BENCHMARK_OPTIONS)}")
+        raise BenchmarkError(
+            f"unknown benchmark edit setting(s) {unknown}; expected some of {sorted(BENCHMARK_OPTIONS)}"
+        )
     options: dict[str, Any] = {
         "cross_replace_steps": settings["cross_replace_steps"],
         "self_replace_steps": settings["self_replace_steps"],

@@ -219,10 +219,14 @@ def _validated(path: Path, layout: dict[str, tuple[tuple[int, ...], str]], metad
     if "null_pooled_embeddings" in layout:
         pooled, pooled_dtype = layout["null_pooled_embeddings"]
         if len(pooled) != 2 or pooled[0] != rows:
-            raise ArtifactError(f"{path}: null_pooled_embeddings {pooled} should be [{rows}, width] for num_inference_steps={steps}")
+            raise ArtifactError(
+                f"{path}: null_pooled_embeddings {pooled} should be [{rows}, width] for num_inference_steps={steps}"
+            )
         if pooled_dtype not in (NULL_DTYPES[stored][0], stored):
             raise ArtifactError(f"{path}: null_pooled_embeddings are {pooled_dtype}, expected {stored}")
         time_ids = metadata.get("time_ids")
-        if not (isinstance(time_ids, list) and len(time_ids) == 6 and all(isinstance(v, (int, float)) for v in time_ids)):
+        if not (
+            isinstance(time_ids, list) and len(time_ids) == 6 and all(isinstance(v, (int, float)) for v in time_ids)
+        ):
             raise ArtifactError(f"{path}: an SDXL inversion needs its six time_ids in the metadata, got {time_ids!r}")
     return {k: v for k, v in metadata.items() if k not in ("format", "format_version")}

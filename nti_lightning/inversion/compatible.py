@@ -78,11 +78,16 @@ def check_compatible(
         has = "carries latent offsets" if offsets is not None else "has no latent offsets"
         raise ValueError(f"{name}: made by method {method.name!r}, but {has}; the file was altered or damaged")
     if offsets is not None and tuple(offsets.shape) != (steps, *expected):
-        raise ValueError(f"{name}: latent offsets {tuple(offsets.shape)} should be [{steps}, {', '.join(map(str, expected))}]")
+        raise ValueError(
+            f"{name}: latent offsets {tuple(offsets.shape)} should be [{steps}, {', '.join(map(str, expected))}]"
+        )
     if pipeline_xl:
         pooled, width = inversion.null_pooled_embeddings, pipeline.text_encoder_2.config.projection_dim
         if tuple(pooled.shape) != (steps, width):
-            raise ValueError(f"{name}: pooled null embeddings {tuple(pooled.shape)} should be [{steps}, {width}] for this model{made_with}")
+            raise ValueError(
+                f"{name}: pooled null embeddings {tuple(pooled.shape)} should be [{steps}, {width}] for this "
+                f"model{made_with}"
+            )
         time_ids = inversion.metadata.get("time_ids")
         if not (isinstance(time_ids, (list, tuple)) and len(time_ids) == 6):
             raise ValueError(f"{name}: an SDXL inversion needs its six time_ids in the metadata, got {time_ids!r}")
@@ -98,7 +103,9 @@ def check_compatible(
         global _warned_unfingerprinted
         if not _warned_unfingerprinted:
             _warned_unfingerprinted = True
-            log.warning("%s records no model fingerprint (an older nti-lightning wrote it): its model is not checked", name)
+            log.warning(
+                "%s records no model fingerprint (an older nti-lightning wrote it): its model is not checked", name
+            )
         return
     fingerprint = pipeline_fingerprint(pipeline)
     if recorded_fingerprint != fingerprint and not allow_model_mismatch:

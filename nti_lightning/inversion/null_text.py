@@ -1,9 +1,9 @@
 """Step 2 of Null-text Inversion: the per-timestep objective and its bookkeeping.
 
 For each timestep of the walk from T to 1, a fresh Adam tunes the unconditional ("null") text
-embedding (for SDXL the pair of token and pooled embeddings, by one Adam) so that one guided DDIM step from the current latent `z̄` lands on the pivot's next
-latent. This module is the maths of one such timestep for a batch of images, written so that a
-batch gives every image exactly what it gets alone:
+embedding (for SDXL the pair of token and pooled embeddings, by one Adam) so that one guided
+DDIM step from the current latent `z̄` lands on the pivot's next latent. This module is the
+maths of one such timestep for a batch of images, written so that a batch gives every image exactly what it gets alone:
 
 * the loss is the *sum* of per-image MSEs, so each image's gradient is its own MSE's gradient;
 * each image stops on its own (`loss < ε + i·2e-5`, measured before the update, as the

@@ -192,7 +192,9 @@ def _check_scheduler(pipeline: Pipeline, inversion: Inversion) -> list[int]:
     config = scheduler.config
     for setting in ("clip_sample", "thresholding"):
         if config.get(setting, False):
-            raise ModelError(f"the pipeline's DDIM scheduler has {setting}=True, which the inversion did not use; {fix}")
+            raise ModelError(
+                f"the pipeline's DDIM scheduler has {setting}=True, which the inversion did not use; {fix}"
+            )
     current = DDIMScheduler.from_config(config)
     current.set_timesteps(steps)
     if not torch.equal(current.alphas_cumprod, expected.alphas_cumprod):

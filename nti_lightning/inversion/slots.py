@@ -82,8 +82,16 @@ class SlotImage:
         """The finished image as an `Inversion` (on the CPU)."""
         pooled = torch.cat(self.null_pooled_embeddings) if self.null_pooled_embeddings else None
         return finished_inversion(
-            self.pivot.z_T[0], self.pivot.z0[0], self.prompt, self.id, metadata, torch.cat(self.null_embeddings), pooled,
-            self.iterations, self.losses, torch.cat(self.offsets) if self.offsets else None,
+            self.pivot.z_T[0],
+            self.pivot.z0[0],
+            self.prompt,
+            self.id,
+            metadata,
+            torch.cat(self.null_embeddings),
+            pooled,
+            self.iterations,
+            self.losses,
+            torch.cat(self.offsets) if self.offsets else None,
         )
 
 
@@ -266,7 +274,9 @@ class SlotWalk:
             image = self.images[slot]
             self.target[slot] = image.pivot.latents[self.schedule.num_inference_steps - 1 - step, 0]
         rows = self.call_rows(slots)
-        outputs = predict(unet, self.latent[rows], self.timesteps(rows), self.cond.rows(torch.tensor(rows, device=index.device)))
+        outputs = predict(
+            unet, self.latent[rows], self.timesteps(rows), self.cond.rows(torch.tensor(rows, device=index.device))
+        )
         self.cond_output[index] = outputs if rows == slots else outputs[index]
         self.unet_rows += len(rows)
         self.optimizer.reset(slots, [step_learning_rate(step, self.learning_rate) for step in steps])

@@ -159,8 +159,16 @@ class NullTextTrajectory:
         offsets = torch.stack(self.offsets, dim=1) if self.offsets else None  # [B, T, C, h, w]
         return [
             finished_inversion(
-                self.pivot.z_T[b], self.pivot.z0[b], self.prompts[b], self.ids[b], metadata, embeddings[b],
-                None if pooled is None else pooled[b], iterations[b], losses[b], None if offsets is None else offsets[b],
+                self.pivot.z_T[b],
+                self.pivot.z0[b],
+                self.prompts[b],
+                self.ids[b],
+                metadata,
+                embeddings[b],
+                None if pooled is None else pooled[b],
+                iterations[b],
+                losses[b],
+                None if offsets is None else offsets[b],
             )
             for b in self.slots
         ]

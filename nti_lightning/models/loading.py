@@ -139,7 +139,10 @@ def _load_external(pretrained: str, torch_dtype: torch.dtype | None) -> Pipeline
         except ModelError:
             raise
         except (OSError, ValueError) as error:  # no such hub id, no network, a broken folder or file
-            raise ModelError(f"{pretrained}: cannot load the model ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
+            raise ModelError(
+                f"{pretrained}: cannot load the model "
+                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+            ) from error
     if torch_dtype is not None and is_sdxl(pipeline):
         # An SDXL pipeline comes in fp16 with its VAE read in fp32 (`_pipeline_kwargs`), or from a
         # single file entirely in fp16: give the VAE the dtype its `force_upcast` asks for (the

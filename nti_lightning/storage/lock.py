@@ -44,7 +44,11 @@ class OutputLock:
                     raise OutputError(
                         f"{self.folder}: in use by another nti run (process {owner.get('pid')} on "
                         f"{owner.get('host')}); wait for it to finish or use another output_dir"
-                        + ("" if owner.get("host") == socket.gethostname() else f" (if no run is active, remove {self.path})")
+                        + (
+                            ""
+                            if owner.get("host") == socket.gethostname()
+                            else f" (if no run is active, remove {self.path})"
+                        )
                     ) from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue

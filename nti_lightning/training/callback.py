@@ -145,11 +145,24 @@ class NullTextWalkCallback(pl.Callback):
         index = torch.tensor(slots, device=trajectory.latent.device)
         pivot = trajectory.pivot
         rows, grids = self._report(
-            module, trajectory.pixels[index], pivot.z0[index], pivot.z_T[index], trajectory.latent[index], trajectory.cond.rows(index)
+            module,
+            trajectory.pixels[index],
+            pivot.z0[index],
+            pivot.z_T[index],
+            trajectory.latent[index],
+            trajectory.cond.rows(index),
         )
         seconds = (time.perf_counter() - self.started) / len(slots)
         samples = [self.samples[slot] for slot in slots]
-        self._write_images(trainer, module, samples, trajectory.inversions(_metadata(module, list(pivot.z0.shape[1:]))), rows, grids, [seconds] * len(slots))
+        self._write_images(
+            trainer,
+            module,
+            samples,
+            trajectory.inversions(_metadata(module, list(pivot.z0.shape[1:]))),
+            rows,
+            grids,
+            [seconds] * len(slots),
+        )
 
     def _write_images(
         self,
@@ -165,7 +178,11 @@ class NullTextWalkCallback(pl.Callback):
         hparams = module.hparams
         output_dir = Path(hparams.output_dir) if hparams.output_dir is not None else None
         for k, (inversion, sample) in enumerate(zip(inversions, samples)):
-            inversion.metadata.update(metrics=rows[k], seconds=seconds[k], image=str(sample.image) if not isinstance(sample.image, Image.Image) else None)
+            inversion.metadata.update(
+                metrics=rows[k],
+                seconds=seconds[k],
+                image=str(sample.image) if not isinstance(sample.image, Image.Image) else None,
+            )
             if sample.edits is not None:
                 inversion.metadata["edits"] = sample.edits
             artifact = None
@@ -223,7 +240,12 @@ class NullTextWalkCallback(pl.Callback):
             self._finish_run(trainer, pl_module, self.rows, self.failures, interrupted=True)
 
     def _finish_run(
-        self, trainer: pl.Trainer, pl_module: Any, rows: list[dict[str, Any]], failures: list[dict[str, str]], interrupted: bool = False
+        self,
+        trainer: pl.Trainer,
+        pl_module: Any,
+        rows: list[dict[str, Any]],
+        failures: list[dict[str, str]],
+        interrupted: bool = False,
     ) -> None:
         """Rank 0 writes the dataset report and prints the summary."""
         if not trainer.is_global_zero:

@@ -139,7 +139,8 @@ class NullTextInversion(pl.LightningModule):
         super().__init__()
         if num_inference_steps < 1 or num_inner_steps < 1:
             raise OptionError(
-                f"model.num_inference_steps and model.num_inner_steps must be positive, got {num_inference_steps} and {num_inner_steps}"
+                f"model.num_inference_steps and model.num_inner_steps must be positive, got {num_inference_steps} and "
+                f"{num_inner_steps}"
             )
         self.method = method_named(method)
         if null_dtype not in NULL_DTYPES:
@@ -215,7 +216,9 @@ class NullTextInversion(pl.LightningModule):
         if self.null_embedding is None or tuple(self.null_embedding.shape) != shape:
             self.null_embedding = torch.nn.Parameter(torch.zeros(shape, device=self.device))
         pooled = self.prompt_encoder.pooled_width
-        if pooled is not None and (self.null_pooled_embedding is None or self.null_pooled_embedding.shape[0] != self.batch_slots):
+        if pooled is not None and (
+            self.null_pooled_embedding is None or self.null_pooled_embedding.shape[0] != self.batch_slots
+        ):
             self.null_pooled_embedding = torch.nn.Parameter(torch.zeros(self.batch_slots, pooled, device=self.device))
 
     @property

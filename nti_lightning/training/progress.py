@@ -69,7 +69,9 @@ class InversionProgressBar(ProgressBar):
             terminal or a notebook gets the bar.
     """
 
-    def __init__(self, interval: Optional[float] = None, stream: Optional[TextIO] = None, live: Optional[bool] = None) -> None:
+    def __init__(
+        self, interval: Optional[float] = None, stream: Optional[TextIO] = None, live: Optional[bool] = None
+    ) -> None:
         super().__init__()
         if interval is None:
             interval = float(os.environ.get("NTI_PROGRESS_INTERVAL") or DEFAULT_INTERVAL)

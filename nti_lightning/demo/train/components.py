@@ -84,7 +84,9 @@ def build_text_encoder(config: DemoConfig) -> CLIPTextModel:
     )
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the optimizer's rate over `warmup_steps`, then cosine decay to 0 at `total_steps`.
 
     Args:

@@ -91,7 +91,9 @@ class DiffusionStage(pl.LightningModule):
         if grounding_weight > 0:
             unet.set_attn_processor(
                 {
-                    name: RecordingCrossAttnProcessor(self.cross_attention_maps) if name.endswith("attn2.processor") else processor
+                    name: RecordingCrossAttnProcessor(self.cross_attention_maps)
+                    if name.endswith("attn2.processor")
+                    else processor
                     for name, processor in unet.attn_processors.items()
                 }
             )
@@ -163,7 +165,9 @@ class DiffusionStage(pl.LightningModule):
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
         embeddings = self.text_encoder(self.token_ids(captions))[0]
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         self.cross_attention_maps.clear()
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=embeddings).sample

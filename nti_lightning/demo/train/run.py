@@ -55,15 +55,22 @@ class ProgressPrinter(pl.Callback):
         self.every = every
         self.start = time.monotonic()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_index: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_index: int
+    ) -> None:
         step = trainer.global_step
         if step % self.every == 0 or step == trainer.max_steps:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
             shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
-            print(f"[{self.name}] step {step}/{trainer.max_steps} {shown} ({time.monotonic() - self.start:.0f} s)", flush=True)
+            print(
+                f"[{self.name}] step {step}/{trainer.max_steps} {shown} ({time.monotonic() - self.start:.0f} s)",
+                flush=True,
+            )
 
 
-def _trainer(name: str, steps: int, max_seconds: float, config: DemoConfig, log_dir: Optional[str], quiet: bool) -> pl.Trainer:
+def _trainer(
+    name: str, steps: int, max_seconds: float, config: DemoConfig, log_dir: Optional[str], quiet: bool
+) -> pl.Trainer:
     if log_dir:
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -134,7 +141,12 @@ def train_demo(
         config.locality_weight, config.locality_start,
     )
     trainer = _trainer("vae", config.vae_steps, budget * vae_share, config, log_dir, quiet)
-    trainer.fit(vae_stage, train_dataloaders=_loader(config.vae_steps, config.vae_batch_size, config, seed, recoloured=config.locality_weight > 0))
+    trainer.fit(
+        vae_stage,
+        train_dataloaders=_loader(
+            config.vae_steps, config.vae_batch_size, config, seed, recoloured=config.locality_weight > 0
+        ),
+    )
     vae_steps_done = trainer.global_step
     vae_seconds = time.monotonic() - started
     vae = vae.eval().requires_grad_(False)
@@ -153,7 +165,10 @@ def train_demo(
     remaining = budget - (time.monotonic() - started)
     share = config.diffusion_steps / max(1, denoiser_steps)
     trainer = _trainer("diffusion", config.diffusion_steps, remaining * share, config, log_dir, quiet)
-    trainer.fit(diffusion_stage, train_dataloaders=_loader(config.diffusion_steps, config.diffusion_batch_size, config, seed, recoloured=False))
+    trainer.fit(
+        diffusion_stage,
+        train_dataloaders=_loader(config.diffusion_steps, config.diffusion_batch_size, config, seed, recoloured=False),
+    )
     diffusion_steps_done = trainer.global_step
     diffusion_stage.finish()
     diffusion_seconds = time.monotonic() - started - vae_seconds
@@ -170,14 +185,18 @@ def train_demo(
         remaining = budget - (time.monotonic() - started)
         trainer = _trainer("refine", config.refine_steps, remaining, config, log_dir, quiet)
         already_seen = config.diffusion_steps * config.diffusion_batch_size
-        loader = _loader(config.refine_steps, config.diffusion_batch_size, config, seed, recoloured=False, start=already_seen)
+        loader = _loader(
+            config.refine_steps, config.diffusion_batch_size, config, seed, recoloured=False, start=already_seen
+        )
         trainer.fit(refine_stage, train_dataloaders=loader)
         refine_steps_done = trainer.global_step
         refine_stage.finish()
     total_seconds = time.monotonic() - started
 
     done = (vae_steps_done, diffusion_steps_done, refine_steps_done)
-    if any(steps < wanted for steps, wanted in zip(done, (config.vae_steps, config.diffusion_steps, config.refine_steps))):
+    if any(
+        steps < wanted for steps, wanted in zip(done, (config.vae_steps, config.diffusion_steps, config.refine_steps))
+    ):
         warnings.warn(
             f"the {max_minutes} min cap stopped training early (VAE {vae_steps_done}/{config.vae_steps}, "
             f"diffusion {diffusion_steps_done}/{config.diffusion_steps}, refinement "
@@ -199,7 +218,8 @@ def train_demo(
         "latent_scaling_factor": scaling_factor,
         "heldout_vae_psnr": round(vae_psnr, 3),
         "parameters": {
-            name: sum(p.numel() for p in getattr(pipeline, name).parameters()) for name in ("vae", "unet", "text_encoder")
+            name: sum(p.numel() for p in getattr(pipeline, name).parameters())
+            for name in ("vae", "unet", "text_encoder")
         },
     }
     (Path(output) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -28,14 +28,14 @@ class VAEStage(pl.LightningModule):
     The decoder is trained on posterior samples (not the mean), so that it also decodes the
     slightly-off latents a diffusion sampler produces.
 
-    With `locality_weight`, from `locality_start` of the steps on, half of each batch also trains the decoder to decode the background
-    from the background's latents alone: the latents of the shape's region (at the latent
-    resolution, grown by one cell as LocalBlend grows its masks) are replaced by those of the
-    same picture with the shape in another colour, pushed past it by a random factor in [1, 2]
-    (guided sampling overshoots colours like this), and the loss counts the pixels outside that
-    region, whose target is the original background. The decoder's GroupNorm statistics and
-    attention are global, so without this an edited region can shift the colour of the whole
-    decoded background even where the latents are untouched.
+    With `locality_weight`, from `locality_start` of the steps on, half of each batch also trains
+    the decoder to decode the background from the background's latents alone: the latents of the
+    shape's region (at the latent resolution, grown by one cell as LocalBlend grows its masks) are
+    replaced by those of the same picture with the shape in another colour, pushed past it by a
+    random factor in [1, 2] (guided sampling overshoots colours like this), and the loss counts the
+    pixels outside that region, whose target is the original background. The decoder's GroupNorm
+    statistics and attention are global, so without this an edited region can shift the colour of
+    the whole decoded background even where the latents are untouched.
 
     Args:
         vae (`AutoencoderKL`): the autoencoder to train (in place).

@@ -52,7 +52,9 @@ def method_of(inversion: Inversion, name: Optional[str] = None) -> InversionMeth
     return REGISTRY[recorded]
 
 
-def source_branch_hook(inversion: Inversion, prompts: Sequence[str], on_step: Optional[StepCallback]) -> Optional[StepCallback]:
+def source_branch_hook(
+    inversion: Inversion, prompts: Sequence[str], on_step: Optional[StepCallback]
+) -> Optional[StepCallback]:
     """The step hook of an edit of `inversion`: the editor's `on_step` with what the inversion's
     method adds to the source row (see `InversionMethod.source_hook`)."""
     return method_of(inversion).source_hook(inversion, prompts, on_step)

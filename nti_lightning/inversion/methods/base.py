@@ -63,7 +63,9 @@ class InversionMethod:
         """
         return stepped, None
 
-    def source_hook(self, inversion: Inversion, prompts: Sequence[str], on_step: Optional[StepCallback]) -> Optional[StepCallback]:
+    def source_hook(
+        self, inversion: Inversion, prompts: Sequence[str], on_step: Optional[StepCallback]
+    ) -> Optional[StepCallback]:
         """The step hook of an edit of `inversion` with `prompts`: `on_step` (the editor's own),
         with whatever this method adds to the rows of the source prompt after it.
 

@@ -23,7 +23,9 @@ class Direct(InversionMethod):
         # Back onto the pivot, remembering the way.
         return target.clone(), target - stepped
 
-    def source_hook(self, inversion: Inversion, prompts: Sequence[str], on_step: Optional[StepCallback]) -> Optional[StepCallback]:
+    def source_hook(
+        self, inversion: Inversion, prompts: Sequence[str], on_step: Optional[StepCallback]
+    ) -> Optional[StepCallback]:
         """After `on_step` (the controller's, LocalBlend included, as in the method's own code),
         the inversion's offset of the step is added to the rows of the source prompt; the other
         rows are left alone. `on_step` itself for an inversion without offsets."""
