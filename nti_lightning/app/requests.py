@@ -41,7 +41,7 @@ class InversionSettings:
     """The settings of one inversion (they enter its cache key).
 
     Args:
-        method (`str`, defaults to "null_text"): one of `nti_lightning.training.module.METHODS`.
+        method (`str`, defaults to "null_text"): one of `nti_lightning.inversion.methods.METHODS`.
         num_inference_steps (`int`, defaults to 50): T.
         guidance_scale (`float`, defaults to 7.5): w.
         num_inner_steps (`int`, defaults to 10): N.
