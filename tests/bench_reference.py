@@ -82,7 +82,9 @@ def bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     def coords(n_out: int, n_in: int):
         # The source coordinate in float32, as torch (the evaluator's resize too) computes it: in
         # float64 the weights move by ~1e-5 px at 320 -> 224, i.e. up to 0.01 on 0-255 pixels.
-        src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * np.float32(n_in / n_out) - np.float32(0.5), 0)
+        src = np.maximum(
+            (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * np.float32(n_in / n_out) - np.float32(0.5), 0
+        )
         i0 = np.floor(src).astype(int)
         i1 = np.minimum(i0 + 1, n_in - 1)
         return i0, i1, (src - i0).astype(np.float64)
@@ -135,7 +137,9 @@ def vit_keys(model: torch.nn.Module, pixels: np.ndarray, layer: int, eps: float)
     patches = x.reshape(3, h // p, p, w // p, p).permute(1, 3, 0, 2, 4).reshape(-1, 3 * p * p)
     conv = model.embeddings.patch_embeddings.projection
     tokens = patches @ conv.weight.double().reshape(d, -1).T + conv.bias.double()
-    tokens = torch.cat([model.embeddings.cls_token.double()[0], tokens]) + model.embeddings.position_embeddings.double()[0]
+    tokens = (
+        torch.cat([model.embeddings.cls_token.double()[0], tokens]) + model.embeddings.position_embeddings.double()[0]
+    )
     blocks = getattr(model, "layers", None) or model.encoder.layer
     for index, block in enumerate(blocks):
         parts = _vit_parts(block)

@@ -54,8 +54,14 @@ def client(app) -> Client:
     return Client(app.url, verbose=False)
 
 
-def invert(session: Client, image: Path = DEMO_IMAGE, prompt: str = DEMO_PROMPT, steps: int = STEPS, method: str = "null_text",
-           inner_steps: int = INNER_STEPS):
+def invert(
+    session: Client,
+    image: Path = DEMO_IMAGE,
+    prompt: str = DEMO_PROMPT,
+    steps: int = STEPS,
+    method: str = "null_text",
+    inner_steps: int = INNER_STEPS,
+):
     return session.predict(handle_file(str(image)), prompt, method, steps, inner_steps, 7.5, api_name="/invert")
 
 
@@ -104,7 +110,9 @@ def test_invert_then_the_same_image_comes_from_the_cache_without_a_unet_call(app
     assert Path(again).read_bytes() == Path(download).read_bytes()
 
     # Across restarts: a new Editor on the same folder (nothing in memory) finds it too.
-    editor = Editor(app.editor.pipeline, InversionCache(app.editor.cache.folder), accelerator="cpu", defaults=app.editor.defaults)
+    editor = Editor(
+        app.editor.pipeline, InversionCache(app.editor.cache.folder), accelerator="cpu", defaults=app.editor.defaults
+    )
     result = editor.invert(DEMO_IMAGE, DEMO_PROMPT)
     assert result.cached and app.unet_calls[0] == calls
     assert result.entry.inversion.prompt == DEMO_PROMPT
@@ -146,7 +154,9 @@ def test_edit_red_to_blue(app):
 def other_model_artifact(tmp_path_factory) -> Path:
     """An inversion made with `tiny` (the shapes of `shapes`, other weights)."""
     pipe = nti.load_pipeline("tiny")
-    [inversion] = nti.invert(pipe, str(DEMO_IMAGE), DEMO_PROMPT, num_inference_steps=2, num_inner_steps=1, progress_bar=False)
+    [inversion] = nti.invert(
+        pipe, str(DEMO_IMAGE), DEMO_PROMPT, num_inference_steps=2, num_inner_steps=1, progress_bar=False
+    )
     return inversion.save(tmp_path_factory.mktemp("tiny") / "tiny-inversion.safetensors")
 
 
@@ -279,7 +289,9 @@ def test_two_clients_at_once_each_get_their_own_inversion(app, tmp_path):
     # sent once the first runs, so it waits in the queue.
     jobs = [first.submit(handle_file(str(DEMO_IMAGE)), DEMO_PROMPT, "null_text", 10, 5, 7.5, api_name="/invert")]
     wait_until(lambda: jobs[0].status().code.name in ("PROGRESS", "PROCESSING"), "the first inversion to start")
-    jobs.append(second.submit(handle_file(str(other_image)), other.caption, "null_text", 10, 5, 7.5, api_name="/invert"))
+    jobs.append(
+        second.submit(handle_file(str(other_image)), other.caption, "null_text", 10, 5, 7.5, api_name="/invert")
+    )
     places = []
     while not all(job.done() for job in jobs):
         status = jobs[1].status()
@@ -318,16 +330,26 @@ def test_nti_app_without_gradio_says_how_to_install_it(tmp_path):
     (tmp_path / "gradio" / "__init__.py").write_text("raise ImportError('No module named gradio')\n")
     result = subprocess.run(
         [sys.executable, "-c", "from nti_lightning.cli import main; main(['app', '--cache-dir', 'cache'])"],
-        cwd=tmp_path, env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ['nti: error: nti app needs Gradio: pip install -e ".[app]" (or pip install "nti-lightning[app]")']
+    assert result.stderr.strip().splitlines() == [
+        'nti: error: nti app needs Gradio: pip install -e ".[app]" (or pip install "nti-lightning[app]")'
+    ]
 
 
 def test_nti_app_option_mistakes_are_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nti_lightning.cli", "app", "--trainer.precision", "64"],
-        cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()

@@ -41,7 +41,9 @@ CHROMIUMS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-sta
 def browser_paths() -> tuple[str, str]:
     """(Chromium, chromedriver); without them a skip, or a failure under CI."""
     chromium = next((path for path in map(shutil.which, CHROMIUMS) if path), None)
-    driver = shutil.which("chromedriver") or next((p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if Path(p).is_file()), None)
+    driver = shutil.which("chromedriver") or next(
+        (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if Path(p).is_file()), None
+    )
     if chromium and driver:
         return chromium, driver
     missing = " and ".join(name for name, path in (("Chromium", chromium), ("chromedriver", driver)) if not path)
@@ -58,8 +60,15 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000",
-                     "--force-device-scale-factor=1", "--hide-scrollbars"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--force-device-scale-factor=1",
+        "--hide-scrollbars",
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(60)
@@ -114,13 +123,19 @@ def test_upload_invert_and_edit_red_to_blue_in_the_browser(browser, tmp_path):
 
         # A mistake first: no prompt. The page says what is wrong, and goes on serving.
         find("#invert").click()
-        wait_for(lambda: "the source prompt is empty" in browser.find_element(By.TAG_NAME, "body").text, 30, "the error message")
+        wait_for(
+            lambda: "the source prompt is empty" in browser.find_element(By.TAG_NAME, "body").text,
+            30,
+            "the error message",
+        )
         for close in browser.find_elements(By.CSS_SELECTOR, ".toast-close"):
             close.click()
 
         find("#prompt textarea").send_keys(DEMO_PROMPT)
         find("#invert").click()
-        progress = wait_for(lambda: "iteration" in text("#inversion") and text("#inversion"), 120, "the walk's progress")
+        progress = wait_for(
+            lambda: "iteration" in text("#inversion") and text("#inversion"), 120, "the walk's progress"
+        )
         assert "step " in progress and "t = " in progress, progress
         status = wait_for(lambda: "dB" in text("#status") and text("#status"), 180, "the inversion")
         assert "Null-text inversion of a red circle on a green background" in status and "made in" in status
@@ -129,14 +144,18 @@ def test_upload_invert_and_edit_red_to_blue_in_the_browser(browser, tmp_path):
         find("#blend textarea").send_keys("circle")
         wait_for(lambda: "auto: Replace" in text("#kind-note"), 30, "the kind chosen for the prompts")
         find("#edit").click()
-        edited = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f'#results img[alt="{BLUE_PROMPT}"]'), 120, "the edit")[0]
+        edited = wait_for(
+            lambda: browser.find_elements(By.CSS_SELECTOR, f'#results img[alt="{BLUE_PROMPT}"]'), 120, "the edit"
+        )[0]
         assert text("#kind-note").startswith("Replace, 1 edit(s)")
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", edited)
         pixels = page_image(browser, edited)
         assert pixels.shape[0] == pixels.shape[1] and pixels.shape[0] % 32 == 0, pixels.shape
         print(f"red -> blue on the page: {assert_recoloured(pixels)}")
         grid = browser.find_elements(By.CSS_SELECTOR, '#results img[alt="input | reconstruction | edits"]')
-        attention = browser.find_elements(By.CSS_SELECTOR, f"#results img[alt=\"cross-attention of '{DEMO_PROMPT}', per token\"]")
+        attention = browser.find_elements(
+            By.CSS_SELECTOR, f"#results img[alt=\"cross-attention of '{DEMO_PROMPT}', per token\"]"
+        )
         assert grid and attention
         assert len(browser.find_elements(By.CSS_SELECTOR, "#files a")) >= 3  # each result downloadable
 

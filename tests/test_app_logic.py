@@ -51,7 +51,12 @@ def test_the_key_covers_pixels_prompt_model_and_settings():
 
 def test_the_page_fields_are_read_and_checked():
     assert parse_reweights(" fluffy=2, red = 0.5 ;") == {"fluffy": 2.0, "red": 0.5}
-    for text, message in (("fluffy", "word=factor"), ("a b=2", "word=factor"), ("x=y", "must be a number"), ("x=-1", "non-negative")):
+    for text, message in (
+        ("fluffy", "word=factor"),
+        ("a b=2", "word=factor"),
+        ("x=y", "must be a number"),
+        ("x=-1", "non-negative"),
+    ):
         with pytest.raises(AppInputError, match=message):
             parse_reweights(text)
     assert auto_kind("a red circle", ["a blue circle", "a big circle"]) == "replace"

@@ -2,19 +2,22 @@
 
 Every import counts, at any depth: module level or inside a function. A lower layer never
 imports a higher one, siblings on one line of the contract never import each other, and no
-package's modules import each other in a cycle.
+package's modules import each other in a cycle. And the code passes ruff (pyproject.toml).
 """
 
 from __future__ import annotations
 
-import tomllib
+import subprocess
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11 and later")
 
-importlinter_cli = pytest.importorskip("importlinter.cli", reason="import-linter is a test extra: pip install -e '.[test]'")
+importlinter_cli = pytest.importorskip(
+    "importlinter.cli", reason="import-linter is a test extra: pip install -e '.[test]'"
+)
 
 
 def test_layers_and_cycles_contracts_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,3 +34,15 @@ def test_every_package_and_module_is_in_a_layer() -> None:
     present |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
     assert present - set(layers.get("exhaustive_ignores", [])) == named
     assert {c["type"] for c in contracts} == {"layers", "acyclic_siblings"}
+
+
+def test_the_code_passes_ruff() -> None:
+    """Lines of at most 120 characters, sorted imports, no unused name ([tool.ruff] in pyproject.toml)."""
+    ruff = pytest.importorskip("ruff", reason="ruff is a test extra: pip install -e '.[test]'")
+    from ruff.__main__ import find_ruff_bin
+
+    del ruff
+    result = subprocess.run(
+        [find_ruff_bin(), "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

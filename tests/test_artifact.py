@@ -69,7 +69,11 @@ def test_foreign_safetensors_is_rejected(tmp_path):
 )
 def test_inconsistent_contents_are_reported(tmp_path, change, message):
     inversion = make_inversion()
-    tensors = {"z_T": inversion.z_T, "null_embeddings": inversion.null_embeddings, "source_latent": inversion.source_latent}
+    tensors = {
+        "z_T": inversion.z_T,
+        "null_embeddings": inversion.null_embeddings,
+        "source_latent": inversion.source_latent,
+    }
     metadata = {"format": "nti-lightning/inversion", "format_version": 1, **inversion.metadata, "prompt": "p"}
     change(tensors, metadata)
     path = tmp_path / "bad.safetensors"
@@ -91,7 +95,9 @@ def test_baseline_nulls_are_stored_once_and_load_as_every_step(tmp_path):
     assert torch.equal(loaded.null_embeddings, shared.null_embeddings)
     assert "shared_null" not in loaded.metadata and Inversion.read_metadata(once)["shared_null"] is True
     # saved again (e.g. after editing its metadata), it is the same file format
-    assert torch.equal(Inversion.load(loaded.save(tmp_path / "again.safetensors")).null_embeddings, shared.null_embeddings)
+    assert torch.equal(
+        Inversion.load(loaded.save(tmp_path / "again.safetensors")).null_embeddings, shared.null_embeddings
+    )
 
 
 def test_half_precision_nulls_load_as_fp32_within_fp16_rounding(tmp_path):

@@ -48,7 +48,11 @@ def test_the_mapping_file_reads_as_samples_and_reasons(tmp_path):
     samples, failures = read_mapping(write_bench(tmp_path))
     cat, horse = samples
     assert cat.id == "000000000000" and cat.image == tmp_path / "annotation_images/0_random_140/000000000000.jpg"
-    assert (cat.original_prompt, cat.editing_prompt, cat.blended_word) == ("a cat sitting on a sofa", "a dog sitting on a sofa", ("cat", "dog"))
+    assert (cat.original_prompt, cat.editing_prompt, cat.blended_word) == (
+        "a cat sitting on a sofa",
+        "a dog sitting on a sofa",
+        ("cat", "dog"),
+    )
     assert horse.editing_prompt == "a watercolor painting of a horse" and horse.blended_word is None
     assert horse.editing_type_id == "9" and horse.mask == [0, 1024]
     reasons = dict(failures)
@@ -95,6 +99,8 @@ def test_fit_and_predict_run_the_benchmarks_file(tmp_path, monkeypatch):
 
     predict_main(["predict", "--config", str(ROOT / "tests/configs/edit_tiny.yaml"), "--trainer.logger", "false",
                   "--data.benchmark", str(mapping), "--data.inversions", "inversions", "--writer.output_dir", "edits"])
-    assert (tmp_path / "edits" / "000000000000_edit1.png").exists() and (tmp_path / "edits" / "911000000001_edit1.png").exists()
+    assert (tmp_path / "edits" / "000000000000_edit1.png").exists() and (
+        tmp_path / "edits" / "911000000001_edit1.png"
+    ).exists()
     failed = [json.loads(line)["id"] for line in (tmp_path / "edits" / "failures.jsonl").read_text().splitlines()]
     assert sorted(failed) == ["100000000002", "100000000003"]

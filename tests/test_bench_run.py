@@ -41,11 +41,15 @@ def test_the_offline_benchmark_is_pie_bench_shaped(tmp_path):
         inner[1:-1, 1:-1] = True  # the border is the benchmark's: always 1
         if sample.editing_type_id == "6":  # recolour: every pixel the shape touches, edge included
             assert np.array_equal(mask[inner], touched[inner]) and sample.blended_word == (source.shape, source.shape)
-            perfect, _ = render(source.shape, SHAPE_COLORS[sample.editing_prompt.split()[1]], source.background_rgb, source.box)
+            perfect, _ = render(
+                source.shape, SHAPE_COLORS[sample.editing_prompt.split()[1]], source.background_rgb, source.box
+            )
         elif sample.editing_type_id == "8":  # background: every pixel the shape does not cover whole
             assert np.array_equal(mask[inner], source.coverage[inner] < 1)
             assert sample.blended_word == ("background", "background")
-            perfect, _ = render(source.shape, source.shape_rgb, BACKGROUND_COLORS[sample.editing_prompt.split()[-2]], source.box)
+            perfect, _ = render(
+                source.shape, source.shape_rgb, BACKGROUND_COLORS[sample.editing_prompt.split()[-2]], source.box
+            )
         else:  # another shape: the shape and its box
             assert mask[touched].all() and sample.blended_word[0] == source.shape != sample.blended_word[1]
             perfect, _ = render(sample.blended_word[1], source.shape_rgb, source.background_rgb, source.box)
@@ -59,12 +63,20 @@ def test_bench_inverts_edits_scores_and_a_rerun_redoes_nothing(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["nti"])
     config = tmp_path / "bench.yaml"
-    config.write_text(yaml.safe_dump({
-        "root": "pie", "demo_samples": 3, "methods": ["ddim", "null_text", "direct"], "output_dir": "out", "batch_size": 2,
-        "model": {"pretrained": "tiny", "num_inference_steps": 4, "num_inner_steps": 2},
-        "trainer": {"accelerator": "cpu", "enable_progress_bar": False},
-        "score": {"dino": "none", "clip": "none", "lpips": "none", "device": "cpu"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "root": "pie",
+                "demo_samples": 3,
+                "methods": ["ddim", "null_text", "direct"],
+                "output_dir": "out",
+                "batch_size": 2,
+                "model": {"pretrained": "tiny", "num_inference_steps": 4, "num_inner_steps": 2},
+                "trainer": {"accelerator": "cpu", "enable_progress_bar": False},
+                "score": {"dino": "none", "clip": "none", "lpips": "none", "device": "cpu"},
+            }
+        )
+    )
     main(["bench", "--config", str(config)])
     samples, _ = read_mapping(tmp_path / "pie" / "mapping_file.json")
     out = tmp_path / "out"

@@ -36,10 +36,19 @@ SIDE = 64
 #: id -> (image_path, editing_type_id, editing_prompt, mask runs)
 SAMPLES = {
     "000000000000": ("0_random_140/000000000000.jpg", "0", "a [red] cat on a sofa", [10 * 64 + 5, 200, 40 * 64, 300]),
-    "111000000000": ("1_change_object_80/1_artificial/1_animal/111000000000.jpg", "1", "a [dog] in the snow",
-                     [20 * 64 + 20, 20, 21 * 64 + 20, 20, 22 * 64 + 20, 20]),
+    "111000000000": (
+        "1_change_object_80/1_artificial/1_animal/111000000000.jpg",
+        "1",
+        "a [dog] in the snow",
+        [20 * 64 + 20, 20, 21 * 64 + 20, 20, 22 * 64 + 20, 20],
+    ),
     "211000000000": ("2_add_object_80/1_artificial/1_animal/211000000000.jpg", "2", "a bird [with a hat]", [100, 900]),
-    "900000000000": ("9_change_style_40/1_artificial/1_animal/900000000000.jpg", "9", "a [watercolor] painting", [0, 64 * 64]),
+    "900000000000": (
+        "9_change_style_40/1_artificial/1_animal/900000000000.jpg",
+        "9",
+        "a [watercolor] painting",
+        [0, 64 * 64],
+    ),
 }
 METHODS = {"ddim+p2p": 11, "null-text-inversion+p2p": 12}
 MISSING = ("null-text-inversion+p2p", "211000000000")
@@ -170,7 +179,9 @@ def test_summary_in_paper_units_without_nan_rows(scored):
     events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
     grids = {tag for tag in events.Tags()["images"] if tag.startswith("pie_bench_samples/")}
     types = {row["editing_type_id"] for row in result.rows}
-    assert len(grids) == len(types) and all(any(tag.split("/")[1].startswith(kind + " ") for tag in grids) for kind in types)
+    assert len(grids) == len(types) and all(
+        any(tag.split("/")[1].startswith(kind + " ") for tag in grids) for kind in types
+    )
     # one row per sample shown: its source, then each method's edit (grey where one has none)
     grid = events.Images(sorted(grids)[0])[0]
     assert grid.width > 3 * 128 and grid.height >= 128
@@ -201,7 +212,9 @@ def nti(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     code = "from nti_lightning.cli import main; main()"
     env = {k: v for k, v in os.environ.items() if k != "NTI_DEBUG"}
     env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_user_mistakes_are_one_error_line(bench, tmp_path):

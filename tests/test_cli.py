@@ -10,7 +10,9 @@ from nti_lightning.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "tests" / "configs").glob("*.yaml"))
 #: `nti bench` configs (their own format); every other config is a LightningCLI's.
-BENCH_CONFIGS = [config for config in ALL_CONFIGS if config.stem in ("bench_demo", "pie_bench") or config.stem.startswith("bench_")]
+BENCH_CONFIGS = [
+    config for config in ALL_CONFIGS if config.stem in ("bench_demo", "pie_bench") or config.stem.startswith("bench_")
+]
 CONFIGS = [config for config in ALL_CONFIGS if config not in BENCH_CONFIGS]
 
 

@@ -38,14 +38,18 @@ SWAP = "a green square on a yellow background"
 def sd():
     pipe = nti.load_pipeline("tiny")
     # w = 5, not invert's 7.5: pipeline_kwargs must take the inversion's own.
-    [inversion] = nti.invert(pipe, random_image(3), PROMPT, num_inference_steps=T, num_inner_steps=N, guidance_scale=5.0)
+    [inversion] = nti.invert(
+        pipe, random_image(3), PROMPT, num_inference_steps=T, num_inner_steps=N, guidance_scale=5.0
+    )
     return pipe, inversion
 
 
 @pytest.fixture(scope="module")
 def sdxl():
     pipe = nti.load_pipeline("tiny-xl")
-    [inversion] = nti.invert(pipe, random_image(4), PROMPT, num_inference_steps=T, num_inner_steps=N, guidance_scale=6.0)
+    [inversion] = nti.invert(
+        pipe, random_image(4), PROMPT, num_inference_steps=T, num_inner_steps=N, guidance_scale=6.0
+    )
     return pipe, inversion
 
 
@@ -102,7 +106,11 @@ def test_the_keyword_arguments(sd, sdxl):
     pipe, inversion = sdxl
     kwargs = nti.pipeline_kwargs(pipe, inversion)
     assert inversion.metadata["time_ids"] == [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]
-    assert (kwargs["original_size"], kwargs["crops_coords_top_left"], kwargs["target_size"]) == ((32, 32), (0, 0), (32, 32))
+    assert (kwargs["original_size"], kwargs["crops_coords_top_left"], kwargs["target_size"]) == (
+        (32, 32),
+        (0, 0),
+        (32, 32),
+    )
     assert torch.equal(kwargs["negative_pooled_prompt_embeds"], inversion.null_pooled_embeddings[:1])
     assert kwargs["callback_on_step_end_tensor_inputs"] == ["prompt_embeds", "add_text_embeds", "latents"]
 
@@ -130,11 +138,15 @@ def test_the_users_callback_runs_at_every_step_and_its_changes_apply(sd, sdxl, k
             embeds = callback_kwargs["prompt_embeds"]
             assert torch.equal(embeds[:1], inversion.null_embeddings[step + 1 : step + 2])
             if kind == "sdxl":
-                assert torch.equal(callback_kwargs["add_text_embeds"][:1], inversion.null_pooled_embeddings[step + 1 : step + 2])
+                assert torch.equal(
+                    callback_kwargs["add_text_embeds"][:1], inversion.null_pooled_embeddings[step + 1 : step + 2]
+                )
         # What it returns replaces the pipeline's tensor: the last latents doubled (exact in floats).
         return {"latents": callback_kwargs["latents"] * 2} if step == T - 1 else {}
 
-    kwargs = nti.pipeline_kwargs(pipe, inversion, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    kwargs = nti.pipeline_kwargs(
+        pipe, inversion, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"]
+    )
     latents = pipe(**kwargs, output_type="latent").images
     assert calls == list(enumerate(expected_timesteps))
     assert torch.equal(latents, 2 * reconstruction_latents(pipe, inversion, None, inversion.guidance_scale))
@@ -144,7 +156,9 @@ def test_a_diffusers_pipeline_callback_composes(sd):
     """diffusers' own `SDCFGCutoffCallback` (its tensors taken from the object) turns guidance off
     after step T-2: the last step is then the DDIM step of the conditional output alone."""
     pipe, inversion = sd
-    kwargs = nti.pipeline_kwargs(pipe, inversion, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=T - 2))
+    kwargs = nti.pipeline_kwargs(
+        pipe, inversion, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=T - 2)
+    )
     assert kwargs["callback_on_step_end_tensor_inputs"] == ["prompt_embeds"]
     latents = pipe(**kwargs, output_type="latent").images
 
@@ -174,7 +188,9 @@ def test_other_schedulers_are_refused_with_the_fix(sd):
         assert "pipe.scheduler = DDIMScheduler.from_config(inversion.metadata['scheduler_config'], " in str(error.value)
     # The fix the message gives, applied to a pipeline loaded with another scheduler, works.
     with scheduler_set(pipe, EulerDiscreteScheduler.from_config(ddim)):
-        pipe.scheduler = DDIMScheduler.from_config(inversion.metadata["scheduler_config"], clip_sample=False, set_alpha_to_one=False)
+        pipe.scheduler = DDIMScheduler.from_config(
+            inversion.metadata["scheduler_config"], clip_sample=False, set_alpha_to_one=False
+        )
         assert_pipeline_is_reconstruct(pipe, inversion, None)
 
 
@@ -226,6 +242,8 @@ def test_direct_inversion_retraces_its_source_in_the_stock_pipeline():
     z0 = inversion.source_latent
     relative = lambda a: float((a - z0).norm() / z0.norm())  # noqa: E731
     # The same pivot without the offsets is a DDIM inversion (a file claiming Direct without them is refused).
-    plain = nti.Inversion(inversion.z_T, inversion.null_embeddings, z0, inversion.prompt, {**inversion.metadata, "method": "ddim"})
+    plain = nti.Inversion(
+        inversion.z_T, inversion.null_embeddings, z0, inversion.prompt, {**inversion.metadata, "method": "ddim"}
+    )
     assert relative(latents[0]) < 0.05
     assert relative(edit_latents(pipe, plain, prompts, guidance_scale=inversion.guidance_scale)[0]) > 1.0

@@ -29,7 +29,8 @@ def noise_inversion(pipe, seed: int, prompt: str, offsets: bool = False) -> Inve
         pooled = empty.pooled.expand(STEPS, -1) + 0.1 * torch.randn(STEPS, empty.pooled.shape[1], generator=generator)
     return Inversion(
         z_T=torch.randn(*shape, generator=generator),
-        null_embeddings=empty.embeddings.expand(STEPS, -1, -1) + 0.1 * torch.randn(STEPS, *empty.embeddings.shape[1:], generator=generator),
+        null_embeddings=empty.embeddings.expand(STEPS, -1, -1)
+        + 0.1 * torch.randn(STEPS, *empty.embeddings.shape[1:], generator=generator),
         source_latent=torch.randn(*shape, generator=generator),
         prompt=prompt,
         metadata=metadata,
@@ -43,20 +44,35 @@ def jobs_for(pipe) -> list[EditJob]:
     Inversion's offsets), a plain swap, Replace with two edit prompts (one word split into three
     tokens) and its own blend start, and a reconstruction recording its maps."""
     tokenizer = pipe.tokenizer
-    cat, dog, room, bird = (noise_inversion(pipe, 1, "a cat sitting on a sofa"), noise_inversion(pipe, 2, "a dog in a room"),
-                            noise_inversion(pipe, 3, "a red room", offsets=True), noise_inversion(pipe, 4, "a bird"))
+    cat, dog, room, bird = (
+        noise_inversion(pipe, 1, "a cat sitting on a sofa"),
+        noise_inversion(pipe, 2, "a dog in a room"),
+        noise_inversion(pipe, 3, "a red room", offsets=True),
+        noise_inversion(pipe, 4, "a bird"),
+    )
     swap = ["a cat sitting on a sofa", "a tiger sitting on a sofa"]
     blend = LocalBlend(swap, tokenizer, [["cat"], ["tiger"]], start=0.3)
     refine = ["a dog in a room", "a small dog in a big room"]
     reweight = ["a red room", "a red and blue room"]
     three = ["a cat sitting on a sofa", "a capybara sitting on a sofa", "a dog sitting on a sofa"]
     return [
-        EditJob(cat, swap, Replace(swap, tokenizer, cross_replace_steps=0.8, self_replace_steps=0.5, local_blend=blend)),
+        EditJob(
+            cat, swap, Replace(swap, tokenizer, cross_replace_steps=0.8, self_replace_steps=0.5, local_blend=blend)
+        ),
         EditJob(dog, refine, Refine(refine, tokenizer, cross_replace_steps=0.6, self_replace_steps=0.3)),
         EditJob(room, reweight, Reweight(reweight, tokenizer, words={"blue": 2.0}, base=Refine(reweight, tokenizer))),
         EditJob(bird, ["a bird", "a plane"]),
-        EditJob(cat, three, Replace(three, tokenizer, cross_replace_steps={"default_": 0.9, "capybara": 0.5},
-                                    self_replace_steps=(0.2, 0.7), local_blend=LocalBlend(three, tokenizer, [["cat"], ["capybara"], ["dog"]], start=0.5))),
+        EditJob(
+            cat,
+            three,
+            Replace(
+                three,
+                tokenizer,
+                cross_replace_steps={"default_": 0.9, "capybara": 0.5},
+                self_replace_steps=(0.2, 0.7),
+                local_blend=LocalBlend(three, tokenizer, [["cat"], ["capybara"], ["dog"]], start=0.5),
+            ),
+        ),
         EditJob(cat, ["a cat sitting on a sofa"], attention_store=AttentionStore()),
     ]
 
@@ -77,7 +93,9 @@ def test_jobs_together_equal_each_alone(model):
     together = edit_jobs_latents(pipe, jobs)
     recorded = jobs[-1].attention_store
     for job, latents in zip(jobs_for(pipe), together):
-        alone = edit_latents(pipe, job.inversion, job.prompts, controller=job.controller, attention_store=job.attention_store)
+        alone = edit_latents(
+            pipe, job.inversion, job.prompts, controller=job.controller, attention_store=job.attention_store
+        )
         assert latents.shape == alone.shape
         # The rounding of a larger batch: at most 3.4e-5 measured (SD and SDXL); 5e-4 leaves a factor
         # over 10 for other CPUs' kernels and stays far below the 1e-3 effect checked below.
@@ -87,7 +105,9 @@ def test_jobs_together_equal_each_alone(model):
     torch.testing.assert_close(recorded.maps(side), job.attention_store.maps(side), rtol=0, atol=1e-5)
     # the controllers did something, each to its own rows only
     plain = edit_jobs_latents(pipe, [EditJob(job.inversion, job.prompts) for job in jobs_for(pipe)])
-    assert all(float((a[1:] - b[1:]).abs().max()) > 1e-3 for a, b in zip(together[:3] + together[4:5], plain[:3] + plain[4:5]))
+    assert all(
+        float((a[1:] - b[1:]).abs().max()) > 1e-3 for a, b in zip(together[:3] + together[4:5], plain[:3] + plain[4:5])
+    )
     torch.testing.assert_close(together[3], plain[3], rtol=0, atol=5e-4)
 
 
@@ -109,7 +129,9 @@ def test_a_controller_of_its_own_kind_runs_on_its_own_rows():
     for job, latents in zip(jobs, together):
         alone = edit_latents(pipe, job.inversion, job.prompts, controller=job.controller)
         torch.testing.assert_close(latents, alone, rtol=0, atol=5e-4)
-    plain = edit_latents(pipe, jobs[0].inversion, swap, controller=Replace(swap, pipe.tokenizer, local_blend=own.local_blend))
+    plain = edit_latents(
+        pipe, jobs[0].inversion, swap, controller=Replace(swap, pipe.tokenizer, local_blend=own.local_blend)
+    )
     assert float((together[0][1] - plain[1]).abs().max()) > 1e-3  # its own replace_cross was used
 
 
@@ -161,9 +183,23 @@ def test_predict_batches_give_the_one_at_a_time_pictures(tmp_path, monkeypatch):
     edits.write_text("".join(json.dumps(spec) + "\n" for spec in specs))
     # batches of 1 and 4, and of 4 with the UNet's weights channels-last (another rounding only)
     for name, batch_size, layout in (("b1", 1, "false"), ("b4", 4, "false"), ("b4cl", 4, "true")):
-        predict_main(["predict", "--config", str(ROOT / "tests/configs/edit_tiny.yaml"), "--trainer.logger", "false",
-                      "--data.edits_file", str(edits), "--data.batch_size", str(batch_size), "--model.channels_last", layout,
-                      "--writer.output_dir", str(tmp_path / name)])
+        predict_main(
+            [
+                "predict",
+                "--config",
+                str(ROOT / "tests/configs/edit_tiny.yaml"),
+                "--trainer.logger",
+                "false",
+                "--data.edits_file",
+                str(edits),
+                "--data.batch_size",
+                str(batch_size),
+                "--model.channels_last",
+                layout,
+                "--writer.output_dir",
+                str(tmp_path / name),
+            ]
+        )
     pictures = sorted(p.name for p in (tmp_path / "b1").glob("*_edit*.png"))
     assert pictures == ["inv1_refine_edit1.png", "inv2_reweight_edit1.png", "tiger_edit1.png"]
     for b in ("b4", "b4cl"):
@@ -197,9 +233,15 @@ def test_batched_local_blend_equals_each_blend_alone():
     swap = ["a cat sitting on a sofa", "a tiger sitting on a sofa"]
     three = ["a red room", "a blue room", "a green room"]
     controllers = [
-        Replace(swap, tokenizer, local_blend=LocalBlend(swap, tokenizer, [["cat"], ["tiger"]], threshold=0.3, start=0.0)),
+        Replace(
+            swap, tokenizer, local_blend=LocalBlend(swap, tokenizer, [["cat"], ["tiger"]], threshold=0.3, start=0.0)
+        ),
         Refine(["a dog", "a small dog"], tokenizer),
-        Replace(three, tokenizer, local_blend=LocalBlend(three, tokenizer, [["room"], ["blue"], ["green", "room"]], threshold=0.5, start=0.5)),
+        Replace(
+            three,
+            tokenizer,
+            local_blend=LocalBlend(three, tokenizer, [["room"], ["blue"], ["green", "room"]], threshold=0.5, start=0.5),
+        ),
     ]
     for controller in controllers:
         controller.begin(STEPS)
@@ -218,5 +260,7 @@ def test_batched_local_blend_equals_each_blend_alone():
                            for c, rows in zip(controllers, (slice(0, 2), slice(2, 4), slice(4, 7)))])
         torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
     masks = controllers[0].local_blend.mask(controllers[0].store, (8, 8))
-    assert 0 < int(masks[1].sum()) < 64 and not torch.equal(masks[1], controllers[0].local_blend.mask(controllers[0].store, (8, 8))[0])
+    assert 0 < int(masks[1].sum()) < 64 and not torch.equal(
+        masks[1], controllers[0].local_blend.mask(controllers[0].store, (8, 8))[0]
+    )
     assert not torch.equal(control.blend(latents, 4)[4:], latents[4:])

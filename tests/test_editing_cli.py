@@ -98,7 +98,10 @@ def test_predict_writes_every_good_edit_and_reports_the_bad_ones(artifacts, tmp_
     # the resolved config beside the edits, and a summary line as `nti fit` ends with
     assert "edits_file: " + str(edits_file) in (out / "config.yaml").read_text()
     assert not list(runs.rglob("config.yaml"))
-    assert f"nti: 4 edit(s) written, 5 failed; pictures in {out}, failures in {out / 'failures.jsonl'}" in capsys.readouterr().out
+    assert (
+        f"nti: 4 edit(s) written, 5 failed; pictures in {out}, failures in {out / 'failures.jsonl'}"
+        in capsys.readouterr().out
+    )
     (events,) = runs.rglob("events.out.tfevents.*")
     logged = EventAccumulator(str(events)).Reload().Tags()["images"]
     assert {"edit/dog", "attention/dog", "edit/cat_refine"} <= set(logged) and "edit/truncated" not in logged
@@ -177,5 +180,7 @@ def test_without_the_reconstruction_the_edits_are_the_same_and_inputs_can_be_sav
             lean = np.asarray(Image.open(tmp_path / "lean" / f"{name}_edit{k}.png"), dtype=int)
             assert np.abs(full - lean).max() <= 1, name  # a smaller batch: float rounding at most
         assert Image.open(tmp_path / "lean" / f"{name}.png").width < Image.open(tmp_path / "full" / f"{name}.png").width
-        assert (tmp_path / "lean" / f"{name}_input.png").is_file() and not (tmp_path / "full" / f"{name}_input.png").exists()
+        assert (tmp_path / "lean" / f"{name}_input.png").is_file() and not (
+            tmp_path / "full" / f"{name}_input.png"
+        ).exists()
     assert not (tmp_path / "lean" / "cat_refine_edit3.png").exists()

@@ -208,7 +208,12 @@ def test_cross_forms_are_the_controllers_replace_cross(tokenizer):
         Refine(refine, tokenizer),
         Reweight(swap, tokenizer, words={"grass": 3.0}),
         Reweight(refine, tokenizer, words={"green": 0.5}, base=Refine(refine, tokenizer)),
-        Reweight(swap, tokenizer, words={"on": 2.0}, base=Reweight(swap, tokenizer, words={"grass": 3.0}, base=Replace(swap, tokenizer))),
+        Reweight(
+            swap,
+            tokenizer,
+            words={"on": 2.0},
+            base=Reweight(swap, tokenizer, words={"grass": 3.0}, base=Replace(swap, tokenizer)),
+        ),
     ]
     for controller in controllers:
         maps = synthetic_maps(len(controller.prompts), 16)
@@ -216,7 +221,9 @@ def test_cross_forms_are_the_controllers_replace_cross(tokenizer):
         mapped = torch.einsum("hqw,pwn->phqn", maps[0], form.mapper)
         aligned, factors = form.aligned[:, None, None, :], form.factors[:, None, None, :]
         expected = controller.replace_cross(maps[0], maps[1:])
-        torch.testing.assert_close((mapped * aligned + maps[1:] * (1 - aligned)) * factors, expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            (mapped * aligned + maps[1:] * (1 - aligned)) * factors, expected, rtol=1e-6, atol=1e-7
+        )
 
     class Halved(Replace):  # a subclass that changes replace_cross alone has no form
         def replace_cross(self, base, edits):
@@ -245,7 +252,9 @@ def test_a_subclass_of_its_own_kind_keeps_its_own_calls(tokenizer):
     assert controller.job_control() is None
     # its own calls: the maps are edited as Replace's, the blend is called with the controller's store
     maps = synthetic_maps(2, 16)
-    torch.testing.assert_close(controller(maps.clone(), CROSS), Replace(prompts, tokenizer).begin(4)(maps.clone(), CROSS))
+    torch.testing.assert_close(
+        controller(maps.clone(), CROSS), Replace(prompts, tokenizer).begin(4)(maps.clone(), CROSS)
+    )
     latents = torch.randn(2, 4, 8, 8)
     assert torch.equal(controller.end_step(0, 981, latents), -latents)
     assert calls == [(controller.store, 0, 4)] and controller.step == 1 and controller.store.num_steps == 1

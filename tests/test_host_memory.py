@@ -57,7 +57,9 @@ def test_the_environment_switch_turns_the_command_s_call_off(monkeypatch: pytest
     assert host_memory.keep_freed_memory_unless_disabled() is False
 
 
-def test_the_command_applies_it_before_running(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command_applies_it_before_running(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     calls = []
     monkeypatch.setattr("nti_lightning.cli.keep_freed_memory_unless_disabled", lambda: calls.append(True))
     main(["--help"])

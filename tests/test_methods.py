@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_image
 
 import nti_lightning as nti
 from nti_lightning.errors import OptionError
@@ -16,8 +17,6 @@ from nti_lightning.inversion import methods as registry
 from nti_lightning.inversion.artifact import ArtifactError
 from nti_lightning.inversion.compatible import check_compatible
 from nti_lightning.inversion.methods import REGISTRY, InversionMethod, method_named, method_of
-
-from conftest import random_image
 
 PROMPTS = ["a red circle", "a blue square on a green background", "a yellow star"]
 

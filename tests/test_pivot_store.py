@@ -33,7 +33,9 @@ def pivot_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("scheduling", ["continuous", "lockstep"])
-def test_methods_share_each_pivot_and_a_reading_run_equals_a_computing_run(independent_pipeline, tmp_path, scheduling, pivot_rows):
+def test_methods_share_each_pivot_and_a_reading_run_equals_a_computing_run(
+    independent_pipeline, tmp_path, scheduling, pivot_rows
+):
     images = [random_image(seed) for seed in range(5)]
     options = dict(num_inference_steps=4, num_inner_steps=2, batch_size=2, progress_bar=False, scheduling=scheduling,
                    ids=[f"img{k}" for k in range(5)])
@@ -71,7 +73,9 @@ def test_a_stored_pivot_is_used_only_where_it_fits(tmp_path):
     assert store.load("img", "a cat", z0[1]) is None  # another image under the same id
     assert store.load("other", "a cat", z0[0]) is None  # none stored
     assert PivotStore(tmp_path, "weights|bf16-mixed", schedule).load("img", "a cat", z0[0]) is None  # precision
-    other_schedule = DDIMSchedule.from_scheduler_config({**dict(num_train_timesteps=1000), "beta_schedule": "linear"}, 4)
+    other_schedule = DDIMSchedule.from_scheduler_config(
+        {**dict(num_train_timesteps=1000), "beta_schedule": "linear"}, 4
+    )
     assert PivotStore(tmp_path, "weights|32-true", other_schedule).load("img", "a cat", z0[0]) is None
     (tmp_path / "img.safetensors").write_bytes(b"damaged")
     assert store.load("img", "a cat", z0[0]) is None  # computed again, not an error
