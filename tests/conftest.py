@@ -7,10 +7,18 @@ reference does not rest on anything the package builds.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import signal
 import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -181,3 +189,115 @@ def run_quietly(command: list[str], cwd: Path, threads: int = 1) -> subprocess.C
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+@contextmanager
+def running_quietly(
+    command: list[str], cwd: Path, threads: int = 1
+) -> Iterator[Callable[[], subprocess.CompletedProcess]]:
+    """`run_quietly` started in the background, for other work meanwhile (a multi-process run spends
+    seconds importing before it computes): yields a function that waits for the command, asserts it
+    succeeded and returns its output. A command still running when the block ends (the work meanwhile
+    failed) is killed with the processes it started."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True,
+                                   start_new_session=True)
+
+        def result() -> subprocess.CompletedProcess:
+            process.wait(timeout=600)
+            stdout.seek(0)
+            stderr.seek(0)
+            done = subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read())
+            assert done.returncode == 0, done.stderr[-3000:]
+            return done
+
+        try:
+            yield result
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def run_in_process(args: list[str], cwd: Path, threads: int = 1) -> subprocess.CompletedProcess:
+    """`nti ARGS` (`main([...])`) in this process from `cwd`, as `run_quietly` runs `nti` in a
+    subprocess, without a fresh interpreter's imports: asserts it succeeded and returns its output.
+    torch runs on `threads` threads meanwhile (a comparison with the processes of a multi-process
+    run, each on one thread, needs the same count), then on as many as before."""
+    from nti_lightning.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads_before, cwd_before = torch.get_num_threads(), os.getcwd()
+    torch.set_num_threads(threads)
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                main(list(args))
+                status = 0
+            except SystemExit as exit_:
+                status = exit_.code or 0
+    finally:
+        os.chdir(cwd_before)
+        torch.set_num_threads(threads_before)
+    assert status == 0, stderr.getvalue()[-3000:]
+    return subprocess.CompletedProcess(["nti", *args], status, stdout.getvalue(), stderr.getvalue())
+
+
+class OneProcessFit:
+    """`nti fit` of tests/configs/tiny.yaml on `write_dataset`'s five images (`manifest`), B = 2, in
+    one process on one thread: what the multi-process runs (tests/test_dataset.py,
+    tests/test_multi_node.py) must give. `self(scheduling)` runs it in this process the first time
+    and returns its output folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.manifest = write_dataset(folder / "data", 5)
+        self.outputs: dict[str, Path] = {}
+
+    def __call__(self, scheduling: str) -> Path:
+        if scheduling not in self.outputs:
+            run_in_process(
+                ["fit", "--config", str(ROOT / "tests" / "configs" / "tiny.yaml"), "--trainer.logger", "false",
+                 "--data.manifest", str(self.manifest), "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+                 "--model.scheduling", scheduling, "--model.output_dir", str(self.folder / scheduling)],
+                self.folder,
+            )
+            self.outputs[scheduling] = self.folder / scheduling
+        return self.outputs[scheduling]
+
+
+@pytest.fixture(scope="session")
+def one_process_fit(tmp_path_factory) -> OneProcessFit:
+    """The session's `OneProcessFit`: each scheduling's run is made once."""
+    return OneProcessFit(tmp_path_factory.mktemp("one_process"))
+
+
+#: The `nti` console script of this environment (or `main` where it is not installed).
+NTI = Path(sys.executable).with_name("nti")
+COMMAND = [str(NTI)] if NTI.exists() else [sys.executable, "-c", "from nti_lightning.cli import main; main()"]
+
+
+def nti(*args: str, cwd: Path, debug: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`nti ARGS` as a user runs it, in its own process, with the hub offline and without NTI_DEBUG
+    unless `debug`; its status and output are returned, not checked."""
+    env = {key: value for key, value in os.environ.items() if key != "NTI_DEBUG"}
+    env["HF_HUB_OFFLINE"] = "1"  # a hub id must fail at once, not wait for a network there is none of
+    if debug:
+        env["NTI_DEBUG"] = "1"
+    return subprocess.run([*COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_commands(tmp_path_factory) -> SimpleNamespace:
+    """The README's demo commands, run once as a user runs them in a clean folder (the console
+    script, in its own process): `nti fit --config configs/demo.yaml`, then `nti predict --config
+    configs/edit_demo.yaml` on the artifact it wrote. `folder` holds what they wrote; `fitted` and
+    `edited` are their `subprocess.CompletedProcess`. Shared by the tests of their notices
+    (test_cli_errors.py) and of their results (test_shapes_model.py)."""
+    folder = tmp_path_factory.mktemp("demo")
+    shutil.copytree(ROOT / "configs" / "images", folder / "configs" / "images")
+    fitted = nti("fit", "--config", str(ROOT / "configs" / "demo.yaml"), cwd=folder)
+    edited = nti("predict", "--config", str(ROOT / "configs" / "edit_demo.yaml"), cwd=folder)
+    return SimpleNamespace(folder=folder, fitted=fitted, edited=edited)

@@ -50,8 +50,11 @@ class ReferenceNullInversion:
     @torch.no_grad()
     def context(self, prompt: str):
         tok = self.pipe.tokenizer
-        ids = lambda text: tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                               return_tensors="pt").input_ids
+
+        def ids(text):
+            return tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids
+
         uncond = self.pipe.text_encoder(ids(""))[0]
         cond = self.pipe.text_encoder(ids(prompt))[0]
         return uncond, cond
@@ -218,7 +221,8 @@ def clear_stopping_epsilon(
     `num_inner_steps`).
     """
     if wanted is None:
-        wanted = lambda results: {1, num_inner_steps} <= set(results[0]["inner_iterations"])
+        def wanted(results):
+            return {1, num_inner_steps} <= set(results[0]["inner_iterations"])
     pixels, prompt = inputs[0]
     guess = float(np.median(reference.invert(pixels, prompt, num_inner_steps, epsilon=1e-5)["final_losses"]))
     closest = {}

@@ -35,7 +35,8 @@ class ReferenceNullInversionXL(ReferenceNullInversion):
         embeddings, pooled = context
         time_ids = self.time_ids.repeat(latents.shape[0], 1)
         return self.pipe.unet(
-            latents, t, encoder_hidden_states=embeddings, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+            latents, t, encoder_hidden_states=embeddings,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
         ).sample
 
     @torch.no_grad()

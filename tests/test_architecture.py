@@ -7,6 +7,7 @@ package's modules import each other in a cycle. And the code passes ruff (pyproj
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,12 @@ importlinter_cli = pytest.importorskip(
 
 def test_layers_and_cycles_contracts_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
+    # import-linter configures logging with `disable_existing_loggers`: every logger made so far
+    # (the package's among them) would stay silent for the tests after this one.
+    made = [logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
+    loggers = [logging.getLogger(), *made]
+    for logger in loggers:
+        monkeypatch.setattr(logger, "disabled", logger.disabled)
     assert importlinter_cli.lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_image, run_quietly, write_dataset
+from conftest import random_image, run_in_process, running_quietly, write_dataset
 from test_progress import assert_log_progress
 
 from nti_lightning import Inversion
@@ -25,7 +25,8 @@ CONFIG = ROOT / "tests" / "configs" / "tiny.yaml"
 
 
 def fit_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nti_lightning.cli", "fit", "--config", str(CONFIG), "--trainer.logger", "false", *args]
+    return [sys.executable, "-m", "nti_lightning.cli", "fit", "--config", str(CONFIG), "--trainer.logger", "false",
+            *args]
 
 
 # ------------------------------------------------------------------------------ reading
@@ -98,9 +99,12 @@ def test_plan_skips_valid_artifacts_redoes_corrupt_ones_and_refuses_other_settin
     assert plan.redone == ["s1"]
     assert [s.id for batch in plan.batches for s in batch] == ["s1", "s2"]
     assert not (tmp_path / ".s2.safetensors.abc.tmp").exists()
-    assert make_plan(samples(3), [], 2, output_dir=tmp_path, settings=settings, overwrite=True, check_images=False).num_images == 3
+    overwritten = make_plan(samples(3), [], 2, output_dir=tmp_path, settings=settings, overwrite=True,
+                            check_images=False)
+    assert overwritten.num_images == 3
     with pytest.raises(DatasetError, match=r"s0.safetensors \(guidance_scale: 7.5 there, 3.0 now\).*overwrite"):
-        make_plan(samples(3), [], 2, output_dir=tmp_path, settings={**settings, "guidance_scale": 3.0}, check_images=False)
+        make_plan(samples(3), [], 2, output_dir=tmp_path, settings={**settings, "guidance_scale": 3.0},
+                  check_images=False)
 
 
 # ------------------------------------------------------------------------------ whole runs
@@ -169,20 +173,21 @@ def test_three_methods_one_report(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("scheduling", ["continuous", "lockstep"])
-def test_two_process_ddp_equals_one_process(tmp_path, scheduling):
-    manifest = write_dataset(tmp_path / "data", 5)
-    common = ["--data.manifest", str(manifest), "--data.batch_size", "2", "--trainer.accelerator", "cpu",
-              "--model.scheduling", scheduling]
-    run_quietly(fit_command(*common, "--model.output_dir", "one", "--trainer.devices", "1"), tmp_path)
+def test_two_process_ddp_equals_one_process(tmp_path, one_process_fit, scheduling):
+    common = ["--data.manifest", str(one_process_fit.manifest), "--data.batch_size", "2",
+              "--trainer.accelerator", "cpu", "--model.scheduling", scheduling]
     started = time.monotonic()
-    result = run_quietly(
+    with running_quietly(
         fit_command(*common, "--model.output_dir", "two", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     "--trainer.enable_progress_bar", "true"),
         tmp_path,
-    )
+    ) as two_processes:
+        # meanwhile the one-process run: this command with "--trainer.devices 1", in this process on one thread
+        one = one_process_fit(scheduling)
+        result = two_processes()
     assert "5 inverted, 0 skipped (already done), 0 failed" in result.stdout
     assert_log_progress(result.stderr, 5, time.monotonic() - started)
-    one, two = tmp_path / "one", tmp_path / "two"
+    two = tmp_path / "two"
     assert sorted(p.name for p in two.glob("*.safetensors")) == [f"img{i}.safetensors" for i in range(5)]
     rows = json.loads((two / "report.json").read_text())["images"]
     assert sorted(row["id"] for row in rows) == [f"img{i}" for i in range(5)]  # each image once
@@ -211,7 +216,7 @@ def test_sigkill_then_rerun_finishes_every_image_exactly_once(tmp_path):
     for name in before:
         Inversion.load(out / name)  # whatever is there is complete
 
-    result = run_quietly(command, tmp_path)
+    result = run_in_process(command[3:], tmp_path)  # the rerun: `nti fit` with the same arguments
     assert f"{6 - len(before)} inverted, {len(before)} skipped (already done), 0 failed" in result.stdout
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
     assert sorted(after) == [f"img{i}.safetensors" for i in range(6)]

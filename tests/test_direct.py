@@ -78,5 +78,7 @@ def test_source_branch_reconstructs_like_the_vae_round_trip(tmp_path):
     assert float((latents[1] - latents[0]).abs().max()) > 0.1
     # a prompt swap has no source row: the offsets are not used, DDIM's sample comes out
     swapped = reconstruction_latents(pipe, loaded, prompt=prompts[1])
-    plain = nti.Inversion(loaded.z_T, loaded.null_embeddings, loaded.source_latent, prompt, loaded.metadata)
+    # The same pivot without the offsets is a DDIM inversion (a file claiming Direct without them is refused).
+    plain = nti.Inversion(loaded.z_T, loaded.null_embeddings, loaded.source_latent, prompt,
+                          {**loaded.metadata, "method": "ddim"})
     assert torch.equal(swapped, reconstruction_latents(pipe, plain, prompt=prompts[1]))

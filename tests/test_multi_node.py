@@ -10,7 +10,7 @@ import sys
 import time
 
 import torch
-from conftest import ROOT, run_quietly, write_dataset
+from conftest import ROOT
 from test_progress import assert_log_progress
 
 from nti_lightning import Inversion
@@ -22,11 +22,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_nodes_equal_one_process(tmp_path):
-    manifest = write_dataset(tmp_path / "data", 5, first_seed=500)
+def test_two_nodes_equal_one_process(tmp_path, one_process_fit):
     command = [sys.executable, "-m", "nti_lightning.cli", "fit", "--config", str(ROOT / "tests/configs/tiny.yaml"),
-               "--trainer.logger", "false", "--data.manifest", str(manifest), "--data.batch_size", "2"]
-    run_quietly([*command, "--model.output_dir", "one"], tmp_path)
+               "--trainer.logger", "false", "--data.manifest", str(one_process_fit.manifest), "--data.batch_size", "2"]
 
     # What a cluster's launcher gives each node: the same rendezvous, its own NODE_RANK.
     port = free_port()
@@ -40,6 +38,9 @@ def test_two_nodes_equal_one_process(tmp_path):
              "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "true"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
+    # meanwhile the one process: this command (continuous scheduling, the default) in this process on one
+    # thread (made once for the session; tests/test_dataset.py compares its DDP run with it too)
+    one = one_process_fit("continuous")
     outputs = [node.communicate(timeout=600) for node in nodes]
     for node, (_, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stderr[-3000:]
@@ -49,7 +50,7 @@ def test_two_nodes_equal_one_process(tmp_path):
     assert_log_progress(first_err, 5, time.monotonic() - started)
 
     for i in range(5):
-        a = Inversion.load(tmp_path / "one" / f"img{i}.safetensors")
+        a = Inversion.load(one / f"img{i}.safetensors")
         b = Inversion.load(tmp_path / "shared" / f"img{i}.safetensors")
         # Equal here, but the nodes batch other images together than the single process does, and
         # batched kernels may round differently elsewhere: the DDP tests' tolerance.

@@ -10,7 +10,7 @@ from pathlib import Path
 import p2p_reference as ref
 import pytest
 import torch
-from conftest import random_image, run_quietly, write_dataset
+from conftest import random_image, run_in_process, running_quietly, write_dataset
 from reference import clear_stopping_epsilon
 from reference_xl import ReferenceNullInversionXL
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -105,7 +105,9 @@ def test_gradient_checkpointing_changes_nothing_and_is_undone(pipe):
 
 
 def test_negative_prompt_method_uses_the_prompt_condition(pipe):
-    [result] = nti.invert(pipe, random_image(5), PROMPT, num_inference_steps=3, num_inner_steps=2, method="negative_prompt")
+    [result] = nti.invert(
+        pipe, random_image(5), PROMPT, num_inference_steps=3, num_inner_steps=2, method="negative_prompt"
+    )
     cond = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
     assert torch.equal(result.null_embeddings, cond[0].expand(3, -1, -1))
     assert torch.equal(result.null_pooled_embeddings, cond[2].expand(3, -1))
@@ -118,14 +120,22 @@ def test_artifact_round_trip_and_sd_sdxl_mismatch(pipe, inversion, tmp_path):
     assert torch.equal(loaded.null_embeddings, inversion.null_embeddings)
     assert loaded.metadata["time_ids"] == [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]
     assert nti.Inversion.read_metadata(path)["pooled_shape"] == [32]
-    torch.testing.assert_close(reconstruction_latents(pipe, loaded), reconstruction_latents(pipe, inversion), rtol=0, atol=0)
+    torch.testing.assert_close(
+        reconstruction_latents(pipe, loaded), reconstruction_latents(pipe, inversion), rtol=0, atol=0
+    )
 
     sd = nti.load_pipeline("tiny")
-    with pytest.raises(ModelError, match=r"an SDXL inversion \(made with 'tiny-xl'\) cannot be used with an SD 1.x/2.x model \('tiny'\)"):
+    with pytest.raises(
+        ModelError,
+        match=r"an SDXL inversion \(made with 'tiny-xl'\) cannot be used with an SD 1.x/2.x model \('tiny'\)",
+    ):
         nti.reconstruct(sd, loaded)
     [sd_inversion] = nti.invert(sd, random_image(1), PROMPT, num_inference_steps=2, num_inner_steps=1)
     assert sd_inversion.null_pooled_embeddings is None and "time_ids" not in sd_inversion.metadata
-    with pytest.raises(ModelError, match=r"an SD 1.x/2.x inversion \(made with 'tiny'\) cannot be used with an SDXL model \('tiny-xl'\)"):
+    with pytest.raises(
+        ModelError,
+        match=r"an SD 1.x/2.x inversion \(made with 'tiny'\) cannot be used with an SDXL model \('tiny-xl'\)",
+    ):
         nti.reconstruct(pipe, sd_inversion)
     sd_path = sd_inversion.save(tmp_path / "sd.safetensors")  # SD artifacts keep format 1
     assert json.loads(_header(sd_path)["__metadata__"]["nti"])["format_version"] == 1
@@ -172,7 +182,9 @@ def _controllers(kind: str, tokenizer):
         ours_blend = nti.LocalBlend(prompts, tokenizer, [["circle"], ["square"]], threshold=0.95, resolution=8)
         theirs_blend = ref.LocalBlend(prompts, ["circle", "square"], tokenizer, T, threshold=0.95, resolution=8)
         ours = Replace(prompts, tokenizer, {"default_": 0.8, "square": 0.5}, 0.6, local_blend=ours_blend)
-        theirs = ref.AttentionReplace(prompts, T, {"default_": 0.8, "square": 0.5}, 0.6, tokenizer, local_blend=theirs_blend)
+        theirs = ref.AttentionReplace(
+            prompts, T, {"default_": 0.8, "square": 0.5}, 0.6, tokenizer, local_blend=theirs_blend
+        )
         return prompts, ours, theirs
     if kind == "refine":
         prompts = [PROMPT, "a big red circle on a blue background"]
@@ -216,11 +228,16 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     manifest = write_dataset(tmp_path, 3, first_seed=200)
     command = [sys.executable, "-m", "nti_lightning.cli", "fit", "--config", str(ROOT / "tests/configs/tiny_xl.yaml"),
                "--trainer.logger", "false", "--data.manifest", str(manifest), "--data.batch_size", "1"]
-    run_quietly([*command, "--model.output_dir", "one"], tmp_path)
-    result = run_quietly([*command, "--model.output_dir", "two", "--trainer.devices", "2", "--trainer.strategy", "ddp"], tmp_path)
+    with running_quietly(
+        [*command, "--model.output_dir", "two", "--trainer.devices", "2", "--trainer.strategy", "ddp"], tmp_path
+    ) as two_processes:
+        # meanwhile one process: this one, on one thread as each DDP process
+        run_in_process([*command[3:], "--model.output_dir", "one"], tmp_path)
+        result = two_processes()
     assert "3 inverted, 0 skipped (already done), 0 failed" in result.stdout
     for i in range(3):
-        a, b = nti.Inversion.load(tmp_path / "one" / f"img{i}.safetensors"), nti.Inversion.load(tmp_path / "two" / f"img{i}.safetensors")
+        a = nti.Inversion.load(tmp_path / "one" / f"img{i}.safetensors")
+        b = nti.Inversion.load(tmp_path / "two" / f"img{i}.safetensors")
         assert a.metadata["inner_iterations"] == b.metadata["inner_iterations"]
         assert torch.allclose(a.z_T, b.z_T, atol=1e-5, rtol=0)
         assert torch.allclose(a.null_embeddings, b.null_embeddings, atol=1e-5, rtol=0)
@@ -229,11 +246,14 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 def test_fit_and_predict_with_the_shipped_tiny_xl_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    fit_main(["fit", "--config", str(ROOT / "configs/tiny_xl.yaml"), "--data.image", str(ROOT / "configs/images/shapes.png")])
+    fit_main(
+        ["fit", "--config", str(ROOT / "configs/tiny_xl.yaml"), "--data.image", str(ROOT / "configs/images/shapes.png")]
+    )
     out = tmp_path / "inversions" / "tiny-xl"
     inversion = nti.Inversion.load(out / "shapes.safetensors")
     assert inversion.null_embeddings.shape == (50, 77, 96) and inversion.null_pooled_embeddings.shape == (50, 32)
-    assert inversion.metadata["model"] == "tiny-xl" and inversion.metadata["time_ids"] == [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]
+    assert inversion.metadata["model"] == "tiny-xl"
+    assert inversion.metadata["time_ids"] == [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]
     assert set(inversion.metadata["metrics"]) >= {"psnr", "ssim", "vae_psnr", "ddim_psnr"}
     assert (out / "shapes.png").stat().st_size > 0 and (out / "report.csv").exists()
     events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import colorsys
 import itertools
-import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from safetensors.torch import load_file
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 import nti_lightning as nti
-from nti_lightning.cli import main
 from nti_lightning.data.images import to_tensor
 from nti_lightning.demo.shapes import (
     BACKGROUND_COLORS,
@@ -100,10 +98,14 @@ def test_generator_is_deterministic_and_captions_match_pixels():
     assert np.array_equal(a.coverage, b.coverage)
     # The splits and the training seeds are different streams.
     assert not np.array_equal(np.asarray(make_sample(7, "train").image), np.asarray(a.image))
-    assert not np.array_equal(np.asarray(make_sample(7, "train", seed=1).image), np.asarray(make_sample(7, "train").image))
+    assert not np.array_equal(
+        np.asarray(make_sample(7, "train", seed=1).image), np.asarray(make_sample(7, "train").image)
+    )
     assert ShapesDataset(8, "heldout")[7]["caption"] == a.caption
     # A later stage goes on with the stream where an earlier one stopped.
-    assert torch.equal(ShapesDataset(3, "heldout", start=5, recoloured=False)[2]["pixels"], ShapesDataset(8, "heldout")[7]["pixels"])
+    assert torch.equal(
+        ShapesDataset(3, "heldout", start=5, recoloured=False)[2]["pixels"], ShapesDataset(8, "heldout")[7]["pixels"]
+    )
     # Without the recoloured picture (the diffusion stage's items), the rest is the same.
     full, plain = ShapesDataset(8, "heldout")[7], ShapesDataset(8, "heldout", recoloured=False)[7]
     assert "recoloured" in full and set(plain) == set(full) - {"recoloured"}
@@ -135,8 +137,8 @@ def test_training_code_runs_both_stages(tmp_path):
 
     config = DemoConfig(
         vae_channels=(8, 16, 16), unet_channels=(16, 16), attention_heads=2, text_width=16, text_heads=2,
-        text_layers=1, norm_groups=8, vae_steps=3, vae_batch_size=4, diffusion_steps=3, diffusion_batch_size=4, refine_steps=2,
-        warmup_steps=1,
+        text_layers=1, norm_groups=8, vae_steps=3, vae_batch_size=4, diffusion_steps=3, diffusion_batch_size=4,
+        refine_steps=2, warmup_steps=1,
     )
     summary = train_demo(tmp_path / "model", seed=0, max_minutes=5, config=config, log_dir=None, quiet=True)
     assert (summary["vae_steps_done"], summary["diffusion_steps_done"], summary["refine_steps_done"]) == (3, 3, 2)
@@ -155,7 +157,8 @@ def test_training_code_runs_both_stages(tmp_path):
     # The folder loads by its path (`model.pretrained: <folder>`), with CLIP's tokenizer rebuilt.
     loaded = nti.load_pipeline(str(tmp_path / "model"))
     assert loaded.vae.config.scaling_factor == pytest.approx(summary["latent_scaling_factor"])
-    assert loaded.tokenizer.model_max_length == 77 and loaded.tokenizer("a red circle").input_ids == clip_tokenizer()("a red circle").input_ids
+    assert loaded.tokenizer.model_max_length == 77
+    assert loaded.tokenizer("a red circle").input_ids == clip_tokenizer()("a red circle").input_ids
 
 
 def test_grounding_loss_keeps_the_shape_words_on_the_shape():
@@ -171,7 +174,9 @@ def test_grounding_loss_keeps_the_shape_words_on_the_shape():
 
     config = DemoConfig(vae_channels=(8, 16), unet_channels=(16, 16), attention_heads=2, text_width=16, norm_groups=8)
     stages = [
-        DiffusionStage(build_unet(config), build_text_encoder(config), build_vae(config), clip_tokenizer(), grounding_growth=growth)
+        DiffusionStage(
+            build_unet(config), build_text_encoder(config), build_vae(config), clip_tokenizer(), grounding_growth=growth
+        )
         for growth in (0, 1)
     ]
     side, heads = 8, 2
@@ -205,7 +210,10 @@ def test_vae_round_trip_psnr(pipe):
     target = pixels01([sample.image for sample in heldout_samples(VAE_IMAGES)])
     decoded = vae_codec.decode(pipe.vae, vae_codec.encode(pipe.vae, target * 2 - 1))
     values = psnr(decoded, target)
-    print(f"\nVAE round trip PSNR over {VAE_IMAGES} held-out images: mean {values.mean():.2f} dB, min {values.min():.2f} dB")
+    print(
+        f"\nVAE round trip PSNR over {VAE_IMAGES} held-out images: mean {values.mean():.2f} dB, "
+        f"min {values.min():.2f} dB"
+    )
     assert values.mean() >= 30.0
 
 
@@ -247,7 +255,9 @@ def test_null_text_inversion_reaches_the_vae_bound_and_ddim_does_not(pipe, inver
     empty = Condition(encode_prompts(pipe.tokenizer, pipe.text_encoder, [""]))
     z_T = torch.stack([inversion.z_T for inversion in inversions])
     ddim_images = vae_codec.decode(pipe.vae, ddim_reconstruction(pipe.unet, schedule, z_T, empty, cond, 7.5))
-    vae_psnr, null_text_psnr, ddim_psnr = (psnr(images, target) for images in (vae_images, null_text_images, ddim_images))
+    vae_psnr, null_text_psnr, ddim_psnr = (
+        psnr(images, target) for images in (vae_images, null_text_images, ddim_images)
+    )
     print(
         f"\nPSNR over {len(samples)} held-out images: VAE {vae_psnr.tolist()} mean {vae_psnr.mean():.2f}, "
         f"null-text {null_text_psnr.tolist()} mean {null_text_psnr.mean():.2f}, "
@@ -265,7 +275,8 @@ def test_half_precision_files_reconstruct_within_the_kept_bound(pipe, inverted, 
     full, half = [], []
     for k, inversion in enumerate(inversions):
         full.append(nti.reconstruct(pipe, nti.Inversion.load(inversion.save(tmp_path / f"{k}.safetensors"))))
-        half.append(nti.reconstruct(pipe, nti.Inversion.load(inversion.save(tmp_path / f"{k}h.safetensors", null_dtype="float16"))))
+        half_file = inversion.save(tmp_path / f"{k}h.safetensors", null_dtype="float16")
+        half.append(nti.reconstruct(pipe, nti.Inversion.load(half_file)))
     loss = psnr(pixels01(full), target) - psnr(pixels01(half), target)
     print(f"\nfp16 file: PSNR loss per image {[round(v, 4) for v in loss.tolist()]} dB")
     assert float(loss.max()) < 0.05
@@ -305,7 +316,9 @@ def colour_swap(pipe, sample, inversion) -> dict[str, float]:
         "mean_is_blue": nearest_color(mean_rgb, SHAPE_COLORS) == "blue",
         "blue_share": float(np.mean([nearest_color(p, SHAPE_COLORS) == "blue" for p in edited_pixels[inside]])),
         "background_ssim": float((ssim_map[0].mean(0) * outside).sum() / outside.sum()),
-        "source_still_red": nearest_color(np.asarray(reconstruction, np.float32)[inside].mean(0), SHAPE_COLORS) == "red",
+        "source_still_red": (
+            nearest_color(np.asarray(reconstruction, np.float32)[inside].mean(0), SHAPE_COLORS) == "red"
+        ),
     }
 
 
@@ -328,26 +341,26 @@ def test_replace_edit_recolours_the_shape_and_keeps_the_background(pipe, inverte
 
 
 # ---------------------------------------------------------------------------- the demo
-def test_demo_commands_invert_then_edit(tmp_path, monkeypatch):
+def test_demo_commands_invert_then_edit(demo_commands):
     """The README's main commands in a clean folder: `nti fit --config configs/demo.yaml`, then
-    `nti predict --config configs/edit_demo.yaml` on the artifact it wrote."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(ROOT / "configs" / "images", tmp_path / "configs" / "images")
+    `nti predict --config configs/edit_demo.yaml` on the artifact it wrote (run once for the
+    session by the `demo_commands` fixture, whose notices tests/test_cli_errors.py checks)."""
+    folder = demo_commands.folder
     demo = make_sample(DEMO_IMAGE, "heldout")
-    assert np.array_equal(np.asarray(Image.open("configs/images/demo_red_circle.png").convert("RGB")), np.asarray(demo.image))
+    image = folder / "configs/images/demo_red_circle.png"
+    assert np.array_equal(np.asarray(Image.open(image).convert("RGB")), np.asarray(demo.image))
 
-    main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger", "false"])
-    (row,) = dataset_report.read_rows("inversions/demo")
+    assert demo_commands.fitted.returncode == 0, demo_commands.fitted.stderr[-3000:]
+    (row,) = dataset_report.read_rows(str(folder / "inversions/demo"))
     print(f"\ndemo inversion: {({k: row[k] for k in ('psnr', 'vae_psnr', 'ddim_psnr', 'inner_iterations')})}")
     # The paper's claim in the run's own report: null-text reaches the VAE's bound, DDIM-only
     # at w = 7.5 does not.
     assert row["psnr"] >= row["vae_psnr"] - 0.5
     assert row["ddim_psnr"] <= row["vae_psnr"] - 5.0
-    assert Image.open("inversions/demo/demo_red_circle.png").width >= 4 * 32  # input | VAE | DDIM | null-text
+    assert Image.open(folder / "inversions/demo/demo_red_circle.png").width >= 4 * 32  # input | VAE | DDIM | null-text
 
-    main(["predict", "--config", str(ROOT / "configs" / "edit_demo.yaml"), "--trainer.logger", "false",
-          "--trainer.default_root_dir", "runs"])
-    out = Path("edits/demo")
+    assert demo_commands.edited.returncode == 0, demo_commands.edited.stderr[-3000:]
+    out = folder / "edits/demo"
     assert not (out / "failures.jsonl").exists()
     seen = {
         name: describe(Image.open(out / f"{name}.png"))

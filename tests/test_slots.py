@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_image, run_quietly, write_dataset
+from conftest import random_image, run_in_process, run_quietly, write_dataset
 from reference import ReferenceNullInversion, clear_stopping_epsilon
 from test_progress import assert_log_progress
 
@@ -104,14 +104,18 @@ def test_fixed_shapes_put_every_slot_through_every_call(independent_pipeline, st
         lambda module, args, kwargs: sizes.append((args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True
     )
     try:
-        fixed, _ = walk_images(independent_pipeline, images, PROMPTS, slots=2, epsilon=stopping_epsilon, fixed_shapes=True)
+        fixed, _ = walk_images(
+            independent_pipeline, images, PROMPTS, slots=2, epsilon=stopping_epsilon, fixed_shapes=True
+        )
     finally:
         handle.remove()
     assert set(sizes) == {2, 4}  # S rows (pivots, conditional outputs, inner iterations), 2S (advances)
     exiting, _ = walk_images(independent_pipeline, images, PROMPTS, slots=2, epsilon=stopping_epsilon)
     for key, image in exiting.items():
         assert fixed[key].iterations == image.iterations
-        torch.testing.assert_close(torch.cat(fixed[key].null_embeddings), torch.cat(image.null_embeddings), rtol=0, atol=5e-3)
+        torch.testing.assert_close(
+            torch.cat(fixed[key].null_embeddings), torch.cat(image.null_embeddings), rtol=0, atol=5e-3
+        )
 
 
 def test_reused_conditional_output_saves_a_row_per_step(independent_pipeline, stopping_epsilon):
@@ -131,7 +135,9 @@ def test_reused_conditional_output_saves_a_row_per_step(independent_pipeline, st
 
 
 def test_continuous_invert_is_the_reference_and_batches_give_single_results(independent_pipeline, stopping_epsilon):
-    options = dict(num_inference_steps=T, num_inner_steps=N, early_stop_epsilon=stopping_epsilon, scheduling="continuous")
+    options = dict(
+        num_inference_steps=T, num_inner_steps=N, early_stop_epsilon=stopping_epsilon, scheduling="continuous"
+    )
     expected = ReferenceNullInversion(independent_pipeline, num_ddim_steps=T).invert(
         prepare(random_image(0), 16)[None], PROMPTS[0], num_inner_steps=N, epsilon=stopping_epsilon
     )
@@ -186,7 +192,9 @@ def test_continuous_fit_two_process_ddp_equals_one_process(tmp_path):
                "--model.early_stop_epsilon", repr(epsilon), "--model.sync_every", "3"]
     for name, extra in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
         started = time.monotonic()
-        result = run_quietly([*command, "--model.output_dir", name, "--trainer.enable_progress_bar", "true", *extra], tmp_path)
+        arguments = [*command, "--model.output_dir", name, "--trainer.enable_progress_bar", "true", *extra]
+        # one process: this one, on one thread as each DDP process (its output captured, not a terminal)
+        result = run_in_process(arguments[3:], tmp_path) if name == "one" else run_quietly(arguments, tmp_path)
         assert "5 inverted, 0 skipped (already done), 0 failed" in result.stdout
         # standard error is a pipe, as a batch job's log file: timed lines, the last one all ranks' true count
         assert_log_progress(result.stderr, 5, time.monotonic() - started)
