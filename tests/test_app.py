@@ -451,6 +451,8 @@ def test_nti_app_stops_on_a_signal_with_its_status_after_closing_the_server(tmp_
         [sys.executable, "-m", "nti_lightning.cli", "app", "--port", str(port), "--cache-dir", str(tmp_path / "cache"),
          "--trainer.accelerator", "cpu", "--threads", "1"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A job a shell started in the background inherits SIGINT ignored, and so would the app.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         ready = process.stdout.readline()  # the first line it prints, once it serves
