@@ -324,33 +324,17 @@ def test_two_clients_at_once_each_get_their_own_inversion(app, tmp_path):
 
 
 # -------------------------------------------------------------------------- the command
-def test_nti_app_without_gradio_says_how_to_install_it(tmp_path):
-    # A `gradio` that cannot be imported, ahead of the real one on the path.
-    (tmp_path / "gradio").mkdir()
-    (tmp_path / "gradio" / "__init__.py").write_text("raise ImportError('No module named gradio')\n")
-    result = subprocess.run(
-        [sys.executable, "-c", "from nti_lightning.cli import main; main(['app', '--cache-dir', 'cache'])"],
-        cwd=tmp_path,
-        env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_nti_app_without_gradio_says_how_to_install_it(tmp_path, nti_main, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
+    result = nti_main("app", "--cache-dir", "cache", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         'nti: error: nti app needs Gradio: pip install -e ".[app]" (or pip install "nti-lightning[app]")'
     ]
 
 
-def test_nti_app_option_mistakes_are_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "nti_lightning.cli", "app", "--trainer.precision", "64"],
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_nti_app_option_mistakes_are_one_line(tmp_path, nti_main):
+    result = nti_main("app", "--trainer.precision", "64", cwd=tmp_path)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("nti: error: nti app: argument --trainer.precision: invalid choice: '64'")

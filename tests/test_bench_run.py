@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -215,21 +213,18 @@ def test_every_mistake_of_a_config_is_one_line_before_any_file_is_read(tmp_path,
     assert "no-such-root/mapping_file.json: no PIE-Bench mapping file" in capsys.readouterr().err
 
 
-def test_the_console_script_prints_the_mistakes_as_one_line_and_help_with_status_0(tmp_path):
-    """`nti bench` in its own process, as a user runs it: the config's mistakes on one line with
-    status 2 and no traceback, the missing root not reached; `--help` lists the keys, status 0."""
+def test_the_mistakes_are_one_line_and_help_has_status_0(tmp_path, nti_main):
+    """`nti bench` as a user runs it: the config's mistakes on one line with status 2 and no
+    traceback, the missing root not reached; `--help` lists the keys, status 0."""
     config = tmp_path / "bench.yaml"
     config.write_text("root: no-such-root\nbatch_size: -3\nmethods: [null_text, magic]\nmodel: {num_inner_steps: 0}\n")
-    env = {key: value for key, value in os.environ.items() if key != "NTI_DEBUG"}
-    command = [sys.executable, "-c", "from nti_lightning.cli import main; main()", "bench"]
-    result = subprocess.run([*command, "--config", str(config), "--trainer.precision", "bf17"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = nti_main("bench", "--config", str(config), "--trainer.precision", "bf17", cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.startswith("nti: error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
     for culprit in ("batch_size", "magic", "model.num_inner_steps", "trainer.precision"):
         assert culprit in lines[0], culprit
     assert "no-such-root" not in result.stderr
-    shown = subprocess.run([*command, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    shown = nti_main("bench", "--help", cwd=tmp_path)
     assert shown.returncode == 0 and "--model.num_inner_steps" in shown.stdout and "--score DIR" in shown.stdout
 
 

@@ -13,8 +13,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import bench_reference as ref
@@ -208,18 +206,9 @@ def test_the_command(bench, tmp_path, capsys):
     assert "bench" in help_text()
 
 
-def nti(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    code = "from nti_lightning.cli import main; main()"
-    env = {k: v for k, v in os.environ.items() if k != "NTI_DEBUG"}
-    env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def test_user_mistakes_are_one_error_line(bench, tmp_path):
+def test_user_mistakes_are_one_error_line(bench, tmp_path, nti_main):
     root, outputs, _, _ = bench
-    result = nti("bench", "--score", str(outputs), "--bench.root", str(tmp_path), cwd=tmp_path)
+    result = nti_main("bench", "--score", str(outputs), "--bench.root", str(tmp_path), cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.startswith("nti: error:")]
     assert result.returncode == EXIT_USAGE, result.stderr
     assert "Traceback" not in result.stderr and len(lines) == 1 and "mapping_file.json" in lines[0], result.stderr

@@ -38,32 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests/configs/tiny.yaml")
 
 
-@pytest.fixture
-def nti_main(monkeypatch, capfd):
-    """`nti ARGS` run in this process from `cwd`: `main([...])`'s exit status with its stdout and
-    stderr, as a `subprocess.CompletedProcess` (what `nti(...)` returns, without ~10 s of imports)."""
-    import huggingface_hub.constants
-
-    monkeypatch.delenv("NTI_DEBUG", raising=False)
-    # A hub id must fail at once, not wait for a network there is none of; the hub reads the
-    # variable at import, so its flag is set as well.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(cwd)
-        capfd.readouterr()
-        try:
-            main(list(args))
-            status = 0
-        except SystemExit as exit_:
-            status = 0 if exit_.code is None else exit_.code
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(["nti", *args], status, out, err)
-
-    return run
-
-
 def assert_user_error(result: subprocess.CompletedProcess, *culprits: str) -> None:
     """Exit status 2, no traceback, and exactly one `nti: error:` line naming every culprit."""
     assert result.returncode == EXIT_USAGE, result.stderr
