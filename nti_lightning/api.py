@@ -73,6 +73,7 @@ def invert(
     ids: Optional[Sequence[str]] = None,
     progress_bar: bool = True,
     method: str = "null_text",
+    method_options: Optional[dict[str, Any]] = None,
     reuse_cond_output: bool = False,
     early_exit: bool = True,
     channels_last: bool = False,
@@ -109,7 +110,10 @@ def invert(
         progress_bar (`bool`, defaults to True): show the images done (a live bar on a terminal
             or in a notebook, a line every 30 s elsewhere); False shows nothing.
         method (`str`, defaults to "null_text"): or "negative_prompt" / "ddim" / "direct" (Direct
-            Inversion), the methods it is compared with.
+            Inversion) / "ddpm" (edit-friendly DDPM), the methods it is compared with
+            (`nti_lightning.inversion.methods.METHODS`).
+        method_options (`dict`, *optional*): the method's settings over its defaults (e.g.
+            `{"skip": 12}` for "ddpm"); see `NullTextInversion`.
         reuse_cond_output (`bool`, defaults to False): advance with the step's conditional
             output instead of a fresh two-branch UNet call (faster; float-level differences).
         early_exit (`bool`, defaults to True): end a step once all images stopped; False never
@@ -152,6 +156,7 @@ def invert(
         ddim_baseline=output_dir is not None,
         keep_results=True,
         method=method,
+        method_options=method_options,
         reuse_cond_output=reuse_cond_output,
         early_exit=early_exit,
         channels_last=channels_last,

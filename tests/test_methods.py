@@ -22,10 +22,10 @@ PROMPTS = ["a red circle", "a blue square on a green background", "a yellow star
 
 
 def test_the_registry_names_every_method_once_and_refuses_others():
-    assert registry.METHODS == ("null_text", "negative_prompt", "ddim", "direct")
+    assert registry.METHODS == ("null_text", "negative_prompt", "ddim", "direct", "ddpm", "proxnpi")
     assert [method.name for method in REGISTRY.values()] == list(registry.METHODS)
     assert [name for name, method in REGISTRY.items() if method.optimises] == ["null_text"]
-    assert [name for name, method in REGISTRY.items() if method.stores_offsets] == ["direct"]
+    assert [name for name, method in REGISTRY.items() if method.stores_offsets] == ["direct", "ddpm"]
     with pytest.raises(OptionError, match=r"model.method must be one of .*'null_text'.*got 'nul_text'"):
         method_named("nul_text")
     with pytest.raises(OptionError, match="model.method must be one of"):

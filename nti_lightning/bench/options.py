@@ -81,8 +81,9 @@ class BenchConfig:
             samples into root (if root holds none).
         demo_resolution (`int`, defaults to 32): the shapes benchmark's image side (512: PIE-Bench's size, to time
             an SD 1.x model).
-        methods (`list[str]`, defaults to all four): the methods to run, any of ddim, null_text, negative_prompt,
-            direct.
+        methods (`list[str]`, defaults to every one): the methods to run, any of
+            `nti_lightning.inversion.methods.METHODS` (null_text, negative_prompt, ddim, direct, ddpm, proxnpi), each
+            with its benchmark settings (its defaults).
         output_dir (`str`, defaults to "bench"): where the inversions, the edits and the scores go.
         batch_size (`int`, defaults to 8): images inverted together, and edit specs sampled together.
         model (`dict`, defaults to {"pretrained": "CompVis/stable-diffusion-v1-4"}): `model.*` options of nti fit
@@ -99,7 +100,7 @@ class BenchConfig:
     root: str = "PIE-Bench_v1"
     demo_samples: int = 0
     demo_resolution: int = 32
-    methods: list[str] = field(default_factory=lambda: ["null_text", "negative_prompt", "ddim", "direct"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
     output_dir: str = "bench"
     batch_size: int = 8
     model: dict[str, Any] = field(default_factory=lambda: {"pretrained": DEFAULT_MODEL})

@@ -1,6 +1,6 @@
 """`nti bench --config FILE`: PIE-Bench end to end, every method side by side, resumable.
 
-For each method (`null_text`, `negative_prompt`, `ddim`, `direct`) it runs what `nti fit` runs on
+For each method (`null_text`, `negative_prompt`, `ddim`, `direct`, `ddpm`, `proxnpi`) it runs what `nti fit` runs on
 the benchmark's mapping file (the inversions, the report), then edits every inverted sample with
 the benchmark's settings as `nti predict --data.benchmark` does (specs sampled together), writes
 each edit in the authors' output layout (`<output_dir>/<method>/annotation_images/<image_path>`,
@@ -11,8 +11,9 @@ Killed anywhere and run again, it redoes nothing finished: `nti fit` skips the i
 a sample whose strip exists is not edited again (strips are written atomically), and only the
 scoring, which reads the strips, runs again.
 
-Every method starts from the same DDIM pivot of each image (w = 1, the source prompt): the first
-method computes it and stores it under `output_dir/pivots`, the others read it. On several
+Every method but edit-friendly DDPM (which draws its own noised trajectory) starts from the same
+DDIM pivot of each image (w = 1, the source prompt): the first method computes it and stores it
+under `output_dir/pivots`, the others read it. On several
 devices (`trainer.devices`) each stage runs as a child `nti` process, which Lightning starts once
 per device as for `nti fit`. Each stage prints a timestamped line with its count, time and
 rate, and appends them to `output_dir/bench_timings.jsonl`.
@@ -23,7 +24,7 @@ as for `nti fit`; `nti bench --help` lists every key with its type, default and 
     root: PIE-Bench_v1               # mapping_file.json and annotation_images/
     demo_samples: 0                  # > 0: first write the offline shapes benchmark of that many samples into root
     demo_resolution: 32              # its image side (512: PIE-Bench's size, for timing an SD 1.x model)
-    methods: [null_text, negative_prompt, ddim, direct]
+    methods: [null_text, negative_prompt, ddim, direct, ddpm, proxnpi]
     output_dir: bench
     batch_size: 8                    # images inverted together, and edit specs sampled together
     model: {pretrained: CompVis/stable-diffusion-v1-4}   # any model.* option of nti fit (T, w, N, ...); the edits take

@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule, Timestep, prev_step
+from nti_lightning.diffusion.ddpm import mean_step
 
 
 def predict(
@@ -47,8 +48,9 @@ def guided_step(
     cond: Condition,
     guidance_scale: float,
     cond_output: torch.Tensor | None = None,
+    eta: float = 0.0,
 ) -> torch.Tensor:
-    """One guided DDIM denoising step t -> t-Δ.
+    """One guided DDIM denoising step t -> t-Δ (or, with `eta`, the stochastic step's mean).
 
     Args:
         schedule (`DDIMSchedule`): noise levels and prediction type.
@@ -60,6 +62,8 @@ def guided_step(
         guidance_scale (`float`): w.
         cond_output (`torch.Tensor`, *optional*): the conditional output, if already computed for
             these latents at this timestep; saves one UNet call.
+        eta (`float`, defaults to 0.0): 0, the DDIM step; above, the mean of the stochastic
+            step (`nti_lightning.diffusion.ddpm.mean_step`), without its noise term.
     """
     uncond = uncond.expand(latents.shape[0])
     if cond_output is None:
@@ -70,4 +74,7 @@ def guided_step(
         uncond_output, cond_output = both.chunk(2)
     else:
         uncond_output = predict(unet, latents, timestep, uncond)
-    return prev_step(schedule, guide(uncond_output, cond_output, guidance_scale), timestep, latents.float())
+    guided = guide(uncond_output, cond_output, guidance_scale)
+    if eta:
+        return mean_step(schedule, guided, timestep, latents.float(), eta)
+    return prev_step(schedule, guided, timestep, latents.float())

@@ -35,8 +35,8 @@ from nti_lightning.editing.controllers import AttentionController
 from nti_lightning.editing.editor import Editor, EditRows, editor_for, then
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.compatible import check_compatible
-from nti_lightning.inversion.methods import source_branch_hook
-from nti_lightning.inversion.sampling import StepCallback, sample
+from nti_lightning.inversion.methods import method_of, source_branch_hook
+from nti_lightning.inversion.sampling import SamplingRule, StepCallback, combined_rule, sample
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.pipelines import Pipeline
 from nti_lightning.models.text import PromptEncoder
@@ -146,9 +146,33 @@ def edit_jobs_latents(
         raise ValueError(f"edits sampled together need one number of steps, got {sorted(steps)}")
     for job in jobs:
         _check_job(pipeline, job, allow_model_mismatch)
+    schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, steps.pop())
+    rules = [method_of(job.inversion).sampling_rule(job.inversion, job.prompts, guidance_scale) for job in jobs]
+    # Jobs whose methods start at the same step with the same kind of step share each UNet call;
+    # other methods' jobs (edit-friendly DDPM's skip) are sampled after them, in their own calls.
+    groups: dict[tuple[int, float], list[int]] = {}
+    for k, rule in enumerate(rules):
+        groups.setdefault((rule.start, rule.eta), []).append(k)
+    results: list[Optional[torch.Tensor]] = [None] * len(jobs)
+    for members in groups.values():
+        latents = _sample_jobs(
+            pipeline, schedule, [jobs[k] for k in members], [rules[k] for k in members], guidance_scale
+        )
+        for k, latent in zip(members, latents):
+            results[k] = latent
+    return [latent for latent in results if latent is not None]
+
+
+def _sample_jobs(
+    pipeline: Pipeline,
+    schedule: DDIMSchedule,
+    jobs: Sequence[EditJob],
+    rules: Sequence[SamplingRule],
+    guidance_scale: float,
+) -> list[torch.Tensor]:
+    """`edit_jobs_latents` for jobs whose rules share their start step and step kind."""
     unet = pipeline.unet
     device = unet.device
-    schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, steps.pop())
     sizes = [len(job.prompts) for job in jobs]
     cond = PromptEncoder.of(pipeline).encode([prompt for job in jobs for prompt in job.prompts]).to(device)
     if cond.has_pooled:  # the micro-conditioning each image was inverted with
@@ -158,6 +182,7 @@ def edit_jobs_latents(
         device
     )
     nulls = _batched_nulls(jobs, sizes, cond)
+    rule = combined_rule(rules, sizes, guidance_scale)
 
     stores: list[Optional[AttentionStore]] = []
     for job in jobs:
@@ -173,11 +198,14 @@ def edit_jobs_latents(
     source_branches = _split_steps([source_branch_hook(job.inversion, job.prompts, None) for job in jobs], sizes)
     if all(job.controller is None and store is None for job, store in zip(jobs, stores)):
         # Nothing to hook: with the source prompt alone, exactly `reconstruct`.
-        return list(sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=source_branches).split(sizes))
+        latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=source_branches, rule=rule)
+        return list(latents.split(sizes))
     rows = EditRows(sizes, [job.controller for job in jobs], stores, schedule.num_inference_steps)
     editor = editor_for(rows, EDITORS)
     with controlled_attention(unet, editor):
-        latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=editor.step_hook(source_branches))
+        latents = sample(
+            unet, schedule, z_T, nulls, cond, guidance_scale, on_step=editor.step_hook(source_branches), rule=rule
+        )
     editor.finish()
     return list(latents.split(sizes))
 

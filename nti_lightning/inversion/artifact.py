@@ -17,6 +17,12 @@ them), both undone by `load`, which always gives `[T, ...]` fp32 tensors:
 
 Direct Inversion (`method: direct`) adds `latent_offsets` `[T, C, h, w]` (fp32): per step, what
 the source branch adds to its latent to land back on the pivot (format 3 as well).
+
+Format 4 is any file of a method added after those four, so that a version that would read its
+offsets as Direct Inversion's refuses it as newer: edit-friendly DDPM (`latent_offsets` holds its
+noise terms σ_t z_t, `z_T` is the latent at the step its edits start at) and ProxNPI
+(`pivot_latents` `[T, C, h, w]`, the pivot latent each step lands on), each with its settings
+in the metadata (`method_options`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ from nti_lightning.errors import NtiError
 from nti_lightning.storage.atomic import atomic_path
 
 FORMAT = "nti-lightning/inversion"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+#: The version written for files in format 3's layout, for the methods that version knew.
+OFFSETS_FORMAT_VERSION = 3
+#: The methods of formats 1-3; a file of any other method is format 4, so that a version that
+#: would take its offsets for Direct Inversion's refuses it instead.
+FORMAT_3_METHODS = ("null_text", "negative_prompt", "ddim", "direct")
 #: The version written for SDXL inversions with full fp32 per-step null tensors.
 SDXL_FORMAT_VERSION = 2
 #: The version written for SD 1.x/2.x inversions with full fp32 per-step null tensors (unchanged
@@ -64,7 +75,10 @@ class Inversion:
         null_pooled_embeddings (`torch.Tensor`, *optional*): `[T, P]` fp32, SDXL's pooled null
             embedding of step i; `None` for SD 1.x/2.x.
         latent_offsets (`torch.Tensor`, *optional*): `[T, C, h, w]` fp32, Direct Inversion's
-            offset of step i, added to the source branch after its step; `None` for the other methods.
+            offset of step i, added to the source branch after its step (edit-friendly DDPM's
+            noise term of step i, added to every row); `None` for the other methods.
+        pivot_latents (`torch.Tensor`, *optional*): `[T, C, h, w]` fp32, the pivot latent step i
+            lands on (ProxNPI pulls its edits towards them); `None` for the other methods.
     """
 
     z_T: torch.Tensor
@@ -74,6 +88,7 @@ class Inversion:
     metadata: dict[str, Any] = field(default_factory=dict)
     null_pooled_embeddings: Optional[torch.Tensor] = None
     latent_offsets: Optional[torch.Tensor] = None
+    pivot_latents: Optional[torch.Tensor] = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -112,7 +127,9 @@ class Inversion:
         if null_dtype != "float32":
             metadata["null_dtype"] = null_dtype
         newer = shared or null_dtype != "float32" or self.latent_offsets is not None
-        version = FORMAT_VERSION if newer else SDXL_FORMAT_VERSION if self.is_sdxl else SD_FORMAT_VERSION
+        version = OFFSETS_FORMAT_VERSION if newer else SDXL_FORMAT_VERSION if self.is_sdxl else SD_FORMAT_VERSION
+        if metadata.get("method", "null_text") not in FORMAT_3_METHODS:
+            version = FORMAT_VERSION
         dtype = NULL_DTYPES[null_dtype][1]
         tensors = {
             "z_T": self.z_T.detach().float().contiguous().cpu(),
@@ -120,8 +137,10 @@ class Inversion:
         }
         for key, null in nulls.items():
             tensors[key] = (null[:1] if shared else null).detach().float().to(dtype).contiguous().cpu()
-        if self.latent_offsets is not None:
-            tensors["latent_offsets"] = self.latent_offsets.detach().float().contiguous().cpu()
+        for key in ("latent_offsets", "pivot_latents"):
+            value = getattr(self, key)
+            if value is not None:
+                tensors[key] = value.detach().float().contiguous().cpu()
         with atomic_path(path) as temporary:
             header = {"format": FORMAT, "format_version": version, **metadata}
             save_file(tensors, temporary, metadata={"nti": json.dumps(header)})
@@ -158,6 +177,7 @@ class Inversion:
             metadata=metadata,
             null_pooled_embeddings=null("null_pooled_embeddings"),
             latent_offsets=tensors.get("latent_offsets"),
+            pivot_latents=tensors.get("pivot_latents"),
         )
 
     @staticmethod
@@ -212,10 +232,11 @@ def _validated(path: Path, layout: dict[str, tuple[tuple[int, ...], str]], metad
         )
     if null_dtype not in (NULL_DTYPES[stored][0], stored):
         raise ArtifactError(f"{path}: null_embeddings are {null_dtype}, expected {stored}")
-    if "latent_offsets" in layout:
-        offsets, offsets_dtype = layout["latent_offsets"]
-        if offsets != (steps, *z_T) or offsets_dtype not in ("F32", "float32"):
-            raise ArtifactError(f"{path}: latent_offsets {offsets} {offsets_dtype} should be [{steps}, *{z_T}] float32")
+    for key in ("latent_offsets", "pivot_latents"):
+        if key in layout:
+            shape, dtype = layout[key]
+            if shape != (steps, *z_T) or dtype not in ("F32", "float32"):
+                raise ArtifactError(f"{path}: {key} {shape} {dtype} should be [{steps}, *{z_T}] float32")
     if "null_pooled_embeddings" in layout:
         pooled, pooled_dtype = layout["null_pooled_embeddings"]
         if len(pooled) != 2 or pooled[0] != rows:

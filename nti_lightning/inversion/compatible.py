@@ -81,6 +81,14 @@ def check_compatible(
         raise ValueError(
             f"{name}: latent offsets {tuple(offsets.shape)} should be [{steps}, {', '.join(map(str, expected))}]"
         )
+    pivot = inversion.pivot_latents
+    if (pivot is not None) != method.stores_pivot:
+        has = "carries pivot latents" if pivot is not None else "has no pivot latents"
+        raise ValueError(f"{name}: made by method {method.name!r}, but {has}; the file was altered or damaged")
+    if pivot is not None and tuple(pivot.shape) != (steps, *expected):
+        raise ValueError(
+            f"{name}: pivot latents {tuple(pivot.shape)} should be [{steps}, {', '.join(map(str, expected))}]"
+        )
     if pipeline_xl:
         pooled, width = inversion.null_pooled_embeddings, pipeline.text_encoder_2.config.projection_dim
         if tuple(pooled.shape) != (steps, width):

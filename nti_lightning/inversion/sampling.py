@@ -7,17 +7,49 @@ prompt embedding itself as the unconditional input).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from nti_lightning.diffusion.condition import Condition
-from nti_lightning.diffusion.ddim import DDIMSchedule
-from nti_lightning.diffusion.guidance import guided_step
+from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
+from nti_lightning.diffusion.ddpm import mean_step
+from nti_lightning.diffusion.guidance import guide, guided_step, predict
 
 #: Called after every step with (step index, timestep, new latents); may return replacement latents.
+#: The index counts the steps the sampler takes (0 for the first, whatever `SamplingRule.start` is).
 StepCallback = Callable[[int, int, torch.Tensor], torch.Tensor | None]
+#: A method's own guidance: (step, timestep, unconditional output, conditional output, `[B, 1, 1, 1]` w)
+#: -> guided output.
+GuideFunction = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SamplingRule:
+    """How an inversion method samples its rows, beyond the prompts and the per-step nulls.
+
+    Args:
+        start (`int`, defaults to 0): the first step taken: the sampler starts from the inversion's
+            latent at that step (edit-friendly DDPM skips the first steps).
+        eta (`float`, defaults to 0.0): 0, the DDIM step; above it the mean of the stochastic step
+            (`nti_lightning.diffusion.ddpm.mean_step`) to which `noise` is added.
+        guidance_scales (`torch.Tensor`, *optional*): `[B]` w of each row (by default the sampler's
+            `guidance_scale` for all).
+        finish_step (`Callable[[int, torch.Tensor], torch.Tensor]`, *optional*): (step, `[B, C, h, w]`
+            latents the step landed on) -> the step's result, before any hook; its step counted
+            over all T steps (0 = the noisiest): edit-friendly DDPM adds its noise maps, ProxNPI
+            pulls the latents towards the inversion's outside the edited region.
+        guide (`GuideFunction`, *optional*): replaces classifier-free guidance (ProxNPI's
+            thresholded guidance); its step is counted over all T steps.
+    """
+
+    start: int = 0
+    eta: float = 0.0
+    guidance_scales: Optional[torch.Tensor] = None
+    finish_step: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
+    guide: Optional[GuideFunction] = None
 
 
 @torch.no_grad()
@@ -29,29 +61,118 @@ def sample(
     cond: Condition,
     guidance_scale: float = 7.5,
     on_step: StepCallback | None = None,
+    rule: SamplingRule | None = None,
 ) -> torch.Tensor:
     """Guided DDIM sampling from `z_T`, with `nulls[i]` as the unconditional input of step i.
 
     Args:
         unet (`UNet2DConditionModel`): the denoiser.
         schedule (`DDIMSchedule`): the schedule the inversion used (same T).
-        z_T (`torch.Tensor`): `[B, C, h, w]` starting latents (or `[1, C, h, w]`, broadcast).
+        z_T (`torch.Tensor`): `[B, C, h, w]` starting latents (or `[1, C, h, w]`, broadcast): at
+            T, or at the rule's start step.
         nulls (`Sequence[Condition]`): T per-step unconditional conditions of B rows, or of one
             row (broadcast to every prompt of the batch).
         cond (`Condition`): the B prompt conditions.
         guidance_scale (`float`, defaults to 7.5): w.
         on_step (`StepCallback`, *optional*): hook after each step (Prompt-to-Prompt's LocalBlend).
+        rule (`SamplingRule`, *optional*): the inversion method's start step, step and guidance
+            (by default all T DDIM steps with classifier-free guidance).
 
     Returns:
         `[B, C, h, w]` fp32 latents at t = 0.
     """
     if len(nulls) != schedule.num_inference_steps:
         raise ValueError(f"{len(nulls)} null conditions for {schedule.num_inference_steps} sampling steps")
+    rule = rule if rule is not None else SamplingRule()
+    if not 0 <= rule.start < schedule.num_inference_steps:
+        raise ValueError(f"sampling cannot start at step {rule.start} of {schedule.num_inference_steps}")
     latents = z_T.float().expand(cond.batch, -1, -1, -1)
+    plain = rule.eta == 0 and rule.finish_step is None and rule.guide is None and rule.guidance_scales is None
+    scales = None if rule.guidance_scales is None else rule.guidance_scales.to(latents.device).view(-1, 1, 1, 1)
     for step, timestep in enumerate(schedule.timesteps.tolist()):
+        if step < rule.start:
+            continue
         uncond = nulls[step].to(dtype=cond.embeddings.dtype)
-        latents = guided_step(schedule, unet, latents, timestep, uncond, cond, guidance_scale)
+        if plain:
+            latents = guided_step(schedule, unet, latents, timestep, uncond, cond, guidance_scale)
+        else:
+            latents = _ruled_step(schedule, unet, latents, step, timestep, uncond, cond, guidance_scale, scales, rule)
         if on_step is not None:
-            replaced = on_step(step, timestep, latents)
+            replaced = on_step(step - rule.start, timestep, latents)
             latents = latents if replaced is None else replaced
     return latents
+
+
+def _ruled_step(
+    schedule: DDIMSchedule,
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    step: int,
+    timestep: int,
+    uncond: Condition,
+    cond: Condition,
+    guidance_scale: float,
+    scales: Optional[torch.Tensor],
+    rule: SamplingRule,
+) -> torch.Tensor:
+    """One step under `rule`: both branches in one UNet call, the rule's guidance, the DDIM or
+    stochastic mean, then the rule's end of step."""
+    uncond = uncond.expand(latents.shape[0])
+    both = predict(unet, torch.cat([latents, latents]), timestep, Condition.cat([uncond, cond]))
+    uncond_output, cond_output = both.chunk(2)
+    w = scales if scales is not None else torch.full((latents.shape[0], 1, 1, 1), guidance_scale, device=latents.device)
+    if rule.guide is not None:
+        guided = rule.guide(step, timestep, uncond_output, cond_output, w)
+    else:
+        guided = guide(uncond_output, cond_output, w)
+    if rule.eta == 0:
+        stepped = prev_step(schedule, guided, timestep, latents.float())
+    else:
+        stepped = mean_step(schedule, guided, timestep, latents.float(), rule.eta)
+    if rule.finish_step is not None:
+        stepped = rule.finish_step(step, stepped)
+    return stepped
+
+
+def combined_rule(rules: Sequence[SamplingRule], sizes: Sequence[int], guidance_scale: float) -> SamplingRule:
+    """One rule for a batch of jobs, each with its rule over its `sizes[k]` rows; all must start at
+    the same step with the same kind of step (`edit_jobs_latents` groups them so).
+
+    Args:
+        rules (`Sequence[SamplingRule]`): each job's rule.
+        sizes (`Sequence[int]`): each job's rows.
+        guidance_scale (`float`): w of the rows whose rule sets none.
+    """
+    if len({(rule.start, rule.eta) for rule in rules}) > 1:
+        raise ValueError("jobs sampled together need one start step and one kind of step")
+    if len(rules) == 1:
+        return rules[0]
+    first = rules[0]
+    scales = None
+    if any(rule.guidance_scales is not None for rule in rules):
+        scales = torch.cat([
+            rule.guidance_scales.float() if rule.guidance_scales is not None else torch.full((size,), guidance_scale)
+            for rule, size in zip(rules, sizes)
+        ])
+    finish = None
+    if any(rule.finish_step is not None for rule in rules):
+        finishes = [rule.finish_step for rule in rules]
+
+        def finish(step: int, latents: torch.Tensor) -> torch.Tensor:
+            parts = zip(finishes, latents.split(list(sizes)))
+            return torch.cat([own(step, part) if own is not None else part for own, part in parts])
+
+    guide_function = None
+    if any(rule.guide is not None for rule in rules):
+        guides = [rule.guide for rule in rules]
+
+        def guide_function(
+            step: int, timestep: int, uncond: torch.Tensor, cond: torch.Tensor, w: torch.Tensor
+        ) -> torch.Tensor:
+            rows = list(sizes)
+            parts = zip(guides, uncond.split(rows), cond.split(rows), w.split(rows))
+            return torch.cat(
+                [own(step, timestep, u, c, s) if own is not None else guide(u, c, s) for own, u, c, s in parts]
+            )
+
+    return SamplingRule(first.start, first.eta, scales, finish, guide_function)

@@ -42,7 +42,7 @@ from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.diffusion.guidance import predict
 from nti_lightning.inversion.artifact import Inversion
-from nti_lightning.inversion.methods import REGISTRY, InversionMethod
+from nti_lightning.inversion.methods import DEFAULT_METHOD, InversionMethod
 from nti_lightning.inversion.null_text import early_stop_threshold, step_learning_rate
 from nti_lightning.inversion.pivot import PivotTrajectory, ddim_invert
 from nti_lightning.inversion.pivot_store import PivotStore, load_or_compute
@@ -75,14 +75,15 @@ class SlotImage:
     losses: list[float] = field(default_factory=list)
     offsets: list[torch.Tensor] = field(default_factory=list)
     latent: Optional[torch.Tensor] = None  # the final latent, once done (the reconstruction)
+    start_latent: Optional[torch.Tensor] = None  # the latent at the step edits start at, once there
     cond: Optional[Condition] = None  # its source condition, one row
     started: float = 0.0  # `time.perf_counter()` when it entered its slot
 
-    def inversion(self, metadata: dict[str, Any]) -> Inversion:
-        """The finished image as an `Inversion` (on the CPU)."""
+    def inversion(self, metadata: dict[str, Any], stores_pivot: bool = False) -> Inversion:
+        """The finished image as an `Inversion` (on the CPU), with its pivot when `stores_pivot`."""
         pooled = torch.cat(self.null_pooled_embeddings) if self.null_pooled_embeddings else None
         return finished_inversion(
-            self.pivot.z_T[0],
+            (self.start_latent if self.start_latent is not None else self.pivot.z_T)[0],
             self.pivot.z0[0],
             self.prompt,
             self.id,
@@ -92,6 +93,7 @@ class SlotImage:
             self.iterations,
             self.losses,
             torch.cat(self.offsets) if self.offsets else None,
+            self.pivot.latents[:, 0] if stores_pivot else None,
         )
 
 
@@ -135,7 +137,7 @@ class SlotWalk:
     ) -> None:
         self.schedule = schedule
         self.pivot_store = pivot_store
-        self.method = method if method is not None else REGISTRY["null_text"]
+        self.method = method if method is not None else DEFAULT_METHOD
         self.null = list(null)
         self.empty = empty
         self.guidance_scale = guidance_scale
@@ -202,8 +204,10 @@ class SlotWalk:
             payloads (`Sequence`, *optional*): handed back with each finished image.
         """
         count = z0.shape[0]
-        invert = lambda rows, rows_cond: self._invert(unet, rows, rows_cond)  # noqa: E731
-        pivot = load_or_compute(self.pivot_store, invert, self.schedule, z0, cond, ids, prompts)
+        pivot = self.method.walk_pivot(self.schedule, z0, ids)
+        if pivot is None:  # the DDIM inversion, shared by the methods
+            invert = lambda rows, rows_cond: self._invert(unet, rows, rows_cond)  # noqa: E731
+            pivot = load_or_compute(self.pivot_store, invert, self.schedule, z0, cond, ids, prompts)
         for k in range(count):
             single = PivotTrajectory(latents=pivot.latents[:, k : k + 1].clone(), timesteps=pivot.timesteps)
             self.waiting.append(
@@ -351,6 +355,7 @@ class SlotWalk:
         self.latent[index] = stepped
         self.unet_rows += len(rows) * (1 if self.reuse_cond_output else 2)
         finished, going_on = [], []
+        start_step = self.method.start_step(self.schedule.num_inference_steps)
         for k, slot in enumerate(slots):
             image = self.images[slot]
             image.null_embeddings.append(frozen.embeddings[k : k + 1])
@@ -361,6 +366,8 @@ class SlotWalk:
             if offsets is not None:
                 image.offsets.append(offsets[k : k + 1])
             self.step[slot] += 1
+            if int(self.step[slot]) == start_step:
+                image.start_latent = self.latent[slot : slot + 1].clone()
             if int(self.step[slot]) == self.schedule.num_inference_steps:
                 image.latent = self.latent[slot : slot + 1].clone()
                 finished.append(image)

@@ -69,8 +69,9 @@ def advance(
     guidance_scale: float,
     cond_output: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The guided DDIM step of latents `latent` with the frozen null condition, then the method's
-    `after_step`; returns the latents the walk goes on from and the offsets to store (or `None`).
+    """The guided DDIM step of latents `latent` with the frozen null condition (the method's w and
+    step: `walk_guidance_scale`, `eta`), then the method's `after_step`; returns the latents the
+    walk goes on from and the offsets to store (or `None`).
 
     Args:
         method (`InversionMethod`): the inversion method.
@@ -83,7 +84,10 @@ def advance(
             `latent`: the step then reuses it (one UNet row less, other float rounding). By
             default both branches run in one UNet call, as the reference does.
     """
-    stepped = guided_step(schedule, unet, latent, timestep, frozen, cond, guidance_scale, cond_output=cond_output)
+    stepped = guided_step(
+        schedule, unet, latent, timestep, frozen, cond, method.walk_guidance_scale(guidance_scale),
+        cond_output=cond_output, eta=method.eta,
+    )
     return method.after_step(stepped, target)
 
 
@@ -98,6 +102,7 @@ def finished_inversion(
     iterations: Sequence[int],
     losses: Sequence[float],
     offsets: Optional[torch.Tensor],
+    pivot_latents: Optional[torch.Tensor] = None,
 ) -> Inversion:
     """One image's walk as an `Inversion` (tensors moved to the CPU).
 
@@ -112,6 +117,9 @@ def finished_inversion(
         iterations (`Sequence[int]`): inner iterations used at each step.
         losses (`Sequence[float]`): the last loss of each step.
         offsets (`torch.Tensor`, *optional*): `[T, C, h, w]` the method's stored offsets.
+        pivot_latents (`torch.Tensor`, *optional*): `[T + 1, C, h, w]` the pivot (`z0` first), for a
+            method that stores it (`InversionMethod.stores_pivot`): kept as the latent each step
+            lands on, `[T, C, h, w]`.
     """
     return Inversion(
         z_T=z_T.cpu().clone(),
@@ -121,4 +129,5 @@ def finished_inversion(
         metadata={**metadata, "id": image_id, "inner_iterations": list(iterations), "final_losses": list(losses)},
         null_pooled_embeddings=None if null_pooled_embeddings is None else null_pooled_embeddings.cpu().clone(),
         latent_offsets=None if offsets is None else offsets.cpu().clone(),
+        pivot_latents=None if pivot_latents is None else pivot_latents[:-1].flip(0).cpu().clone(),
     )

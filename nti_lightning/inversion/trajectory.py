@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.inversion.artifact import Inversion
-from nti_lightning.inversion.methods import REGISTRY, InversionMethod
+from nti_lightning.inversion.methods import DEFAULT_METHOD, InversionMethod
 from nti_lightning.inversion.null_text import TimestepProblem
 from nti_lightning.inversion.pivot import PivotTrajectory, ddim_invert
 from nti_lightning.inversion.pivot_store import PivotStore, load_or_compute
@@ -45,6 +45,8 @@ class NullTextTrajectory:
         offsets (`list[torch.Tensor]`): the `[B, C, h, w]` offset of each finished step, for a
             method that stores them (Direct Inversion; empty for the others; see `advance`).
         method (`InversionMethod`, defaults to Null-text): the inversion method.
+        start_latent (`torch.Tensor`, *optional*): `[B, C, h, w]` the walk's latent at the step
+            edits start at (`InversionMethod.start_step`), once the walk is there; stored as `z_T`.
     """
 
     ids: list[str]
@@ -59,7 +61,8 @@ class NullTextTrajectory:
     losses: list[torch.Tensor] = field(default_factory=list)
     valid: Optional[torch.Tensor] = None
     offsets: list[torch.Tensor] = field(default_factory=list)
-    method: InversionMethod = field(default_factory=lambda: REGISTRY["null_text"])
+    method: InversionMethod = DEFAULT_METHOD
+    start_latent: Optional[torch.Tensor] = None
 
     @classmethod
     @torch.no_grad()
@@ -81,12 +84,14 @@ class NullTextTrajectory:
         defaults to Null-text."""
         if valid is None:
             valid = torch.ones(len(ids), dtype=torch.bool)
-        pivot = load_or_compute(
-            pivot_store, lambda rows, rows_cond: ddim_invert(unet, schedule, rows, rows_cond), schedule, z0, cond, ids,
-            prompts, valid.tolist(),
-        )
+        method = method if method is not None else DEFAULT_METHOD
+        pivot = method.walk_pivot(schedule, z0, ids)
+        if pivot is None:  # the DDIM inversion, shared by the methods
+            pivot = load_or_compute(
+                pivot_store, lambda rows, rows_cond: ddim_invert(unet, schedule, rows, rows_cond), schedule, z0, cond,
+                ids, prompts, valid.tolist(),
+            )
         valid = valid.to(z0.device)
-        method = method if method is not None else REGISTRY["null_text"]
         return cls(ids, prompts, pixels, cond, pivot, latent=pivot.z_T.clone(), valid=valid, method=method)
 
     @property
@@ -138,6 +143,8 @@ class NullTextTrajectory:
         )
         if offset is not None:
             self.offsets.append(offset)
+        if self.step + 1 == self.method.start_step(len(self.pivot)):
+            self.start_latent = self.latent.clone()
         self.null_embeddings.append(frozen.embeddings)
         if frozen.pooled is not None:
             self.null_pooled_embeddings.append(frozen.pooled)
@@ -157,9 +164,10 @@ class NullTextTrajectory:
         iterations = torch.stack(self.iterations, dim=1).cpu().tolist()
         losses = torch.stack(self.losses, dim=1).cpu().tolist()
         offsets = torch.stack(self.offsets, dim=1) if self.offsets else None  # [B, T, C, h, w]
+        start = self.start_latent if self.method.start_step(len(self.pivot)) else self.pivot.z_T
         return [
             finished_inversion(
-                self.pivot.z_T[b],
+                start[b],
                 self.pivot.z0[b],
                 self.prompts[b],
                 self.ids[b],
@@ -169,6 +177,7 @@ class NullTextTrajectory:
                 iterations[b],
                 losses[b],
                 None if offsets is None else offsets[b],
+                self.pivot.latents[:, b] if self.method.stores_pivot else None,
             )
             for b in self.slots
         ]

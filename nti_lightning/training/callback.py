@@ -314,6 +314,7 @@ def _metadata(module: Any, latent_shape: list[int]) -> dict[str, Any]:
         "model": hparams.pretrained,
         "model_fingerprint": module.model_fingerprint,
         "method": hparams.method,
+        **module.method_metadata,
         "scheduler_config": json.loads(json.dumps(module.scheduler_config, default=str)),
         "num_inference_steps": hparams.num_inference_steps,
         "guidance_scale": hparams.guidance_scale,

@@ -70,7 +70,12 @@ class NullTextInversion(pl.LightningModule):
             Inversion, Ju et al. 2024: the pivot, with ∅, and per step the offset
             `z*_{t-1} - step(z*_t)` at w that the source branch adds while editing, so that it
             retraces the pivot). All write the same artifacts and report, so they can be
-            compared on one dataset.
+            compared on one dataset. "ddpm": edit-friendly DDPM inversion (Huberman-Spiegelglas
+            et al. 2024: independently noised x_t and the noise maps that land on them, edits
+            from `skip` steps in with the maps added; `nti_lightning.inversion.methods.ddpm`).
+        method_options (`dict`, *optional*): the method's settings over its defaults, e.g.
+            `{skip: 12, source_guidance_scale: 1.0}` for "ddpm"; recorded in every artifact. A
+            setting the method does not have, or one out of range, is refused.
         early_exit (`bool`, defaults to True): end a timestep's inner loop once every image of
             the batch has stopped (one device-to-host read of the stop mask per iteration).
             False runs all N iterations, masked per image, with no host synchronisation inside
@@ -125,6 +130,7 @@ class NullTextInversion(pl.LightningModule):
         keep_results: bool = False,
         reuse_cond_output: bool = False,
         method: MethodName = "null_text",
+        method_options: Optional[dict[str, Any]] = None,
         early_exit: bool = True,
         channels_last: bool = False,
         compile: bool = False,
@@ -142,7 +148,8 @@ class NullTextInversion(pl.LightningModule):
                 f"model.num_inference_steps and model.num_inner_steps must be positive, got {num_inference_steps} and "
                 f"{num_inner_steps}"
             )
-        self.method = method_named(method)
+        self.method = method_named(method, method_options)
+        self.method.start_step(num_inference_steps)  # a start past the last step is refused now
         if null_dtype not in NULL_DTYPES:
             raise OptionError(f"model.null_dtype must be one of {sorted(NULL_DTYPES)}, got {null_dtype!r}")
         if scheduling not in SCHEDULINGS:
@@ -265,12 +272,18 @@ class NullTextInversion(pl.LightningModule):
             **fingerprint,
             "model": hparams.pretrained,
             "method": hparams.method,
+            **self.method_metadata,
             "num_inference_steps": hparams.num_inference_steps,
             "guidance_scale": hparams.guidance_scale,
             "num_inner_steps": hparams.num_inner_steps,
             "early_stop_epsilon": hparams.early_stop_epsilon,
             "learning_rate": hparams.learning_rate,
         }
+
+    @property
+    def method_metadata(self) -> dict[str, Any]:
+        """`{"method_options": ...}` for a method with settings (every one recorded), else `{}`."""
+        return {"method_options": dict(self.method.options)} if self.method.options else {}
 
     @property
     def resolution(self) -> int:

@@ -117,7 +117,7 @@ class SlotWalkCallback(NullTextWalkCallback):
             trainer,
             module,
             [image.payload for image in images],
-            [image.inversion(metadata) for image in images],
+            [image.inversion(metadata, module.method.stores_pivot) for image in images],
             rows,
             grids,
             [now - image.started for image in images],

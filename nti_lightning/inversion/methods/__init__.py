@@ -7,33 +7,43 @@ in `_REGISTERED` below. Everything else (`nti fit`'s `model.method`, `invert(met
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import ArtifactError, Inversion
 from nti_lightning.inversion.methods.base import InversionMethod
 from nti_lightning.inversion.methods.ddim import Ddim
+from nti_lightning.inversion.methods.ddpm import Ddpm
 from nti_lightning.inversion.methods.direct import Direct
 from nti_lightning.inversion.methods.negative_prompt import NegativePrompt
 from nti_lightning.inversion.methods.null_text import NullText
+from nti_lightning.inversion.methods.proxnpi import ProxNpi
 from nti_lightning.inversion.sampling import StepCallback
 
-_REGISTERED: tuple[InversionMethod, ...] = (NullText(), NegativePrompt(), Ddim(), Direct())
+_REGISTERED: tuple[InversionMethod, ...] = (NullText(), NegativePrompt(), Ddim(), Direct(), Ddpm(), ProxNpi())
 
 #: Every method by name, in the order pages and tables list them.
 REGISTRY: dict[str, InversionMethod] = {method.name: method for method in _REGISTERED}
 #: The methods' names.
 METHODS: tuple[str, ...] = tuple(REGISTRY)
+#: The method of a walk that names none: the paper's.
+DEFAULT_METHOD: InversionMethod = REGISTRY["null_text"]
 #: The type of a method's name, for signatures that LightningCLI reads (`Literal["null_text", ...]`).
 MethodName = Literal[METHODS]  # type: ignore[valid-type]
 
 
-def method_named(name: str, option: str = "model.method") -> InversionMethod:
-    """The method called `name`; `OptionError` naming `option` and the choices otherwise."""
+def method_named(
+    name: str, options: Optional[Mapping[str, Any]] = None, option: str = "model.method"
+) -> InversionMethod:
+    """The method called `name` with its settings `options` over the defaults; `OptionError`
+    naming `option` (or `<option>_options.<setting>`) and the choices otherwise."""
     try:
-        return REGISTRY[name]
+        method = REGISTRY[name]
     except (KeyError, TypeError):
         raise OptionError(f"{option} must be one of {METHODS}, got {name!r}") from None
+    if options is not None and not isinstance(options, Mapping):
+        raise OptionError(f"{option}_options must be a mapping of settings, got {options!r}")
+    return method.configured(options, option=f"{option}_options") if options else method
 
 
 def method_of(inversion: Inversion, name: Optional[str] = None) -> InversionMethod:
@@ -49,7 +59,14 @@ def method_of(inversion: Inversion, name: Optional[str] = None) -> InversionMeth
             f"{where}made by inversion method {recorded!r}, which this version of nti-lightning does not know "
             f"(it knows {', '.join(METHODS)}); upgrade nti-lightning to edit it"
         )
-    return REGISTRY[recorded]
+    options = inversion.metadata.get("method_options")
+    if not options:
+        return REGISTRY[recorded]
+    try:
+        return REGISTRY[recorded].configured(options, option="method_options")
+    except (OptionError, TypeError) as error:
+        where = f"{name}: " if name else ""
+        raise ArtifactError(f"{where}the recorded {error}") from None
 
 
 def source_branch_hook(
@@ -60,4 +77,13 @@ def source_branch_hook(
     return method_of(inversion).source_hook(inversion, prompts, on_step)
 
 
-__all__ = ["METHODS", "REGISTRY", "InversionMethod", "MethodName", "method_named", "method_of", "source_branch_hook"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "REGISTRY",
+    "InversionMethod",
+    "MethodName",
+    "method_named",
+    "method_of",
+    "source_branch_hook",
+]

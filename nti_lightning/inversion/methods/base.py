@@ -19,13 +19,17 @@ one new file with an `InversionMethod` subclass, registered in `nti_lightning.in
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+import copy
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
 from nti_lightning.diffusion.condition import Condition
+from nti_lightning.diffusion.ddim import DDIMSchedule
+from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import Inversion
-from nti_lightning.inversion.sampling import StepCallback
+from nti_lightning.inversion.pivot import PivotTrajectory
+from nti_lightning.inversion.sampling import SamplingRule, StepCallback
 
 
 class InversionMethod:
@@ -38,12 +42,65 @@ class InversionMethod:
             without it every step takes one training batch and no Adam update.
         stores_offsets (`bool`): whether the artifact carries `latent_offsets` (what `after_step`
             returns besides the latent).
+        stores_pivot (`bool`): whether the artifact carries `pivot_latents` (the pivot latent each
+            step lands on: ProxNPI's edits are pulled towards them).
     """
 
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
     optimises: ClassVar[bool] = False
     stores_offsets: ClassVar[bool] = False
+    stores_pivot: ClassVar[bool] = False
+    #: The method's settings and their defaults (`model.method_options`); recorded in each artifact.
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        self.options: dict[str, Any] = {**self.DEFAULTS, **options}
+
+    def configured(
+        self, options: Optional[Mapping[str, Any]], option: str = "model.method_options"
+    ) -> "InversionMethod":
+        """This method with `options` over its defaults, checked (`OptionError` naming `option` and
+        the setting otherwise)."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.DEFAULTS))
+        if unknown:
+            known = ", ".join(self.DEFAULTS) or "none"
+            raise OptionError(f"{option}: {self.name} has no setting {', '.join(unknown)} (its settings: {known})")
+        method = copy.copy(self)
+        method.options = {**self.DEFAULTS, **options}
+        method.check(option)
+        return method
+
+    def check(self, option: str) -> None:
+        """Raises `OptionError` naming `option` for a setting out of range (none to check here)."""
+
+    # ----------------------------------------------------------------------- the walk
+    def walk_pivot(
+        self, schedule: DDIMSchedule, z0: torch.Tensor, ids: Sequence[str]
+    ) -> Optional[PivotTrajectory]:
+        """The trajectory the walk follows, when the method draws its own; `None` (the default)
+        for the w = 1 DDIM inversion, computed once per image and shared by the methods.
+
+        Args:
+            schedule (`DDIMSchedule`): the schedule.
+            z0 (`torch.Tensor`): `[B, C, h, w]` the images' VAE latents.
+            ids (`Sequence[str]`): the images' ids ("" for an empty slot).
+        """
+        return None
+
+    @property
+    def eta(self) -> float:
+        """The walk's and the edits' step: 0, DDIM; above, the mean of the stochastic step."""
+        return 0.0
+
+    def walk_guidance_scale(self, guidance_scale: float) -> float:
+        """w of the walk's guided steps (by default the run's `guidance_scale`)."""
+        return guidance_scale
+
+    def start_step(self, num_inference_steps: int) -> int:
+        """The step edits start at (0: from z_T); an artifact's `z_T` is the walk's latent there."""
+        return 0
 
     def start_condition(self, cond: Condition, empty: Condition) -> Condition:
         """Where each step's null condition starts, one row per image.
@@ -76,5 +133,17 @@ class InversionMethod:
         """
         return on_step
 
+    def sampling_rule(self, inversion: Inversion, prompts: Sequence[str], guidance_scale: float) -> SamplingRule:
+        """How an edit of `inversion` with `prompts` (one row each) samples its rows: by default all
+        T DDIM steps with classifier-free guidance at `guidance_scale`.
+
+        Args:
+            inversion (`Inversion`): the inversion being edited.
+            prompts (`Sequence[str]`): the edit's prompts, one per row.
+            guidance_scale (`float`): the edit's w.
+        """
+        return SamplingRule()
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        settings = ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+        return f"{type(self).__name__}({settings})"
