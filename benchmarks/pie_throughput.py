@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from nti_lightning.inversion.methods import METHODS
+
 PIE_BENCH_IMAGES = 700
 
 
@@ -83,7 +85,7 @@ def main(args: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="sd15-random", help="any model nti fit takes (default sd15-random)")
     parser.add_argument("--samples", type=int, default=32, help="generated PIE-format samples (default 32)")
     parser.add_argument("--resolution", type=int, default=512, help="their side in px (default 512, PIE-Bench's)")
-    parser.add_argument("--methods", nargs="+", default=["null_text", "ddim", "negative_prompt", "direct"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="the methods (default: every one)")
     parser.add_argument(
         "--batch-size", type=int, default=8, help="images inverted and specs edited together (default 8)"
     )

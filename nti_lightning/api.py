@@ -110,7 +110,7 @@ def invert(
         progress_bar (`bool`, defaults to True): show the images done (a live bar on a terminal
             or in a notebook, a line every 30 s elsewhere); False shows nothing.
         method (`str`, defaults to "null_text"): or "negative_prompt" / "ddim" / "direct" (Direct
-            Inversion) / "ddpm" (edit-friendly DDPM), the methods it is compared with
+            Inversion) / "ddpm" (edit-friendly DDPM) / "proxnpi" / "edict", the methods it is compared with
             (`nti_lightning.inversion.methods.METHODS`).
         method_options (`dict`, *optional*): the method's settings over its defaults (e.g.
             `{"skip": 12}` for "ddpm"); see `NullTextInversion`.

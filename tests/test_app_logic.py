@@ -128,3 +128,16 @@ def test_the_editors_messages_name_the_file_as_the_user_named_it(pipe, tmp_path)
     assert str(copy.parent) not in str(raised.value)
     with pytest.raises(ValueError, match=r"^tiny\.png: not a readable image"):  # without a name: the file's own
         editor.prepare_image(copy)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "proxnpi", "edict"])
+def test_the_other_inversions_invert_and_edit_in_the_app(pipe, tmp_path, method):
+    """Every method is a choice: edit-friendly DDPM and ProxNPI edit under Prompt-to-Prompt,
+    EDICT with the prompts alone (its authors' editing), each with its reconstruction and maps."""
+    editor = Editor(pipe, InversionCache(tmp_path / "cache"), accelerator="cpu", defaults=QUICK)
+    settings = InversionSettings(num_inference_steps=5, num_inner_steps=2, method=method)
+    result = editor.invert(DEMO_IMAGE, DEMO_PROMPT, settings=settings)
+    assert result.entry.inversion.metadata["method"] == method
+    edited = editor.edit(result.entry.key, EditRequest.from_fields(BLUE_PROMPT, blend_words="circle"))
+    expected = "prompt swap (EDICT edits without attention control)" if method == "edict" else "replace"
+    assert edited.kind == expected and len(edited.edits) == 1 and edited.attention.width > 0

@@ -103,22 +103,22 @@ def test_converging_model_continuous_spends_no_row_on_stopped_images(script, cap
     """On the shapes model's held-out images early stopping happens; continuous batching costs the
     reference's UNet rows per image exactly, lockstep batches more. One round (--repeats, whose
     counts are those of one round, is checked on the tiny model)."""
-    argv = ["--model", "shapes", "--images", "heldout", "--num-images", "3", "--batch-size", "2", "--device", "cpu",
+    argv = ["--model", "shapes", "--images", "heldout", "--num-images", "2", "--batch-size", "2", "--device", "cpu",
             "--steps", "50", "--inner-steps", "10", "--threads", "1", "--configs", "fp32", "fp32+lockstep",
             "--modes", "early-stop", "--warmup-steps", "1", "--no-fidelity", "--baseline-images", "0"]
     record = script.main(argv)
-    assert "3 images (heldout), B=2" in capsys.readouterr().out
+    assert "2 images (heldout), B=2" in capsys.readouterr().out
     rows = {row["configuration"]: row for row in record["rows"]}
     assert set(rows) == {"fp32", "fp32+lockstep"}  # the baseline's counts are checked on the tiny model
     continuous, lockstep = rows["fp32"], rows["fp32+lockstep"]
-    assert sum(continuous["inner_iterations"]) < 3 * 50 * 10  # the model converges: steps stop early
+    assert sum(continuous["inner_iterations"]) < 2 * 50 * 10  # the model converges: steps stop early
     # the reference's rows: per image T pivot rows, and per step 1 conditional, its inner
     # iterations and 2 advance rows; continuous batching spends exactly that, lockstep more.
     # Integer totals: the per-image means are floats whose rounding varies with the counts.
     def reference_rows(row):
         return row["images"] * (50 + 3 * 50) + sum(row["inner_iterations"])
 
-    assert len(continuous["inner_iterations"]) == continuous["images"] == 3
+    assert len(continuous["inner_iterations"]) == continuous["images"] == 2
     assert continuous["unet_rows"] == reference_rows(continuous), continuous
     assert lockstep["unet_rows"] > reference_rows(lockstep)
 
@@ -143,9 +143,10 @@ def test_pie_throughput_runs_nti_bench_and_gives_images_per_hour_per_method(tmp_
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     output = tmp_path / "results.jsonl"
-    result = module.main(["--tiny", "--folder", str(tmp_path / "run"), "--output", str(output)])
+    methods = ["null_text", "ddim", "negative_prompt", "direct"]  # by default every method
+    result = module.main(["--tiny", "--folder", str(tmp_path / "run"), "--output", str(output), "--methods", *methods])
     assert json.loads(output.read_text()) == result
-    assert [row["method"] for row in result["rows"]] == ["null_text", "ddim", "negative_prompt", "direct"]
+    assert [row["method"] for row in result["rows"]] == methods
     for row in result["rows"]:
         assert row["invert_s"] > 0 and row["edit_s"] > 0
         assert math.isfinite(row["images_per_hour"]) and row["images_per_hour"] > 0

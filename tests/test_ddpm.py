@@ -134,6 +134,9 @@ def test_artifact_is_format_4_and_keeps_its_settings(inverted, tmp_path, indepen
                                edit_latents(independent_pipeline, inverted[0], [loaded.prompt]), rtol=0, atol=0)
     with pytest.raises(OptionError, match=r"the edit-friendly DDPM inversion \(method 'ddpm'\) is sampled with steps"):
         nti.pipeline_kwargs(independent_pipeline, loaded)
+    loaded.metadata["method_options"] = {"quantile": 0.75}  # another method's settings
+    with pytest.raises(ArtifactError, match=r"b.safetensors: the recorded method_options: ddpm has no setting quant"):
+        method_of(loaded, "b.safetensors")
     loaded.metadata["method_options"] = {"skip": "twelve"}
     with pytest.raises(ArtifactError, match=r"b.safetensors: the recorded method_options.skip must be a whole"):
         method_of(loaded, "b.safetensors")

@@ -22,7 +22,7 @@ PROMPTS = ["a red circle", "a blue square on a green background", "a yellow star
 
 
 def test_the_registry_names_every_method_once_and_refuses_others():
-    assert registry.METHODS == ("null_text", "negative_prompt", "ddim", "direct", "ddpm", "proxnpi")
+    assert registry.METHODS == ("null_text", "negative_prompt", "ddim", "direct", "ddpm", "proxnpi", "edict")
     assert [method.name for method in REGISTRY.values()] == list(registry.METHODS)
     assert [name for name, method in REGISTRY.items() if method.optimises] == ["null_text"]
     assert [name for name, method in REGISTRY.items() if method.stores_offsets] == ["direct", "ddpm"]
@@ -64,8 +64,8 @@ def test_an_artifact_says_which_method_made_it_and_an_unknown_one_is_refused(ind
     check_compatible(independent_pipeline, direct)
 
     unknown = direct
-    unknown.metadata["method"] = "edict"
-    with pytest.raises(ArtifactError, match=r"cat.safetensors: made by inversion method 'edict', which this version"):
+    unknown.metadata["method"] = "cycle_diffusion"
+    with pytest.raises(ArtifactError, match=r"cat.safetensors: made by inversion method 'cycle_diffusion', which this"):
         check_compatible(independent_pipeline, unknown, name="cat.safetensors")
 
     unknown.metadata["method"] = "null_text"  # a Null-text file does not carry offsets

@@ -33,13 +33,14 @@ from nti_lightning.app.requests import (
     source_prompt,
 )
 from nti_lightning.data.images import ImageError, center_square, open_image, to_pil
+from nti_lightning.editing.attention import AttentionStore
 from nti_lightning.editing.edit import edit_latents
 from nti_lightning.editing.pictures import cross_attention_picture, labelled_grid
 from nti_lightning.editing.specs import EditSpec
 from nti_lightning.errors import NtiError
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.compatible import check_compatible
-from nti_lightning.inversion.methods import METHODS
+from nti_lightning.inversion.methods import METHODS, method_of
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.fingerprint import model_reference, pipeline_fingerprint
 from nti_lightning.models.pipelines import Pipeline
@@ -253,8 +254,12 @@ class Editor:
         inversion, tokenizer = entry.inversion, self.pipeline.tokenizer
         spec = EditSpec.from_dict(request.spec(inversion.prompt, tokenizer), "app")
         prompts = spec.all_prompts(inversion.prompt)
-        controller = spec.controller(prompts, tokenizer)
-        store = controller.new_store()
+        method = method_of(inversion)
+        if method.edits_under_control:
+            controller = spec.controller(prompts, tokenizer)
+            store = controller.new_store()
+        else:  # EDICT edits as its authors' code does: the prompts alone
+            controller, store = None, AttentionStore()
         w = inversion.guidance_scale if request.guidance_scale is None else request.guidance_scale
         with self.lock, torch.no_grad():
             latents = edit_latents(
@@ -266,6 +271,8 @@ class Editor:
             [entry.input_image, entry.reconstruction, *edits], ["input", "reconstruction", *prompts[1:]]
         )
         kind = request.resolved_kind(inversion.prompt) + (" + reweight" if request.reweights else "")
+        if controller is None:
+            kind = f"prompt swap ({method.label} edits without attention control)"
         return EditResult(kind, prompts, edits, grid, attention, time.perf_counter() - started)
 
 

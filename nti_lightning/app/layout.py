@@ -315,8 +315,9 @@ class Page:
                             value=defaults.method,
                             label="Method",
                             info=(
-                                "null_text: the paper's; negative_prompt, ddim, direct, ddpm (edit-friendly DDPM) "
-                                "and proxnpi (ProxNPI), with their authors' settings: the methods it is compared with"
+                                "null_text: the paper's; negative_prompt, ddim, direct, ddpm (edit-friendly DDPM), "
+                                "proxnpi (ProxNPI) and edict (EDICT), with their authors' settings: the methods it is "
+                                "compared with"
                             ),
                         )
                         steps = gr.Slider(

@@ -82,8 +82,8 @@ class BenchConfig:
         demo_resolution (`int`, defaults to 32): the shapes benchmark's image side (512: PIE-Bench's size, to time
             an SD 1.x model).
         methods (`list[str]`, defaults to every one): the methods to run, any of
-            `nti_lightning.inversion.methods.METHODS` (null_text, negative_prompt, ddim, direct, ddpm, proxnpi), each
-            with its benchmark settings (its defaults).
+            `nti_lightning.inversion.methods.METHODS` (null_text, negative_prompt, ddim, direct, ddpm, proxnpi,
+            edict), each with its benchmark settings (its defaults).
         output_dir (`str`, defaults to "bench"): where the inversions, the edits and the scores go.
         batch_size (`int`, defaults to 8): images inverted together, and edit specs sampled together.
         model (`dict`, defaults to {"pretrained": "CompVis/stable-diffusion-v1-4"}): `model.*` options of nti fit

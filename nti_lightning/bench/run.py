@@ -1,17 +1,19 @@
 """`nti bench --config FILE`: PIE-Bench end to end, every method side by side, resumable.
 
-For each method (`null_text`, `negative_prompt`, `ddim`, `direct`, `ddpm`, `proxnpi`) it runs what `nti fit` runs on
-the benchmark's mapping file (the inversions, the report), then edits every inverted sample with
-the benchmark's settings as `nti predict --data.benchmark` does (specs sampled together), writes
-each edit in the authors' output layout (`<output_dir>/<method>/annotation_images/<image_path>`,
-a strip whose last panel is the edit) and finally scores every method with the benchmark's
-metrics (`score_folder`): `pie_bench.csv`, `pie_bench.md` and TensorBoard under `output_dir`.
+For each method (`null_text`, `negative_prompt`, `ddim`, `direct`, `ddpm`, `proxnpi`, `edict`) it
+runs what `nti fit` runs on the benchmark's mapping file (the inversions, the report), then edits
+every inverted sample with the benchmark's settings as `nti predict --data.benchmark` does (specs
+sampled together), writes each edit in the authors' output layout
+(`<output_dir>/<method>/annotation_images/<image_path>`, a strip whose last panel is the edit)
+and finally scores every method with the benchmark's metrics (`score_folder`): `pie_bench.csv`,
+`pie_bench.md` and TensorBoard under `output_dir`. EDICT edits with the prompts alone, as its
+authors' code does; the others under the benchmark's Prompt-to-Prompt settings.
 
 Killed anywhere and run again, it redoes nothing finished: `nti fit` skips the inversions on disk,
 a sample whose strip exists is not edited again (strips are written atomically), and only the
 scoring, which reads the strips, runs again.
 
-Every method but edit-friendly DDPM (which draws its own noised trajectory) starts from the same
+Every method but edit-friendly DDPM and EDICT (which make their own trajectories) starts from the same
 DDIM pivot of each image (w = 1, the source prompt): the first method computes it and stores it
 under `output_dir/pivots`, the others read it. On several
 devices (`trainer.devices`) each stage runs as a child `nti` process, which Lightning starts once
@@ -24,7 +26,7 @@ as for `nti fit`; `nti bench --help` lists every key with its type, default and 
     root: PIE-Bench_v1               # mapping_file.json and annotation_images/
     demo_samples: 0                  # > 0: first write the offline shapes benchmark of that many samples into root
     demo_resolution: 32              # its image side (512: PIE-Bench's size, for timing an SD 1.x model)
-    methods: [null_text, negative_prompt, ddim, direct, ddpm, proxnpi]
+    methods: [null_text, negative_prompt, ddim, direct, ddpm, proxnpi, edict]
     output_dir: bench
     batch_size: 8                    # images inverted together, and edit specs sampled together
     model: {pretrained: CompVis/stable-diffusion-v1-4}   # any model.* option of nti fit (T, w, N, ...); the edits take

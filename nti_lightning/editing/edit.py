@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -150,9 +150,15 @@ def edit_jobs_latents(
     rules = [method_of(job.inversion).sampling_rule(job.inversion, job.prompts, guidance_scale) for job in jobs]
     # Jobs whose methods start at the same step with the same kind of step share each UNet call;
     # other methods' jobs (edit-friendly DDPM's skip) are sampled after them, in their own calls.
-    groups: dict[tuple[int, float], list[int]] = {}
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for k, rule in enumerate(rules):
-        groups.setdefault((rule.start, rule.eta), []).append(k)
+        method = method_of(jobs[k].inversion)
+        if not method.edits_under_control and jobs[k].controller is not None:
+            raise ValueError(
+                f"an {method.label} inversion is edited as its authors' code edits it, without a Prompt-to-Prompt "
+                "controller: use the prompts alone (kind \"swap\" in an edit spec)"
+            )
+        groups.setdefault(rule.kind, []).append(k)
     results: list[Optional[torch.Tensor]] = [None] * len(jobs)
     for members in groups.values():
         latents = _sample_jobs(

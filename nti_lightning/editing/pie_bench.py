@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from nti_lightning.data.pie_bench import BenchSample
 from nti_lightning.errors import BenchmarkError
+from nti_lightning.inversion.artifact import ArtifactError, Inversion
+from nti_lightning.inversion.methods import REGISTRY
 
 #: The benchmark's edit settings for every sample (`run_editing_p2p.py`); `benchmark_edit` takes overrides.
 BENCHMARK_OPTIONS: dict[str, Any] = {
@@ -29,7 +31,8 @@ def benchmark_edit(
     sample: BenchSample, artifact: str | Path, overrides: Optional[dict[str, Any]] = None
 ) -> dict[str, Any]:
     """The edit spec (see `nti_lightning.editing.specs`) of `sample`'s inversion file `artifact`
-    with the benchmark's settings (`BENCHMARK_OPTIONS`, each overridable in `overrides`)."""
+    with the benchmark's settings (`BENCHMARK_OPTIONS`, each overridable in `overrides`); for an
+    inversion whose method edits without a controller (EDICT), the prompts alone ("swap")."""
     settings = {**BENCHMARK_OPTIONS, **(overrides or {})}
     unknown = sorted(set(settings) - set(BENCHMARK_OPTIONS))
     if unknown:
@@ -47,6 +50,8 @@ def benchmark_edit(
         "kind": "refine",
         "options": options,
     }
+    if not _edits_under_control(Path(artifact)):
+        return {**spec, "kind": "swap", "options": {}}
     if sample.blended_word is not None:
         source_word, target_word = sample.blended_word
         options.update(
@@ -57,3 +62,14 @@ def benchmark_edit(
         spec.update(kind="reweight")
         options.update(words={target_word: settings["reweight"]}, base="refine")
     return spec
+
+
+def _edits_under_control(artifact: Path) -> bool:
+    """Whether the method of the inversion file `artifact` edits under a controller (True for a
+    file that cannot be read: its edit fails later, naming the problem)."""
+    try:
+        name = Inversion.read_metadata(artifact).get("method")
+    except ArtifactError:
+        return True
+    method = REGISTRY.get(name) if isinstance(name, str) else None
+    return method is None or method.edits_under_control

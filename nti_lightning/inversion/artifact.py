@@ -20,9 +20,10 @@ the source branch adds to its latent to land back on the pivot (format 3 as well
 
 Format 4 is any file of a method added after those four, so that a version that would read its
 offsets as Direct Inversion's refuses it as newer: edit-friendly DDPM (`latent_offsets` holds its
-noise terms σ_t z_t, `z_T` is the latent at the step its edits start at) and ProxNPI
-(`pivot_latents` `[T, C, h, w]`, the pivot latent each step lands on), each with its settings
-in the metadata (`method_options`).
+noise terms σ_t z_t, `z_T` is the latent at the step its edits start at), ProxNPI
+(`pivot_latents` `[T, C, h, w]`, the pivot latent each step lands on) and EDICT
+(`coupled_latents` `[2, C, h, w]` float64, its latent pair where its edits start), each with its
+settings in the metadata (`method_options`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class Inversion:
             noise term of step i, added to every row); `None` for the other methods.
         pivot_latents (`torch.Tensor`, *optional*): `[T, C, h, w]` fp32, the pivot latent step i
             lands on (ProxNPI pulls its edits towards them); `None` for the other methods.
+        coupled_latents (`torch.Tensor`, *optional*): `[2, C, h, w]` float64, EDICT's latent pair
+            at the step its edits start at; `None` for the other methods.
     """
 
     z_T: torch.Tensor
@@ -89,6 +92,7 @@ class Inversion:
     null_pooled_embeddings: Optional[torch.Tensor] = None
     latent_offsets: Optional[torch.Tensor] = None
     pivot_latents: Optional[torch.Tensor] = None
+    coupled_latents: Optional[torch.Tensor] = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -141,6 +145,8 @@ class Inversion:
             value = getattr(self, key)
             if value is not None:
                 tensors[key] = value.detach().float().contiguous().cpu()
+        if self.coupled_latents is not None:  # float64: EDICT's exact inverse needs every bit
+            tensors["coupled_latents"] = self.coupled_latents.detach().double().contiguous().cpu()
         with atomic_path(path) as temporary:
             header = {"format": FORMAT, "format_version": version, **metadata}
             save_file(tensors, temporary, metadata={"nti": json.dumps(header)})
@@ -178,6 +184,7 @@ class Inversion:
             null_pooled_embeddings=null("null_pooled_embeddings"),
             latent_offsets=tensors.get("latent_offsets"),
             pivot_latents=tensors.get("pivot_latents"),
+            coupled_latents=tensors.get("coupled_latents"),
         )
 
     @staticmethod
@@ -237,6 +244,10 @@ def _validated(path: Path, layout: dict[str, tuple[tuple[int, ...], str]], metad
             shape, dtype = layout[key]
             if shape != (steps, *z_T) or dtype not in ("F32", "float32"):
                 raise ArtifactError(f"{path}: {key} {shape} {dtype} should be [{steps}, *{z_T}] float32")
+    if "coupled_latents" in layout:
+        shape, dtype = layout["coupled_latents"]
+        if shape != (2, *z_T) or dtype not in ("F64", "float64"):
+            raise ArtifactError(f"{path}: coupled_latents {shape} {dtype} should be [2, *{z_T}] float64")
     if "null_pooled_embeddings" in layout:
         pooled, pooled_dtype = layout["null_pooled_embeddings"]
         if len(pooled) != 2 or pooled[0] != rows:

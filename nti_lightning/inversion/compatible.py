@@ -85,6 +85,12 @@ def check_compatible(
     if (pivot is not None) != method.stores_pivot:
         has = "carries pivot latents" if pivot is not None else "has no pivot latents"
         raise ValueError(f"{name}: made by method {method.name!r}, but {has}; the file was altered or damaged")
+    pair = inversion.coupled_latents
+    if (pair is not None) != method.stores_pair:
+        has = "carries coupled latents" if pair is not None else "has no coupled latents"
+        raise ValueError(f"{name}: made by method {method.name!r}, but {has}; the file was altered or damaged")
+    if pair is not None and tuple(pair.shape) != (2, *expected):
+        raise ValueError(f"{name}: coupled latents {tuple(pair.shape)} should be [2, {', '.join(map(str, expected))}]")
     if pivot is not None and tuple(pivot.shape) != (steps, *expected):
         raise ValueError(
             f"{name}: pivot latents {tuple(pivot.shape)} should be [{steps}, {', '.join(map(str, expected))}]"

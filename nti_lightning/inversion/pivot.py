@@ -8,7 +8,7 @@ the sequence of targets of the null-text optimisation, which is why it is also a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -27,10 +27,13 @@ class PivotTrajectory(Dataset):
         latents (`torch.Tensor`): `[T + 1, B, C, h, w]`, fp32; `latents[0]` is `z0` (the VAE
             latent), `latents[T]` is `z_T`.
         timesteps (`torch.Tensor`): the T inference timesteps, descending.
+        pair (`torch.Tensor`, *optional*): `[2, B, C, h, w]` float64, EDICT's coupled latents at
+            the step its edits start at (`nti_lightning.inversion.methods.edict`).
     """
 
     latents: torch.Tensor
     timesteps: torch.Tensor
+    pair: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -40,6 +43,11 @@ class PivotTrajectory(Dataset):
         if not 0 <= step < len(self):
             raise IndexError(step)
         return {"step": step, "timestep": int(self.timesteps[step]), "target": self.latents[len(self) - 1 - step]}
+
+    def rows(self, start: int, end: int) -> "PivotTrajectory":
+        """The images `start` to `end` (exclusive) of the batch, as a trajectory of their own."""
+        pair = None if self.pair is None else self.pair[:, start:end].clone()
+        return PivotTrajectory(latents=self.latents[:, start:end].clone(), timesteps=self.timesteps, pair=pair)
 
     @property
     def z_T(self) -> torch.Tensor:

@@ -8,7 +8,7 @@ prompt embedding itself as the unconditional input).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -16,6 +16,7 @@ from diffusers import UNet2DConditionModel
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
 from nti_lightning.diffusion.ddpm import mean_step
+from nti_lightning.diffusion.edict import coupled_step
 from nti_lightning.diffusion.guidance import guide, guided_step, predict
 
 #: Called after every step with (step index, timestep, new latents); may return replacement latents.
@@ -43,6 +44,9 @@ class SamplingRule:
             pulls the latents towards the inversion's outside the edited region.
         guide (`GuideFunction`, *optional*): replaces classifier-free guidance (ProxNPI's
             thresholded guidance); its step is counted over all T steps.
+        pair (`torch.Tensor`, *optional*): `[2, B, C, h, w]` float64: EDICT's coupled sampling
+            from this latent pair (`nti_lightning.diffusion.edict`), which returns its x.
+        mix_weight (`float`, defaults to 0.93): EDICT's p.
     """
 
     start: int = 0
@@ -50,6 +54,13 @@ class SamplingRule:
     guidance_scales: Optional[torch.Tensor] = None
     finish_step: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
     guide: Optional[GuideFunction] = None
+    pair: Optional[torch.Tensor] = None
+    mix_weight: float = 0.93
+
+    @property
+    def kind(self) -> tuple[Any, ...]:
+        """What rows must share to be sampled in one batch: the start, the step, EDICT's p."""
+        return (self.start, self.eta, None if self.pair is None else self.mix_weight)
 
 
 @torch.no_grad()
@@ -86,6 +97,8 @@ def sample(
     rule = rule if rule is not None else SamplingRule()
     if not 0 <= rule.start < schedule.num_inference_steps:
         raise ValueError(f"sampling cannot start at step {rule.start} of {schedule.num_inference_steps}")
+    if rule.pair is not None:
+        return _coupled_sample(unet, schedule, nulls, cond, guidance_scale, on_step, rule)
     latents = z_T.float().expand(cond.batch, -1, -1, -1)
     plain = rule.eta == 0 and rule.finish_step is None and rule.guide is None and rule.guidance_scales is None
     scales = None if rule.guidance_scales is None else rule.guidance_scales.to(latents.device).view(-1, 1, 1, 1)
@@ -101,6 +114,58 @@ def sample(
             replaced = on_step(step - rule.start, timestep, latents)
             latents = latents if replaced is None else replaced
     return latents
+
+
+def coupled_noise(
+    unet: UNet2DConditionModel, uncond: Condition, cond: Condition, guidance_scales: torch.Tensor
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """EDICT's noise prediction of a float64 latent: both branches in one UNet call (in the UNet's
+    dtype), guided in float64 with each row's w.
+
+    Args:
+        unet (`UNet2DConditionModel`): the denoiser.
+        uncond (`Condition`): B unconditional conditions.
+        cond (`Condition`): B prompt conditions.
+        guidance_scales (`torch.Tensor`): `[B]` w of each row.
+    """
+    both_conditions = Condition.cat([uncond, cond])
+
+    def eps(latent: torch.Tensor, timestep: int) -> torch.Tensor:
+        both = predict(unet, torch.cat([latent, latent]), timestep, both_conditions).double()
+        uncond_output, cond_output = both.chunk(2)
+        w = guidance_scales.to(latent.device, torch.float64).view(-1, 1, 1, 1)
+        return uncond_output + w * (cond_output - uncond_output)
+
+    return eps
+
+
+def _coupled_sample(
+    unet: UNet2DConditionModel,
+    schedule: DDIMSchedule,
+    nulls: Sequence[Condition],
+    cond: Condition,
+    guidance_scale: float,
+    on_step: StepCallback | None,
+    rule: SamplingRule,
+) -> torch.Tensor:
+    """EDICT's sampling of `rule.pair` from `rule.start`: x, as fp32. A step hook sees x and may
+    not change it (the pair could not follow)."""
+    rows = cond.batch
+    scales = rule.guidance_scales if rule.guidance_scales is not None else torch.full((rows,), guidance_scale)
+    device = cond.embeddings.device
+    pair = (rule.pair[0].to(device, torch.float64), rule.pair[1].to(device, torch.float64))
+    for step, timestep in enumerate(schedule.timesteps.tolist()):
+        if step < rule.start:
+            continue
+        uncond = nulls[step].to(dtype=cond.embeddings.dtype).expand(rows)
+        eps = coupled_noise(unet, uncond, cond, scales)
+        pair = coupled_step(schedule, pair, timestep, (step - rule.start) % 2, eps, rule.mix_weight, reverse=False)
+        if on_step is not None:
+            x = pair[0].float()
+            replaced = on_step(step - rule.start, timestep, x)
+            if replaced is not None and replaced is not x and not torch.equal(replaced, x):
+                raise ValueError("EDICT's coupled sampling cannot take a step hook that changes the latents")
+    return pair[0].float()
 
 
 def _ruled_step(
@@ -143,7 +208,7 @@ def combined_rule(rules: Sequence[SamplingRule], sizes: Sequence[int], guidance_
         sizes (`Sequence[int]`): each job's rows.
         guidance_scale (`float`): w of the rows whose rule sets none.
     """
-    if len({(rule.start, rule.eta) for rule in rules}) > 1:
+    if len({rule.kind for rule in rules}) > 1:
         raise ValueError("jobs sampled together need one start step and one kind of step")
     if len(rules) == 1:
         return rules[0]
@@ -175,4 +240,7 @@ def combined_rule(rules: Sequence[SamplingRule], sizes: Sequence[int], guidance_
                 [own(step, timestep, u, c, s) if own is not None else guide(u, c, s) for own, u, c, s in parts]
             )
 
-    return SamplingRule(first.start, first.eta, scales, finish, guide_function)
+    pair = None
+    if first.pair is not None:
+        pair = torch.cat([rule.pair.double() for rule in rules], dim=1)
+    return SamplingRule(first.start, first.eta, scales, finish, guide_function, pair, first.mix_weight)

@@ -94,6 +94,7 @@ class SlotImage:
             self.losses,
             torch.cat(self.offsets) if self.offsets else None,
             self.pivot.latents[:, 0] if stores_pivot else None,
+            None if self.pivot.pair is None else self.pivot.pair[:, 0],
         )
 
 
@@ -204,12 +205,12 @@ class SlotWalk:
             payloads (`Sequence`, *optional*): handed back with each finished image.
         """
         count = z0.shape[0]
-        pivot = self.method.walk_pivot(self.schedule, z0, ids)
+        pivot = self.method.walk_pivot(unet, self.schedule, z0, cond, self.empty, ids)
         if pivot is None:  # the DDIM inversion, shared by the methods
             invert = lambda rows, rows_cond: self._invert(unet, rows, rows_cond)  # noqa: E731
             pivot = load_or_compute(self.pivot_store, invert, self.schedule, z0, cond, ids, prompts)
         for k in range(count):
-            single = PivotTrajectory(latents=pivot.latents[:, k : k + 1].clone(), timesteps=pivot.timesteps)
+            single = pivot.rows(k, k + 1)
             self.waiting.append(
                 SlotImage(
                     ids[k], prompts[k], pixels[k].clone(), single, payloads[k] if payloads is not None else None,

@@ -84,6 +84,8 @@ def advance(
             `latent`: the step then reuses it (one UNet row less, other float rounding). By
             default both branches run in one UNet call, as the reference does.
     """
+    if not method.walks:  # the method's own trajectory, made whole beforehand (EDICT)
+        return method.after_step(target, target)
     stepped = guided_step(
         schedule, unet, latent, timestep, frozen, cond, method.walk_guidance_scale(guidance_scale),
         cond_output=cond_output, eta=method.eta,
@@ -103,6 +105,7 @@ def finished_inversion(
     losses: Sequence[float],
     offsets: Optional[torch.Tensor],
     pivot_latents: Optional[torch.Tensor] = None,
+    pair: Optional[torch.Tensor] = None,
 ) -> Inversion:
     """One image's walk as an `Inversion` (tensors moved to the CPU).
 
@@ -120,6 +123,7 @@ def finished_inversion(
         pivot_latents (`torch.Tensor`, *optional*): `[T + 1, C, h, w]` the pivot (`z0` first), for a
             method that stores it (`InversionMethod.stores_pivot`): kept as the latent each step
             lands on, `[T, C, h, w]`.
+        pair (`torch.Tensor`, *optional*): `[2, C, h, w]` float64, EDICT's coupled latents.
     """
     return Inversion(
         z_T=z_T.cpu().clone(),
@@ -130,4 +134,5 @@ def finished_inversion(
         null_pooled_embeddings=None if null_pooled_embeddings is None else null_pooled_embeddings.cpu().clone(),
         latent_offsets=None if offsets is None else offsets.cpu().clone(),
         pivot_latents=None if pivot_latents is None else pivot_latents[:-1].flip(0).cpu().clone(),
+        coupled_latents=None if pair is None else pair.cpu().clone(),
     )

@@ -78,14 +78,15 @@ class NullTextTrajectory:
         valid: Optional[torch.Tensor] = None,
         pivot_store: Optional[PivotStore] = None,
         method: Optional[InversionMethod] = None,
+        empty: Optional[Condition] = None,
     ) -> "NullTextTrajectory":
         """Computes the pivot of images `pixels` with VAE latents `z0` (step 1 of docs/ALGORITHM.md),
-        or reads it from `pivot_store` (see `nti_lightning.inversion.pivot_store`); `method`
-        defaults to Null-text."""
+        or reads it from `pivot_store` (see `nti_lightning.inversion.pivot_store`), or the method's
+        own (`InversionMethod.walk_pivot`, which may need ∅, `empty`); `method` defaults to Null-text."""
         if valid is None:
             valid = torch.ones(len(ids), dtype=torch.bool)
         method = method if method is not None else DEFAULT_METHOD
-        pivot = method.walk_pivot(schedule, z0, ids)
+        pivot = method.walk_pivot(unet, schedule, z0, cond, empty, ids)
         if pivot is None:  # the DDIM inversion, shared by the methods
             pivot = load_or_compute(
                 pivot_store, lambda rows, rows_cond: ddim_invert(unet, schedule, rows, rows_cond), schedule, z0, cond,
@@ -178,6 +179,7 @@ class NullTextTrajectory:
                 losses[b],
                 None if offsets is None else offsets[b],
                 self.pivot.latents[:, b] if self.method.stores_pivot else None,
+                None if self.pivot.pair is None else self.pivot.pair[:, b],
             )
             for b in self.slots
         ]

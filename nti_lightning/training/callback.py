@@ -112,7 +112,7 @@ class NullTextWalkCallback(pl.Callback):
         with trainer.precision_plugin.forward_context():
             pl_module.trajectory = NullTextTrajectory.start(
                 pl_module.denoiser, pl_module.schedule, pixels, z0, cond, ids, prompts, valid, pl_module.pivot_store,
-                pl_module.method,
+                pl_module.method, pl_module.empty,
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:

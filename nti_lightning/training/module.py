@@ -72,7 +72,9 @@ class NullTextInversion(pl.LightningModule):
             retraces the pivot). All write the same artifacts and report, so they can be
             compared on one dataset. "ddpm": edit-friendly DDPM inversion (Huberman-Spiegelglas
             et al. 2024: independently noised x_t and the noise maps that land on them, edits
-            from `skip` steps in with the maps added; `nti_lightning.inversion.methods.ddpm`).
+            from `skip` steps in with the maps added; `nti_lightning.inversion.methods.ddpm`);
+            "proxnpi" (negative-prompt inversion with proximal guidance at edit time, Han et al.
+            2023); "edict" (EDICT's exactly invertible coupled latents, Wallace et al. 2023).
         method_options (`dict`, *optional*): the method's settings over its defaults, e.g.
             `{skip: 12, source_guidance_scale: 1.0}` for "ddpm"; recorded in every artifact. A
             setting the method does not have, or one out of range, is refused.

@@ -23,6 +23,7 @@ import copy
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
+from diffusers import UNet2DConditionModel
 
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
@@ -44,6 +45,10 @@ class InversionMethod:
             returns besides the latent).
         stores_pivot (`bool`): whether the artifact carries `pivot_latents` (the pivot latent each
             step lands on: ProxNPI's edits are pulled towards them).
+        stores_pair (`bool`): whether the artifact carries `coupled_latents` (EDICT's float64 pair
+            at the step its edits start at, `PivotTrajectory.pair`).
+        edits_under_control (`bool`): whether its edits take an editor's controller (EDICT's, as
+            its authors' code edits, take none: a plain prompt swap).
     """
 
     name: ClassVar[str] = ""
@@ -51,6 +56,8 @@ class InversionMethod:
     optimises: ClassVar[bool] = False
     stores_offsets: ClassVar[bool] = False
     stores_pivot: ClassVar[bool] = False
+    stores_pair: ClassVar[bool] = False
+    edits_under_control: ClassVar[bool] = True
     #: The method's settings and their defaults (`model.method_options`); recorded in each artifact.
     DEFAULTS: ClassVar[dict[str, Any]] = {}
 
@@ -77,17 +84,33 @@ class InversionMethod:
 
     # ----------------------------------------------------------------------- the walk
     def walk_pivot(
-        self, schedule: DDIMSchedule, z0: torch.Tensor, ids: Sequence[str]
+        self,
+        unet: UNet2DConditionModel,
+        schedule: DDIMSchedule,
+        z0: torch.Tensor,
+        cond: Condition,
+        empty: Optional[Condition],
+        ids: Sequence[str],
     ) -> Optional[PivotTrajectory]:
-        """The trajectory the walk follows, when the method draws its own; `None` (the default)
+        """The trajectory the walk follows, when the method makes its own; `None` (the default)
         for the w = 1 DDIM inversion, computed once per image and shared by the methods.
 
         Args:
+            unet (`UNet2DConditionModel`): the denoiser.
             schedule (`DDIMSchedule`): the schedule.
             z0 (`torch.Tensor`): `[B, C, h, w]` the images' VAE latents.
+            cond (`Condition`): their B source-prompt conditions.
+            empty (`Condition`, *optional*): ∅, one row (given by every schedule; None from a
+                caller that has none, for which a method needing it raises `ValueError`).
             ids (`Sequence[str]`): the images' ids ("" for an empty slot).
         """
         return None
+
+    @property
+    def walks(self) -> bool:
+        """Whether each step of the walk takes a guided step (False: the walk moves along the
+        method's own trajectory, no UNet call, as EDICT's inversion is made whole beforehand)."""
+        return True
 
     @property
     def eta(self) -> float:

@@ -24,7 +24,9 @@ import zlib
 from typing import Optional, Sequence
 
 import torch
+from diffusers import UNet2DConditionModel
 
+from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.diffusion.ddpm import image_noises, noised_trajectory
 from nti_lightning.errors import OptionError
@@ -63,7 +65,15 @@ class Ddpm(InversionMethod):
             raise OptionError(f"{option}.keep_last_map must be true or false, got {self.options['keep_last_map']!r}")
 
     # ----------------------------------------------------------------------- the walk
-    def walk_pivot(self, schedule: DDIMSchedule, z0: torch.Tensor, ids: Sequence[str]) -> Optional[PivotTrajectory]:
+    def walk_pivot(
+        self,
+        unet: UNet2DConditionModel,
+        schedule: DDIMSchedule,
+        z0: torch.Tensor,
+        cond: Condition,
+        empty: Optional[Condition],
+        ids: Sequence[str],
+    ) -> Optional[PivotTrajectory]:
         steps = schedule.num_inference_steps
         noises = [image_noises(z0.shape[1:], steps, image_seed(self.options["seed"], id_)) for id_ in ids]
         per_step = [torch.stack([noise[k] for noise in noises]) for k in range(steps)]
