@@ -28,7 +28,8 @@ mkdir -p "$OUT_DIR"
 RESULTS="$OUT_DIR/results.jsonl"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! "$PYTHON" -c "import diffusers, jsonargparse" 2>/dev/null; then
+# find_spec looks for the packages without importing them (seconds saved per run)
+if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('diffusers', 'jsonargparse')))" 2>/dev/null; then
     if compgen -G "gpu_wheels/*.whl" >/dev/null; then
         "$PYTHON" -m pip install --quiet --no-deps gpu_wheels/*.whl
     else

@@ -227,3 +227,16 @@ def test_gpu_check_rehearsal_goes_on_past_a_cut_section(tmp_path):
     assert "section(s) failed or were cut" in result.stderr
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 and (out / "sd15.txt").stat().st_size > 0 and (out / "sdxl.txt").stat().st_size > 0
+
+
+def test_method_speed_times_each_method_alone_and_batched(capsys):
+    spec = importlib.util.spec_from_file_location("method_speed", SCRIPT.parent / "method_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record = module.main(["--model", "tiny", "--steps", "2", "--inner-steps", "1", "--batch-sizes", "1", "2",
+                          "--methods", "ddpm", "edict", "--threads", "1"])
+    assert [(row["method"], row["batch_size"]) for row in record["rows"]] == [
+        ("ddpm", 1), ("ddpm", 2), ("edict", 1), ("edict", 2)
+    ]
+    assert all(row["invert_s_per_image"] > 0 and row["edit_s_per_image"] > 0 for row in record["rows"])
+    assert "edict            B=2" in capsys.readouterr().out

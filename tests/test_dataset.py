@@ -172,7 +172,9 @@ def test_three_methods_one_report(tmp_path, monkeypatch, capsys):
     )
 
 
-@pytest.mark.parametrize("scheduling", ["continuous", "lockstep"])
+# Lockstep here; continuous scheduling's two-process run, with early stops and `sync_every`, is
+# tests/test_slots.py's.
+@pytest.mark.parametrize("scheduling", ["lockstep"])
 def test_two_process_ddp_equals_one_process(tmp_path, one_process_fit, scheduling):
     common = ["--data.manifest", str(one_process_fit.manifest), "--data.batch_size", "2",
               "--trainer.accelerator", "cpu", "--model.scheduling", scheduling]
