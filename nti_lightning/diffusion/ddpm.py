@@ -1,16 +1,15 @@
 """Stochastic DDIM steps (eta > 0, DDPM at eta = 1) and independently noised trajectories, for
 edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024).
 
-An eta step splits the DDIM update into a deterministic mean and a noise term:
+An eta step splits the DDIM update into a deterministic mean and a noise term, as the authors'
+`reverse_step` writes it (inbarhub/DDPM_inversion `ddm_inversion/inversion_utils.py`):
 
-    x_{t-Δ} = sqrt(ā_prev) x̂0 + sqrt(1 - ā_prev - η σ²_t) ε  +  η^½ σ_t z
+    x_{t-Δ} = sqrt(ā_prev) x̂0 + sqrt(1 - ā_prev - η σ²_t) ε  +  η σ_t z
 
 with `σ²_t = (1 - ā_prev) / (1 - ā_t) · (1 - ā_t / ā_prev)` (diffusers' `DDIMScheduler._get_variance`).
 `mean_step` is the first part; the noise term is what an edit-friendly inversion stores per step
-(`σ_t z_t`, the offset from the mean to the next latent). The `η σ²` under the square root (not
-`η² σ²`) and the `η^½`-free `η σ_t` below follow the authors' `reverse_step`
-(inbarhub/DDPM_inversion `ddm_inversion/inversion_utils.py`); the two agree at η = 1, the only
-value the method is run with.
+(`η σ_t z_t`, the offset from the mean to the next latent). DDIM's own eta step has `η² σ²` under
+the square root; the two agree at η = 1, the value the method runs with.
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 The same loop reconstructs an image (source prompt), edits it (other prompts), and gives the
 baselines: plain DDIM (the `""` embedding at every step) and negative-prompt inversion (the
 prompt embedding itself as the unconditional input).
+
+An inversion method that samples otherwise says how in a `SamplingRule` (its
+`InversionMethod.sampling_rule`): where to start, the stochastic step's mean, a w per row, its
+own guidance, an end of step before the editor's hook, or EDICT's coupled pair.
+`combined_rule` makes one rule of several edits' rules for one batch.
 """
 
 from __future__ import annotations
