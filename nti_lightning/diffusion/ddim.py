@@ -111,33 +111,61 @@ def to_epsilon(
 
 
 def _ddim_move(
-    eps: torch.Tensor, sample: torch.Tensor, alpha_from: torch.Tensor, alpha_to: torch.Tensor
+    eps: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_from: torch.Tensor,
+    alpha_to: torch.Tensor,
+    variance: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
-    """`sqrt(ā_to) x̂0 + sqrt(1-ā_to) ε` with `x̂0 = (x - sqrt(1-ā_from) ε) / sqrt(ā_from)`.
+    """`sqrt(ā_to) x̂0 + sqrt(1 - ā_to - variance) ε` with `x̂0 = (x - sqrt(1-ā_from) ε) / sqrt(ā_from)`.
 
-    Written in the operation order of `DDIMScheduler.step`, so the two agree bit for bit.
+    Written in the operation order of `DDIMScheduler.step`, so the two agree bit for bit (the
+    default zero variance subtracts exactly nothing).
     """
     alpha_from, alpha_to = alpha_from.to(sample.device), alpha_to.to(sample.device)
+    if isinstance(variance, torch.Tensor):
+        variance = variance.to(sample.device)
     beta_from = 1 - alpha_from
     pred_original = (sample - beta_from ** (0.5) * eps) / alpha_from ** (0.5)
-    direction = (1 - alpha_to) ** (0.5) * eps
+    direction = (1 - alpha_to - variance) ** (0.5) * eps
     return alpha_to ** (0.5) * pred_original + direction
 
 
+def step_variance(schedule: DDIMSchedule, timestep: Timestep) -> torch.Tensor:
+    """`σ²_t = (1 - ā_prev) / (1 - ā_t) · (1 - ā_t / ā_prev)` of the step from `timestep` (fp32;
+    diffusers' `DDIMScheduler._get_variance`).
+
+    Args:
+        schedule (`DDIMSchedule`): noise levels.
+        timestep (`int` or `torch.Tensor`): the step's timestep t (or one per row, `[B]`).
+    """
+    alpha_t = schedule.alpha(timestep)
+    alpha_prev = schedule.alpha(timestep - schedule.step_ratio)
+    return (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+
+
 def prev_step(
-    schedule: DDIMSchedule, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor
+    schedule: DDIMSchedule, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor, eta: float = 0.0
 ) -> torch.Tensor:
     """Denoising step t -> t-Δ; equals `DDIMScheduler.step(..., eta=0).prev_sample`.
+
+    With `eta` above 0 it is the deterministic part of a stochastic step, as edit-friendly DDPM's
+    authors write it (inbarhub/DDPM_inversion `reverse_step`): `sqrt(ā_prev) x̂0 +
+    sqrt(1 - ā_prev - η σ²_t) ε`, to which they add the noise term `η σ_t z`
+    (`step_variance`). DDIM's own eta step has `η² σ²` under the square root; the two agree at
+    η = 1, the value that method runs with.
 
     Args:
         schedule (`DDIMSchedule`): noise levels and prediction type.
         model_output (`torch.Tensor`): the (guided) model output at `timestep` for `sample`.
         timestep (`int` or `torch.Tensor`): the current timestep t (or one per row, `[B]`).
         sample (`torch.Tensor`): the latent at t.
+        eta (`float`, defaults to 0.0): η; 0 is the DDIM step.
     """
     alpha_t = schedule.alpha(timestep)
     eps = to_epsilon(model_output, sample, alpha_t, schedule.prediction_type)
-    return _ddim_move(eps, sample, alpha_t, schedule.alpha(timestep - schedule.step_ratio))
+    variance = eta * step_variance(schedule, timestep) if eta else 0.0
+    return _ddim_move(eps, sample, alpha_t, schedule.alpha(timestep - schedule.step_ratio), variance)
 
 
 def next_step(

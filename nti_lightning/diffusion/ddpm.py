@@ -1,15 +1,8 @@
-"""Stochastic DDIM steps (eta > 0, DDPM at eta = 1) and independently noised trajectories, for
-edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024).
-
-An eta step splits the DDIM update into a deterministic mean and a noise term, as the authors'
-`reverse_step` writes it (inbarhub/DDPM_inversion `ddm_inversion/inversion_utils.py`):
-
-    x_{t-Δ} = sqrt(ā_prev) x̂0 + sqrt(1 - ā_prev - η σ²_t) ε  +  η σ_t z
-
-with `σ²_t = (1 - ā_prev) / (1 - ā_t) · (1 - ā_t / ā_prev)` (diffusers' `DDIMScheduler._get_variance`).
-`mean_step` is the first part; the noise term is what an edit-friendly inversion stores per step
-(`η σ_t z_t`, the offset from the mean to the next latent). DDIM's own eta step has `η² σ²` under
-the square root; the two agree at η = 1, the value the method runs with.
+"""Independently noised trajectories, for edit-friendly DDPM inversion (Huberman-Spiegelglas et
+al., CVPR 2024): each x_t drawn from z0 on its own, the noise of each image from its own seeded
+generator. The method's step is `nti_lightning.diffusion.ddim.prev_step` with `eta` (the
+deterministic part of the authors' stochastic step); the noise term `η σ_t z_t` it stores is the
+offset from that step's result to the next latent.
 """
 
 from __future__ import annotations
@@ -18,40 +11,7 @@ from typing import Sequence
 
 import torch
 
-from nti_lightning.diffusion.ddim import DDIMSchedule, Timestep, to_epsilon
-
-
-def variance(schedule: DDIMSchedule, timestep: Timestep) -> torch.Tensor:
-    """`σ²_t = (1 - ā_prev) / (1 - ā_t) · (1 - ā_t / ā_prev)` of the step from `timestep` (fp32).
-
-    Args:
-        schedule (`DDIMSchedule`): noise levels.
-        timestep (`int` or `torch.Tensor`): the step's timestep t (or one per row, `[B]`).
-    """
-    alpha_t = schedule.alpha(timestep)
-    alpha_prev = schedule.alpha(timestep - schedule.step_ratio)
-    return (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-
-
-def mean_step(
-    schedule: DDIMSchedule, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor, eta: float
-) -> torch.Tensor:
-    """The deterministic part of an eta step t -> t-Δ (at eta = 0 exactly DDIM's `prev_step`).
-
-    Args:
-        schedule (`DDIMSchedule`): noise levels and prediction type.
-        model_output (`torch.Tensor`): the (guided) model output at `timestep` for `sample`.
-        timestep (`int` or `torch.Tensor`): the current timestep t (or one per row, `[B]`).
-        sample (`torch.Tensor`): the latent at t.
-        eta (`float`): η, the weight of the step's variance (1: DDPM).
-    """
-    alpha_t = schedule.alpha(timestep).to(sample.device)
-    alpha_prev = schedule.alpha(timestep - schedule.step_ratio).to(sample.device)
-    eps = to_epsilon(model_output, sample, alpha_t, schedule.prediction_type)
-    # The authors' operation order (their `reverse_step`).
-    pred_original = (sample - (1 - alpha_t) ** 0.5 * eps) / alpha_t**0.5
-    direction = (1 - alpha_prev - eta * variance(schedule, timestep).to(sample.device)) ** 0.5 * eps
-    return alpha_prev**0.5 * pred_original + direction
+from nti_lightning.diffusion.ddim import DDIMSchedule
 
 
 def noised_trajectory(

@@ -6,12 +6,13 @@ it (guidance, DDIM arithmetic, the null-text loss) stays in fp32, so the outputs
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from diffusers import UNet2DConditionModel
 
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.diffusion.ddim import DDIMSchedule, Timestep, prev_step
-from nti_lightning.diffusion.ddpm import mean_step
 
 
 def predict(
@@ -46,9 +47,10 @@ def guided_step(
     timestep: Timestep,
     uncond: Condition,
     cond: Condition,
-    guidance_scale: float,
+    guidance_scale: float | torch.Tensor,
     cond_output: torch.Tensor | None = None,
     eta: float = 0.0,
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One guided DDIM denoising step t -> t-Δ (or, with `eta`, the stochastic step's mean).
 
@@ -59,11 +61,13 @@ def guided_step(
         timestep (`int` or `torch.Tensor`): the current timestep, or a `[B]` tensor of one per row.
         uncond (`Condition`): B (or 1, broadcast) unconditional conditions.
         cond (`Condition`): B prompt conditions.
-        guidance_scale (`float`): w.
+        guidance_scale (`float` or `torch.Tensor`): w, or a `[B, 1, 1, 1]` w per row.
         cond_output (`torch.Tensor`, *optional*): the conditional output, if already computed for
             these latents at this timestep; saves one UNet call.
-        eta (`float`, defaults to 0.0): 0, the DDIM step; above, the mean of the stochastic
-            step (`nti_lightning.diffusion.ddpm.mean_step`), without its noise term.
+        eta (`float`, defaults to 0.0): 0, the DDIM step; above, the deterministic part of the
+            stochastic step (`prev_step`), without its noise term.
+        combine (`Callable`, *optional*): (unconditional, conditional output) -> the guided output,
+            in place of classifier-free guidance at `guidance_scale` (ProxNPI's thresholding).
     """
     uncond = uncond.expand(latents.shape[0])
     if cond_output is None:
@@ -74,7 +78,8 @@ def guided_step(
         uncond_output, cond_output = both.chunk(2)
     else:
         uncond_output = predict(unet, latents, timestep, uncond)
-    guided = guide(uncond_output, cond_output, guidance_scale)
-    if eta:
-        return mean_step(schedule, guided, timestep, latents.float(), eta)
-    return prev_step(schedule, guided, timestep, latents.float())
+    if combine is not None:
+        guided = combine(uncond_output, cond_output)
+    else:
+        guided = guide(uncond_output, cond_output, guidance_scale)
+    return prev_step(schedule, guided, timestep, latents.float(), eta)

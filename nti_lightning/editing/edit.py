@@ -147,18 +147,19 @@ def edit_jobs_latents(
     for job in jobs:
         _check_job(pipeline, job, allow_model_mismatch)
     schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, steps.pop())
-    rules = [method_of(job.inversion).sampling_rule(job.inversion, job.prompts, guidance_scale) for job in jobs]
     # Jobs whose methods start at the same step with the same kind of step share each UNet call;
     # other methods' jobs (edit-friendly DDPM's skip) are sampled after them, in their own calls.
+    rules: list[SamplingRule] = []
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for k, rule in enumerate(rules):
-        method = method_of(jobs[k].inversion)
-        if not method.edits_under_control and jobs[k].controller is not None:
+    for k, job in enumerate(jobs):
+        method = method_of(job.inversion)
+        if not method.edits_under_control and job.controller is not None:
             raise ValueError(
                 f"an {method.label} inversion is edited as its authors' code edits it, without a Prompt-to-Prompt "
                 "controller: use the prompts alone (kind \"swap\" in an edit spec)"
             )
-        groups.setdefault(rule.kind, []).append(k)
+        rules.append(method.sampling_rule(job.inversion, job.prompts, guidance_scale))
+        groups.setdefault(rules[-1].kind, []).append(k)
     results: list[Optional[torch.Tensor]] = [None] * len(jobs)
     for members in groups.values():
         latents = _sample_jobs(

@@ -72,29 +72,18 @@ def check_compatible(
     steps = inversion.metadata.get("num_inference_steps", null.shape[0])
     if null.shape[0] != steps or steps < 1:
         raise ValueError(f"{name}: {null.shape[0]} null embeddings for num_inference_steps={steps}")
-    offsets = inversion.latent_offsets
     method = method_of(inversion, name)  # refuses a method this version does not know
-    if (offsets is not None) != method.stores_offsets:
-        has = "carries latent offsets" if offsets is not None else "has no latent offsets"
-        raise ValueError(f"{name}: made by method {method.name!r}, but {has}; the file was altered or damaged")
-    if offsets is not None and tuple(offsets.shape) != (steps, *expected):
-        raise ValueError(
-            f"{name}: latent offsets {tuple(offsets.shape)} should be [{steps}, {', '.join(map(str, expected))}]"
-        )
-    pivot = inversion.pivot_latents
-    if (pivot is not None) != method.stores_pivot:
-        has = "carries pivot latents" if pivot is not None else "has no pivot latents"
-        raise ValueError(f"{name}: made by method {method.name!r}, but {has}; the file was altered or damaged")
-    pair = inversion.coupled_latents
-    if (pair is not None) != method.stores_pair:
-        has = "carries coupled latents" if pair is not None else "has no coupled latents"
-        raise ValueError(f"{name}: made by method {method.name!r}, but {has}; the file was altered or damaged")
-    if pair is not None and tuple(pair.shape) != (2, *expected):
-        raise ValueError(f"{name}: coupled latents {tuple(pair.shape)} should be [2, {', '.join(map(str, expected))}]")
-    if pivot is not None and tuple(pivot.shape) != (steps, *expected):
-        raise ValueError(
-            f"{name}: pivot latents {tuple(pivot.shape)} should be [{steps}, {', '.join(map(str, expected))}]"
-        )
+    # The tensors a method stores beside the nulls: present exactly when it stores them, in shape.
+    for tensor, stored, what, shape in (
+        (inversion.latent_offsets, method.stores_offsets, "latent offsets", (steps, *expected)),
+        (inversion.pivot_latents, method.stores_pivot, "pivot latents", (steps, *expected)),
+        (inversion.coupled_latents, method.stores_pair, "coupled latents", (2, *expected)),
+    ):
+        if (tensor is not None) != stored:
+            has = f"carries {what}" if tensor is not None else f"has no {what}"
+            raise ValueError(f"{name}: made by method {method.name!r}, but {has}; the file was altered or damaged")
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: {what} {tuple(tensor.shape)} should be [{', '.join(map(str, shape))}]")
     if pipeline_xl:
         pooled, width = inversion.null_pooled_embeddings, pipeline.text_encoder_2.config.projection_dim
         if tuple(pooled.shape) != (steps, width):

@@ -23,7 +23,6 @@ from nti_lightning.errors import ModelError, OptionError
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.compatible import check_compatible
 from nti_lightning.inversion.methods import method_of, source_branch_hook
-from nti_lightning.inversion.sampling import SamplingRule
 from nti_lightning.models.pipelines import Pipeline
 
 #: A diffusers step callback: `(pipeline, step, timestep, callback_kwargs) -> dict`.
@@ -114,7 +113,7 @@ def pipeline_kwargs(
         )
     check_compatible(pipeline, inversion, allow_model_mismatch=allow_model_mismatch)
     method = method_of(inversion)
-    if method.sampling_rule(inversion, prompts, guidance_scale) != SamplingRule():
+    if not method.sampling_rule(inversion, prompts, guidance_scale).is_plain:
         raise OptionError(
             f"pipeline_kwargs: the {method.label} inversion (method {method.name!r}) is sampled with steps of its own "
             "that a stock diffusers pipeline cannot take; use nti.reconstruct or nti.edit"

@@ -12,6 +12,7 @@ own guidance, an end of step before the editor's hook, or EDICT's coupled pair.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,8 +20,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from nti_lightning.diffusion.condition import Condition
-from nti_lightning.diffusion.ddim import DDIMSchedule, prev_step
-from nti_lightning.diffusion.ddpm import mean_step
+from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.diffusion.edict import coupled_step
 from nti_lightning.diffusion.guidance import guide, guided_step, predict
 
@@ -39,8 +39,9 @@ class SamplingRule:
     Args:
         start (`int`, defaults to 0): the first step taken: the sampler starts from the inversion's
             latent at that step (edit-friendly DDPM skips the first steps).
-        eta (`float`, defaults to 0.0): 0, the DDIM step; above it the mean of the stochastic step
-            (`nti_lightning.diffusion.ddpm.mean_step`) to which `noise` is added.
+        eta (`float`, defaults to 0.0): 0, the DDIM step; above it the deterministic part of the
+            stochastic step (`nti_lightning.diffusion.ddim.prev_step`), to which `finish_step`
+            adds the noise.
         guidance_scales (`torch.Tensor`, *optional*): `[B]` w of each row (by default the sampler's
             `guidance_scale` for all).
         finish_step (`Callable[[int, torch.Tensor], torch.Tensor]`, *optional*): (step, `[B, C, h, w]`
@@ -61,6 +62,12 @@ class SamplingRule:
     guide: Optional[GuideFunction] = None
     pair: Optional[torch.Tensor] = None
     mix_weight: float = 0.93
+
+    @property
+    def is_plain(self) -> bool:
+        """Whether it is the default: all T DDIM steps with classifier-free guidance at one w."""
+        no_hooks = self.guidance_scales is None and self.finish_step is None and self.guide is None
+        return no_hooks and self.start == 0 and self.eta == 0 and self.pair is None
 
     @property
     def kind(self) -> tuple[Any, ...]:
@@ -105,16 +112,22 @@ def sample(
     if rule.pair is not None:
         return _coupled_sample(unet, schedule, nulls, cond, guidance_scale, on_step, rule)
     latents = z_T.float().expand(cond.batch, -1, -1, -1)
-    plain = rule.eta == 0 and rule.finish_step is None and rule.guide is None and rule.guidance_scales is None
-    scales = None if rule.guidance_scales is None else rule.guidance_scales.to(latents.device).view(-1, 1, 1, 1)
+    # w: the sampler's, or one per row; a method's own guidance always gets one per row.
+    w: float | torch.Tensor = guidance_scale
+    if rule.guidance_scales is not None:
+        w = rule.guidance_scales.to(latents.device).view(-1, 1, 1, 1)
+    elif rule.guide is not None:
+        w = torch.full((cond.batch, 1, 1, 1), guidance_scale, device=latents.device)
     for step, timestep in enumerate(schedule.timesteps.tolist()):
         if step < rule.start:
             continue
         uncond = nulls[step].to(dtype=cond.embeddings.dtype)
-        if plain:
-            latents = guided_step(schedule, unet, latents, timestep, uncond, cond, guidance_scale)
-        else:
-            latents = _ruled_step(schedule, unet, latents, step, timestep, uncond, cond, guidance_scale, scales, rule)
+        combine = None
+        if rule.guide is not None:
+            combine = functools.partial(_guided_by, rule.guide, step, timestep, w)
+        latents = guided_step(schedule, unet, latents, timestep, uncond, cond, w, eta=rule.eta, combine=combine)
+        if rule.finish_step is not None:
+            latents = rule.finish_step(step, latents)
         if on_step is not None:
             replaced = on_step(step - rule.start, timestep, latents)
             latents = latents if replaced is None else replaced
@@ -173,35 +186,11 @@ def _coupled_sample(
     return pair[0].float()
 
 
-def _ruled_step(
-    schedule: DDIMSchedule,
-    unet: UNet2DConditionModel,
-    latents: torch.Tensor,
-    step: int,
-    timestep: int,
-    uncond: Condition,
-    cond: Condition,
-    guidance_scale: float,
-    scales: Optional[torch.Tensor],
-    rule: SamplingRule,
+def _guided_by(
+    own: GuideFunction, step: int, timestep: int, w: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor
 ) -> torch.Tensor:
-    """One step under `rule`: both branches in one UNet call, the rule's guidance, the DDIM or
-    stochastic mean, then the rule's end of step."""
-    uncond = uncond.expand(latents.shape[0])
-    both = predict(unet, torch.cat([latents, latents]), timestep, Condition.cat([uncond, cond]))
-    uncond_output, cond_output = both.chunk(2)
-    w = scales if scales is not None else torch.full((latents.shape[0], 1, 1, 1), guidance_scale, device=latents.device)
-    if rule.guide is not None:
-        guided = rule.guide(step, timestep, uncond_output, cond_output, w)
-    else:
-        guided = guide(uncond_output, cond_output, w)
-    if rule.eta == 0:
-        stepped = prev_step(schedule, guided, timestep, latents.float())
-    else:
-        stepped = mean_step(schedule, guided, timestep, latents.float(), rule.eta)
-    if rule.finish_step is not None:
-        stepped = rule.finish_step(step, stepped)
-    return stepped
+    """A method's guidance function at one step, as `guided_step`'s `combine`."""
+    return own(step, timestep, uncond, cond, w)
 
 
 def combined_rule(rules: Sequence[SamplingRule], sizes: Sequence[int], guidance_scale: float) -> SamplingRule:

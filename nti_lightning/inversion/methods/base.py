@@ -33,6 +33,16 @@ from nti_lightning.inversion.pivot import PivotTrajectory
 from nti_lightning.inversion.sampling import SamplingRule, StepCallback
 
 
+def is_number(value: Any) -> bool:
+    """Whether a setting is a number (YAML's `true` is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_count(value: Any) -> bool:
+    """Whether a setting is a whole number >= 0 (YAML's `true` is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class InversionMethod:
     """One inversion method (a stateless object: the registry holds one of each).
 

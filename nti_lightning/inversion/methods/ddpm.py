@@ -31,7 +31,7 @@ from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.diffusion.ddpm import image_noises, noised_trajectory
 from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import Inversion
-from nti_lightning.inversion.methods.base import InversionMethod
+from nti_lightning.inversion.methods.base import InversionMethod, is_count, is_number
 from nti_lightning.inversion.pivot import PivotTrajectory
 from nti_lightning.inversion.sampling import SamplingRule
 
@@ -53,13 +53,13 @@ class Ddpm(InversionMethod):
 
     def check(self, option: str) -> None:
         skip, eta, w, seed = (self.options[key] for key in ("skip", "eta", "source_guidance_scale", "seed"))
-        if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int) or skip < 0):
+        if skip is not None and not is_count(skip):
             raise OptionError(f"{option}.skip must be a whole number of steps >= 0, got {skip!r}")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 < eta <= 1:
+        if not is_number(eta) or not 0 < eta <= 1:
             raise OptionError(f"{option}.eta must be in (0, 1] (the maps need a noise term), got {eta!r}")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        if not is_number(w) or w < 0:
             raise OptionError(f"{option}.source_guidance_scale must be a number >= 0, got {w!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_count(seed):
             raise OptionError(f"{option}.seed must be a whole number >= 0, got {seed!r}")
         if not isinstance(self.options["keep_last_map"], bool):
             raise OptionError(f"{option}.keep_last_map must be true or false, got {self.options['keep_last_map']!r}")

@@ -19,7 +19,7 @@ T = 50, the scheduler's `steps_offset`); the authors' own scheduler runs 980 ...
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -29,7 +29,7 @@ from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.diffusion.edict import coupled_step
 from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import Inversion
-from nti_lightning.inversion.methods.base import InversionMethod
+from nti_lightning.inversion.methods.base import InversionMethod, is_number
 from nti_lightning.inversion.pivot import PivotTrajectory
 from nti_lightning.inversion.sampling import SamplingRule, coupled_noise
 
@@ -42,15 +42,12 @@ class Edict(InversionMethod):
     DEFAULTS = {"guidance_scale": 3.0, "strength": 0.8, "mix_weight": 0.93}
 
     def check(self, option: str) -> None:
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
         w, strength, p = (self.options[key] for key in ("guidance_scale", "strength", "mix_weight"))
-        if not number(w) or w < 0:
+        if not is_number(w) or w < 0:
             raise OptionError(f"{option}.guidance_scale must be a number >= 0, got {w!r}")
-        if not number(strength) or not 0 < strength <= 1:
+        if not is_number(strength) or not 0 < strength <= 1:
             raise OptionError(f"{option}.strength must be in (0, 1], got {strength!r}")
-        if not number(p) or not 0 < p < 1:
+        if not is_number(p) or not 0 < p < 1:
             raise OptionError(f"{option}.mix_weight must be in (0, 1) (its mixing must be undone), got {p!r}")
 
     @property

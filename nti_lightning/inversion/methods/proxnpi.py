@@ -25,7 +25,7 @@ reproduces that row; eta-inversion's ProxNPI is the same.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.errors import OptionError
 from nti_lightning.inversion.artifact import Inversion
-from nti_lightning.inversion.methods.base import InversionMethod
+from nti_lightning.inversion.methods.base import InversionMethod, is_count, is_number
 from nti_lightning.inversion.sampling import SamplingRule
 
 PROXES = ("l0", "l1")
@@ -66,18 +66,15 @@ class ProxNpi(InversionMethod):
     def check(self, option: str) -> None:
         o = self.options
 
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
         if o["prox"] not in PROXES:
             raise OptionError(f"{option}.prox must be one of {PROXES}, got {o['prox']!r}")
-        if not number(o["quantile"]) or not 0 < o["quantile"] <= 1:
+        if not is_number(o["quantile"]) or not 0 < o["quantile"] <= 1:
             raise OptionError(f"{option}.quantile must be in (0, 1], got {o['quantile']!r}")
-        if not number(o["recon_t"]) or not 0 <= o["recon_t"] <= 1000:
+        if not is_number(o["recon_t"]) or not 0 <= o["recon_t"] <= 1000:
             raise OptionError(f"{option}.recon_t must be a timestep in [0, 1000] (0: no pull), got {o['recon_t']!r}")
-        if not number(o["recon_lr"]) or not 0 <= o["recon_lr"] <= 1:
+        if not is_number(o["recon_lr"]) or not 0 <= o["recon_lr"] <= 1:
             raise OptionError(f"{option}.recon_lr must be in [0, 1], got {o['recon_lr']!r}")
-        if isinstance(o["dilate_mask"], bool) or not isinstance(o["dilate_mask"], int) or o["dilate_mask"] < 0:
+        if not is_count(o["dilate_mask"]):
             raise OptionError(f"{option}.dilate_mask must be a whole number >= 0, got {o['dilate_mask']!r}")
         if not isinstance(o["inversion_guidance"], bool):
             raise OptionError(f"{option}.inversion_guidance must be true or false, got {o['inversion_guidance']!r}")
