@@ -38,9 +38,11 @@ from jsonargparse import (
 )
 
 from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT
+from nti_lightning.editing.editors import EDITOR_SETTINGS, EDITORS, P2P
 from nti_lightning.editing.pie_bench import BENCHMARK_OPTIONS
 from nti_lightning.errors import InputNotFoundError, OptionError
 from nti_lightning.inversion.methods import METHODS as INVERSION_METHODS
+from nti_lightning.inversion.methods import REGISTRY as INVERSION_REGISTRY
 
 #: The methods a run can compare: every registered inversion method (`nti_lightning.inversion.methods`).
 METHODS = INVERSION_METHODS
@@ -84,6 +86,11 @@ class BenchConfig:
         methods (`list[str]`, defaults to every one): the methods to run, any of
             `nti_lightning.inversion.methods.METHODS` (null_text, negative_prompt, ddim, direct, ddpm, proxnpi,
             edict), each with its benchmark settings (its defaults).
+        editors (`list[str]`, defaults to ["p2p"]): the editors, any of p2p, masactrl, pnp, p2p_zero: p2p edits
+            every method's inversions (rows named by the method), each other one those of `editor_methods`
+            (rows `<method>+<editor>`), with its benchmark script's settings.
+        editor_methods (`list[str]`, defaults to ["ddim", "direct"]): the methods the editors other than p2p edit
+            (the benchmark's Table 1 pairs them with DDIM and Direct Inversion); each must be in `methods`.
         output_dir (`str`, defaults to "bench"): where the inversions, the edits and the scores go.
         batch_size (`int`, defaults to 8): images inverted together, and edit specs sampled together.
         model (`dict`, defaults to {"pretrained": "CompVis/stable-diffusion-v1-4"}): `model.*` options of nti fit
@@ -101,6 +108,8 @@ class BenchConfig:
     demo_samples: int = 0
     demo_resolution: int = 32
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    editors: list[str] = field(default_factory=lambda: [P2P])
+    editor_methods: list[str] = field(default_factory=lambda: ["ddim", "direct"])
     output_dir: str = "bench"
     batch_size: int = 8
     model: dict[str, Any] = field(default_factory=lambda: {"pretrained": DEFAULT_MODEL})
@@ -431,6 +440,7 @@ def _range_problems(values: dict[str, Any], checked: set[str]) -> list[str]:
             problems.append(f"methods: empty; give some of {list(METHODS)}")
         elif len(set(methods)) < len(methods):
             problems.append(f"methods: {methods} names a method twice")
+    problems += _editor_problems(values, checked)
     for key in ("model.num_inference_steps", "model.num_inner_steps", "model.sync_every"):
         check(key, values.get(key, 0) >= 1, "must be at least 1")
     for key in ("edit.cross_replace_steps", "edit.self_replace_steps"):
@@ -443,6 +453,50 @@ def _range_problems(values: dict[str, Any], checked: set[str]) -> list[str]:
         reason = _device_problem(str(values["score.device"]))
         if reason:
             problems.append(f"score.device: {reason}")
+    return problems
+
+
+def can_edit(method: str, editor: str) -> bool:
+    """Whether the editor called `editor` edits the inversions of the method called `method`:
+    EDICT's take no editor's control, Plug-and-Play and Pix2Pix-Zero run their own loops of plain
+    DDIM steps (not edit-friendly DDPM's or ProxNPI's).
+
+    Args:
+        method (`str`): an inversion method's name.
+        editor (`str`): an editor's name.
+    """
+    inversion = INVERSION_REGISTRY[method]
+    if editor == P2P:
+        return True
+    return inversion.edits_under_control and (EDITOR_SETTINGS[editor].runs_any_rule or inversion.plain_sampling)
+
+
+def _editor_problems(values: dict[str, Any], checked: set[str]) -> list[str]:
+    """The mistakes of `editors` and `editor_methods`: unknown names, repeats, a method not run, an
+    editor that cannot edit a method's inversions."""
+    problems: list[str] = []
+    editors, pairs = values.get("editors", [P2P]), values.get("editor_methods", [])
+    if "editors" in checked:
+        unknown = [e for e in editors if e not in EDITORS]
+        if unknown:
+            problems.append(f"editors: {unknown} not among {list(EDITORS)}")
+        elif not editors:
+            problems.append(f"editors: empty; give some of {list(EDITORS)}")
+        elif len(set(editors)) < len(editors):
+            problems.append(f"editors: {editors} names an editor twice")
+    if "editor_methods" in checked or "editors" in checked:
+        others = [e for e in editors if e in EDITORS and e != P2P]
+        methods = values.get("methods", list(METHODS))
+        missing = [m for m in pairs if m not in methods]
+        if missing and others:
+            problems.append(f"editor_methods: {missing} not among the methods run ({methods})")
+        for method in (m for m in pairs if m in INVERSION_REGISTRY):
+            cannot = [e for e in others if not can_edit(method, e)]
+            if cannot:
+                problems.append(
+                    f"editor_methods: {method}'s inversions cannot be edited by {cannot} (its own sampling); "
+                    "use p2p for it"
+                )
     return problems
 
 

@@ -66,7 +66,8 @@ from nti_lightning.bench.score import main as score_main
 from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT
 from nti_lightning.data.pie_bench import BenchSample, read_mapping
-from nti_lightning.editing.pie_bench import benchmark_edit
+from nti_lightning.editing.editors import P2P
+from nti_lightning.editing.pie_bench import MASACTRL_SOURCE_PROMPT, benchmark_edit
 from nti_lightning.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -78,7 +79,8 @@ from nti_lightning.errors import (
 from nti_lightning.storage.atomic import atomic_path, atomic_text
 from nti_lightning.training.progress import duration
 
-__all__ = ["METHODS", "PIVOTS", "TIMINGS", "VAE_ROUND_TRIP", "BenchConfig", "main", "run_bench", "write_strip"]
+__all__ = ["METHODS", "PIVOTS", "TIMINGS", "VAE_ROUND_TRIP", "BenchConfig", "main", "row_name", "run_bench",
+           "write_strip"]
 
 #: The row of the VAE round trip (the source decoded from its own latent): what an edit that kept
 #: the source latent would score on the unedited region, the reference the methods are read against.
@@ -113,10 +115,17 @@ def run_bench(config: BenchConfig) -> BenchScores:
     stage = _stage_runner(config.trainer)
     for method in config.methods:
         _invert(config, stage, mapping, samples, method)
-        _edit(config, stage, samples, method)
+        for editor in config.editors:
+            if editor != P2P and method not in config.editor_methods:
+                continue
+            row, inversions = row_name(method, editor), out / method / "inversions"
+            if editor == "masactrl":  # its benchmark inverts with the source prompt ""
+                inversions = _invert_empty_prompt(config, stage, samples, method, row)
+            _edit(config, stage, samples, row, inversions, editor)
     _say("scoring")
     started = time.monotonic()
-    present = [m for m in config.methods if (out / m / IMAGES).is_dir()]
+    rows = [row_name(m, e) for m in config.methods for e in config.editors if e == P2P or m in config.editor_methods]
+    present = [row for row in rows if (out / row / IMAGES).is_dir()]
     if not present:
         raise OptionError(f"{out}: no method produced an edit; see the failures.jsonl files under it")
     if config.vae_round_trip and (out / VAE_ROUND_TRIP / IMAGES).is_dir():
@@ -140,29 +149,57 @@ def run_bench(config: BenchConfig) -> BenchScores:
     return scores
 
 
+def row_name(method: str, editor: str) -> str:
+    """The table's row (and output folder) of a method's inversions edited by an editor: the
+    method's name for Prompt-to-Prompt, `<method>+<editor>` for the others (`direct+masactrl`).
+
+    Args:
+        method (`str`): the inversion method.
+        editor (`str`): the editor.
+    """
+    return method if editor == P2P else f"{method}+{editor}"
+
+
 def _invert(config: BenchConfig, stage: Callable[[list[str]], None], mapping: Path, samples: list[BenchSample],
-            method: str) -> None:
-    """`nti fit` of one method on the mapping file (what is on disk is skipped)."""
+            method: str, row: Optional[str] = None) -> Path:
+    """`nti fit` of one method on `mapping` (the mapping file, or a manifest of the same samples)
+    into `<row>/inversions` (what is on disk is skipped); returns that folder."""
     out = Path(config.output_dir)
-    inversions = out / method / "inversions"
+    row = row or method
+    inversions = out / row / "inversions"
     todo = sum(not (inversions / f"{s.id}.safetensors").is_file() for s in samples)
-    _say(f"{method}: inverting {todo} of {len(samples)} sample(s)")
+    _say(f"{row}: inverting {todo} of {len(samples)} sample(s)")
     started = time.monotonic()
     # The ddim row is the DDIM baseline: the other methods' reports need not sample it again.
     model = {"ddim_baseline": False, **config.model, "method": method, "output_dir": str(inversions)}
-    if config.share_pivots:
+    if config.share_pivots and row == method:  # pivots of the samples' source prompts
         model["pivot_dir"] = str(out / PIVOTS)
     stage(["fit", *_flags("model", model), "--data.manifest", str(mapping), "--data.batch_size", str(config.batch_size),
            *_flags("trainer", {"logger": False, **config.trainer})])
     done = sum((inversions / f"{s.id}.safetensors").is_file() for s in samples) - (len(samples) - todo)
-    _record(out / TIMINGS, method, "invert", time.monotonic() - started, done)
+    _record(out / TIMINGS, row, "invert", time.monotonic() - started, done)
+    return inversions
 
 
-def _edit(config: BenchConfig, stage: Callable[[list[str]], None], samples: list[BenchSample], method: str) -> None:
-    """`nti predict` of the benchmark's edits of one method's inverted samples that have no strip
-    yet, then their strips (and the VAE round trip's) in the authors' layout."""
+def _invert_empty_prompt(config: BenchConfig, stage: Callable[[list[str]], None], samples: list[BenchSample],
+                         method: str, row: str) -> Path:
+    """The samples inverted by `method` with the source prompt "" (MasaCtrl's benchmark rows), from
+    a manifest of them under `<row>/`; returns the inversions' folder."""
+    manifest = Path(config.output_dir) / row / "manifest.jsonl"
+    with atomic_text(manifest) as handle:
+        for sample in samples:
+            handle.write(json.dumps({"image": str(Path(sample.image).resolve()), "prompt": MASACTRL_SOURCE_PROMPT,
+                                     "id": sample.id}) + "\n")
+    return _invert(config, stage, manifest, samples, method, row)
+
+
+def _edit(config: BenchConfig, stage: Callable[[list[str]], None], samples: list[BenchSample], row: str,
+          inversions: Path, editor: str = P2P) -> None:
+    """`nti predict` of the benchmark's edits (by `editor`) of the inverted samples in `inversions`
+    that have no strip yet in `row`, then their strips (and the VAE round trip's) in the authors' layout."""
     out = Path(config.output_dir)
-    inversions, strips = out / method / "inversions", out / method / IMAGES
+    method = row
+    strips = out / row / IMAGES
     pending = [
         s for s in samples if (inversions / f"{s.id}.safetensors").is_file() and not (strips / s.image_path).is_file()
     ]
@@ -174,7 +211,7 @@ def _edit(config: BenchConfig, stage: Callable[[list[str]], None], samples: list
     with atomic_text(specs) as handle:
         for sample in pending:
             handle.write(
-                json.dumps(benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit)) + "\n"
+                json.dumps(benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit, editor)) + "\n"
             )
     model = {
         k: v

@@ -1,8 +1,8 @@
 """Datasets of images to invert: a manifest (JSONL or CSV) or a folder with `.txt` prompt sidecars.
 
 A manifest row names an `image` (a path, relative to the manifest's folder unless absolute), its
-source `prompt`, optionally an `id` (the artifact's name; default: the file stem) and `edits`
-(carried into the artifact's metadata for `nti predict`):
+source `prompt` (in JSONL `""` is the empty prompt), optionally an `id` (the artifact's name;
+default: the file stem) and `edits` (carried into the artifact's metadata for `nti predict`):
 
     {"image": "photos/cat.jpg", "prompt": "a cat sitting on a sofa", "id": "cat-01"}
 
@@ -96,7 +96,9 @@ def read_manifest(path: str | Path) -> tuple[list[ImageSample], list[Failure]]:
         if unsafe is not None:  # an id names a file in the output folder: it must stay inside it
             failures.append(Failure(id=f"line-{line}", image=str(image_path), reason=f"{where}: {unsafe}"))
             continue
-        if not isinstance(prompt, str) or not prompt.strip():
+        # JSONL's explicit "" is the empty prompt (MasaCtrl's benchmark inverts with it); an empty
+        # CSV cell is a prompt left out.
+        if not isinstance(prompt, str) or (not prompt.strip() and (prompt != "" or path.suffix.lower() == ".csv")):
             failures.append(Failure(id=name, image=str(image_path), reason=f"{where}: no 'prompt' for {image}"))
             continue
         edits = row.get("edits")

@@ -7,6 +7,11 @@ an error is raised. The sampler runs classifier-free guidance as one batch
 `[uncond_0..uncond_{P-1}, cond_0..cond_{P-1}]` (see `nti_lightning.diffusion.guidance`), so the
 hook sees `[P, heads, queries, keys]` maps of the P prompts and never the unconditional ones.
 
+A hook may also see more: one with `edits_inputs` set gets every call's queries, keys and values
+(`attend`, before the maps are computed: MasaCtrl's and Plug-and-Play's injections), and one
+with `sees_all_rows` set gets the maps of both halves of the batch, unconditional rows first
+(Pix2Pix-Zero's cross-attention guidance reads them all).
+
 `AttentionStore` is the simplest hook: it sums the maps per layer over the sampling steps, which
 is what LocalBlend and the cross-attention pictures read.
 """
@@ -47,10 +52,46 @@ class AttentionHook(Protocol):
     def __call__(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor: ...
 
 
+class InputsHook(Protocol):
+    """What a hook with `edits_inputs = True` also has: it sees (and may replace) every call's
+    `[batch * heads, tokens, head dim]` queries, keys and values, batch-major as diffusers'
+    `head_to_batch_dim` lays them out (row b * heads + h), both halves of classifier-free guidance."""
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, layer: AttentionLayer
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
 def unet_place(processor_name: str) -> str:
     """The UNet part ("down", "mid", "up" or "other") of a processor key such as "up_blocks.1....processor"."""
     prefix = processor_name.split(".", 1)[0]
     return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(prefix, "other")
+
+
+def self_attention_layers(unet: UNet2DConditionModel) -> list[str]:
+    """The processor names of `unet`'s self-attention layers (each transformer block's `attn1`)
+    in the order a forward pass calls them: down blocks, middle block, up blocks. (The UNet
+    registers its up blocks before its middle block, so `attn_processors` lists them otherwise.)
+
+    Args:
+        unet (`UNet2DConditionModel`): any Stable Diffusion UNet.
+    """
+    names = [name for name in unet.attn_processors if name.endswith("attn1.processor")]
+    order = {"down": 0, "mid": 1, "up": 2, "other": 3}
+    return sorted(names, key=lambda name: order[unet_place(name)])  # sorted() is stable: block order kept
+
+
+def by_share(index: int, of: int, count: int) -> int:
+    """`index` of a reference network's `of` layers (or steps), as the index with the same share
+    of `count`: `round(index * count / of)`, halves rounded up (SD 1.5's self-attention layer 10
+    of 16 is layer 10 of SD 1.5, 3 of the tiny model's 4).
+
+    Args:
+        index (`int`): the index in the reference's terms.
+        of (`int`): the reference's count (16 layers, 50 steps).
+        count (`int`): this network's (or run's) count.
+    """
+    return (2 * index * count + of) // (2 * of)
 
 
 class ControlledAttnProcessor:
@@ -101,6 +142,8 @@ class ControlledAttnProcessor:
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         query = attn.head_to_batch_dim(query)
+        if getattr(self.hook, "edits_inputs", False):
+            query, key, value = self.hook.attend(query, key, value, attn.heads, layer)  # type: ignore[attr-defined]
 
         probs = attn.get_attention_scores(query, key, attention_mask)
         probs = self._controlled(probs, attn.heads, layer)
@@ -122,6 +165,8 @@ class ControlledAttnProcessor:
                 f"guidance; layer {layer.name} got a batch of {batch}"
             )
         maps = probs.view(batch, heads, *probs.shape[1:])
+        if getattr(self.hook, "sees_all_rows", False):
+            return self.hook(maps, layer).reshape(probs.shape)
         cond = maps[batch // 2 :]
         edited = self.hook(cond, layer)
         if edited is not cond:

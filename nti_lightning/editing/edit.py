@@ -8,8 +8,9 @@ exactly `nti_lightning.reconstruct`.
 
 One edit or many (`edit_jobs_latents`), the batch's rows are edited by one editor
 (`nti_lightning.editing.editor`), the first of `EDITORS` that takes them: Prompt-to-Prompt's
-`BatchedControl` for built-in controllers, else `_SplitHook`, each controller's own calls on its
-rows (a user's subclass).
+`BatchedControl` for built-in controllers, MasaCtrl, Plug-and-Play or Pix2Pix-Zero for jobs with
+their settings (`editor=`), else `_SplitHook`, each controller's own calls on its rows (a user's
+subclass). Jobs of different editors are sampled in batches of their own.
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ from nti_lightning.editing.attention import (
     AttentionHook,
     AttentionLayer,
     AttentionStore,
-    controlled_attention,
 )
 from nti_lightning.editing.batched_control import BatchedControl
 from nti_lightning.editing.controllers import AttentionController
-from nti_lightning.editing.editor import Editor, EditRows, editor_for, then
+from nti_lightning.editing.editor import Editor, EditorSettings, EditRows, SamplingInputs, editor_for, then
+from nti_lightning.editing.editors import editor_settings
+from nti_lightning.editing.masactrl import MasaCtrlEditor
+from nti_lightning.editing.pix2pix_zero import Pix2PixZeroEditor
+from nti_lightning.editing.plug_and_play import PlugAndPlayEditor
 from nti_lightning.inversion.artifact import Inversion
 from nti_lightning.inversion.compatible import check_compatible
 from nti_lightning.inversion.methods import method_of, source_branch_hook
+from nti_lightning.inversion.pivot import ddim_invert
 from nti_lightning.inversion.sampling import SamplingRule, StepCallback, combined_rule, sample
 from nti_lightning.models import vae as vae_codec
 from nti_lightning.models.pipelines import Pipeline
@@ -53,6 +58,7 @@ def edit(
     guidance_scale: float = 7.5,
     attention_store: Optional[AttentionStore] = None,
     allow_model_mismatch: bool = False,
+    editor: Union[str, EditorSettings, None] = None,
 ) -> list[Image.Image]:
     """Edits an inverted image: one image per prompt, sampled together from the inversion's `z_T`.
 
@@ -68,6 +74,10 @@ def edit(
             run (for `cross_attention_picture`); emptied first.
         allow_model_mismatch (`bool`, defaults to False): edit an inversion made with other weights
             than the pipeline's (refused otherwise: see `check_compatible`).
+        editor (`str` or `EditorSettings`, *optional*): another editor than Prompt-to-Prompt:
+            "masactrl", "pnp" or "p2p_zero" with their default settings, or their settings
+            (`MasaCtrl(start_step=4, start_layer=10)`, `PlugAndPlay(...)`, `Pix2PixZero(...)`);
+            the prompts are then the source prompt and the targets, and `controller` is not given.
 
     Returns:
         One `PIL.Image` per prompt, in order (index 0 is the source prompt's when a controller is used).
@@ -83,6 +93,7 @@ def edit(
         guidance_scale=guidance_scale,
         attention_store=attention_store,
         allow_model_mismatch=allow_model_mismatch,
+        editor=editor,
     )
     return [to_pil(image) for image in vae_codec.decode(pipeline.vae, latents)]
 
@@ -97,10 +108,12 @@ def edit_latents(
     guidance_scale: float = 7.5,
     attention_store: Optional[AttentionStore] = None,
     allow_model_mismatch: bool = False,
+    editor: Union[str, EditorSettings, None] = None,
 ) -> torch.Tensor:
     """`[P, C, h, w]` latents at t = 0 of `edit` (same arguments), before decoding."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    job = EditJob(inversion, prompts, controller, attention_store)
+    settings = editor_settings(editor) if isinstance(editor, str) else editor
+    job = EditJob(inversion, prompts, controller, attention_store, settings)
     [latents] = edit_jobs_latents(pipeline, [job], guidance_scale, allow_model_mismatch=allow_model_mismatch)
     return latents
 
@@ -114,12 +127,20 @@ class EditJob:
         prompts (`list[str]`): its prompts (with a controller: the controller's, source first).
         controller (`AttentionController`, *optional*): its Prompt-to-Prompt controller.
         attention_store (`AttentionStore`, *optional*): records its cross-attention maps.
+        editor (`EditorSettings`, *optional*): its settings for another editor (MasaCtrl,
+            Plug-and-Play, Pix2Pix-Zero), instead of a controller.
     """
 
     inversion: Inversion
     prompts: list[str]
     controller: Optional[AttentionController] = None
     attention_store: Optional[AttentionStore] = None
+    editor: Optional[EditorSettings] = None
+
+    @property
+    def settings(self) -> Any:
+        """What its editor reads: the controller or the other editor's settings (None for neither)."""
+        return self.controller if self.controller is not None else self.editor
 
 
 def edit_jobs_latents(
@@ -147,19 +168,24 @@ def edit_jobs_latents(
     for job in jobs:
         _check_job(pipeline, job, allow_model_mismatch)
     schedule = DDIMSchedule.from_scheduler_config(pipeline.scheduler.config, steps.pop())
-    # Jobs whose methods start at the same step with the same kind of step share each UNet call;
-    # other methods' jobs (edit-friendly DDPM's skip) are sampled after them, in their own calls.
+    # Jobs whose methods start at the same step with the same kind of step, and whose edits one
+    # editor makes, share each UNet call; the others (edit-friendly DDPM's skip, another editor)
+    # are sampled after them, in their own calls.
     rules: list[SamplingRule] = []
     groups: dict[tuple[Any, ...], list[int]] = {}
     for k, job in enumerate(jobs):
         method = method_of(job.inversion)
-        if not method.edits_under_control and job.controller is not None:
+        if not method.edits_under_control and job.settings is not None:
             raise ValueError(
-                f"an {method.label} inversion is edited as its authors' code edits it, without a Prompt-to-Prompt "
-                "controller: use the prompts alone (kind \"swap\" in an edit spec)"
+                f"an {method.label} inversion is edited as its authors' code edits it, without an editor's "
+                "control: use the prompts alone (kind \"swap\" in an edit spec)"
             )
         rules.append(method.sampling_rule(job.inversion, job.prompts, guidance_scale))
-        groups.setdefault(rules[-1].kind, []).append(k)
+        if job.editor is not None:
+            is_xl = getattr(pipeline, "text_encoder_2", None) is not None
+            job.editor.check_edit(job.prompts, is_xl, rules[-1], method.label)
+        editor_kind = type(job.editor).__name__ if job.editor is not None else "p2p"
+        groups.setdefault((*rules[-1].kind, editor_kind), []).append(k)
     results: list[Optional[torch.Tensor]] = [None] * len(jobs)
     for members in groups.values():
         latents = _sample_jobs(
@@ -179,16 +205,8 @@ def _sample_jobs(
 ) -> list[torch.Tensor]:
     """`edit_jobs_latents` for jobs whose rules share their start step and step kind."""
     unet = pipeline.unet
-    device = unet.device
     sizes = [len(job.prompts) for job in jobs]
-    cond = PromptEncoder.of(pipeline).encode([prompt for job in jobs for prompt in job.prompts]).to(device)
-    if cond.has_pooled:  # the micro-conditioning each image was inverted with
-        time_ids = torch.cat([_time_ids(job.inversion, size) for job, size in zip(jobs, sizes)])
-        cond = Condition(cond.embeddings, cond.pooled, time_ids.to(device))
-    z_T = torch.cat([job.inversion.z_T.unsqueeze(0).expand(size, -1, -1, -1) for job, size in zip(jobs, sizes)]).to(
-        device
-    )
-    nulls = _batched_nulls(jobs, sizes, cond)
+    cond, z_T, nulls = _batch(pipeline, jobs, sizes)
     rule = combined_rule(rules, sizes, guidance_scale)
 
     stores: list[Optional[AttentionStore]] = []
@@ -203,18 +221,89 @@ def _sample_jobs(
     # Each job's source-branch hook (Direct Inversion's offsets on its source rows, or nothing),
     # after the editor's own end of step.
     source_branches = _split_steps([source_branch_hook(job.inversion, job.prompts, None) for job in jobs], sizes)
-    if all(job.controller is None and store is None for job, store in zip(jobs, stores)):
+    if all(job.settings is None and store is None for job, store in zip(jobs, stores)):
         # Nothing to hook: with the source prompt alone, exactly `reconstruct`.
         latents = sample(unet, schedule, z_T, nulls, cond, guidance_scale, on_step=source_branches, rule=rule)
         return list(latents.split(sizes))
-    rows = EditRows(sizes, [job.controller for job in jobs], stores, schedule.num_inference_steps)
+    rows = EditRows(sizes, [job.settings for job in jobs], stores, schedule.num_inference_steps)
     editor = editor_for(rows, EDITORS)
-    with controlled_attention(unet, editor):
-        latents = sample(
-            unet, schedule, z_T, nulls, cond, guidance_scale, on_step=editor.step_hook(source_branches), rule=rule
-        )
-    editor.finish()
+    encoder = PromptEncoder.of(pipeline)
+    inputs = SamplingInputs(
+        unet=unet,
+        schedule=schedule,
+        z_T=z_T.expand(cond.batch, -1, -1, -1),
+        nulls=nulls,
+        cond=cond,
+        guidance_scale=guidance_scale,
+        rule=rule,
+        after=source_branches,
+        encode=lambda prompts: encoder.encode(prompts).to(unet.device),
+        source_trajectory=lambda scales: source_trajectories(pipeline, schedule, jobs, scales),
+        follows_pivot=[job.inversion.latent_offsets is not None for job in jobs],
+    )
+    latents = editor.sample(inputs)
     return list(latents.split(sizes))
+
+
+def _batch(
+    pipeline: Pipeline, jobs: Sequence[EditJob], sizes: Sequence[int]
+) -> tuple[Condition, torch.Tensor, list[Condition]]:
+    """The prompt conditions, starting latents and per-step nulls of the jobs' rows (`sizes[k]`
+    rows of job k: its prompts)."""
+    device = pipeline.unet.device
+    cond = PromptEncoder.of(pipeline).encode([prompt for job in jobs for prompt in job.prompts]).to(device)
+    if cond.has_pooled:  # the micro-conditioning each image was inverted with
+        time_ids = torch.cat([_time_ids(job.inversion, size) for job, size in zip(jobs, sizes)])
+        cond = Condition(cond.embeddings, cond.pooled, time_ids.to(device))
+    z_T = torch.cat([job.inversion.z_T.unsqueeze(0).expand(size, -1, -1, -1) for job, size in zip(jobs, sizes)]).to(
+        device
+    )
+    return cond, z_T, _batched_nulls(jobs, sizes, cond)
+
+
+@torch.no_grad()
+def source_trajectories(
+    pipeline: Pipeline, schedule: DDIMSchedule, jobs: Sequence[EditJob], guidance_scales: torch.Tensor
+) -> torch.Tensor:
+    """`[T + 1, jobs, C, h, w]`: the latents of each job's source branch, its starting latent first.
+    For an inversion that follows its pivot (Direct Inversion: its offsets put the source row back
+    on it) the pivot itself, the DDIM inversion of its source latent (T UNet rows, recomputed: the
+    source row sampled with the offsets drifts from it at float rounding amplified by each guided
+    step); otherwise its source prompt sampled alone from its `z_T` as its method reconstructs it
+    (its nulls) at its own w: the plain DDIM reconstruction at w = 1 for a DDIM inversion. Every
+    job's method must sample by plain DDIM steps.
+
+    Args:
+        pipeline (`Pipeline`): the pipeline.
+        schedule (`DDIMSchedule`): the schedule (T steps).
+        jobs (`Sequence[EditJob]`): the edits, their inversions' source prompts sampled.
+        guidance_scales (`torch.Tensor`): `[jobs]` w of each (for the sampled ones).
+    """
+    plain = [EditJob(job.inversion, [job.inversion.prompt]) for job in jobs]
+    sizes = [1] * len(plain)
+    cond, z_T, nulls = _batch(pipeline, plain, sizes)
+    rules = [method_of(job.inversion).sampling_rule(job.inversion, job.prompts, 1.0) for job in plain]
+    if not all(rule.is_plain for rule in rules):
+        raise ValueError("a source trajectory is sampled for inversions of methods with plain DDIM steps only")
+    pivots = [k for k, job in enumerate(plain) if job.inversion.latent_offsets is not None]
+    sampled = [k for k in range(len(plain)) if k not in pivots]
+    trajectory = torch.empty(schedule.num_inference_steps + 1, *z_T.shape, device=z_T.device)
+    if pivots:
+        z0 = torch.stack([plain[k].inversion.source_latent for k in pivots]).to(z_T.device)
+        index = torch.tensor(pivots, device=z_T.device)
+        trajectory[:, index] = ddim_invert(pipeline.unet, schedule, z0, cond.rows(index)).latents.flip(0)
+    if sampled:
+        index = torch.tensor(sampled, device=z_T.device)
+        recorded = [z_T[index].float()]
+
+        def record(step: int, timestep: int, latents: torch.Tensor) -> None:
+            recorded.append(latents)
+
+        rule = SamplingRule(guidance_scales=guidance_scales[index.cpu()].float())
+        step_nulls = [null if null.batch == 1 else null.rows(index) for null in nulls]
+        sample(pipeline.unet, schedule, z_T[index], step_nulls, cond.rows(index), 1.0, on_step=record, rule=rule)
+        trajectory[:, index] = torch.stack(recorded)
+    return trajectory
 
 
 def _check_job(pipeline: Pipeline, job: EditJob, allow_model_mismatch: bool) -> None:
@@ -223,6 +312,15 @@ def _check_job(pipeline: Pipeline, job: EditJob, allow_model_mismatch: bool) -> 
     if not prompts:
         raise ValueError("edit needs at least one prompt")
     check_compatible(pipeline, inversion, allow_model_mismatch=allow_model_mismatch)
+    if controller is not None and job.editor is not None:
+        raise ValueError(
+            f"an edit is made by one editor: a Prompt-to-Prompt controller or {job.editor.label}'s settings, not both"
+        )
+    if job.editor is not None and prompts[0] != inversion.prompt:
+        raise ValueError(
+            f"the first prompt {prompts[0]!r} must be the inversion's source prompt {inversion.prompt!r}: "
+            f"{job.editor.label} takes the source branch from it"
+        )
     if controller is not None:
         if prompts != controller.prompts:
             raise ValueError(f"the controller was built for prompts {controller.prompts}, but edit got {prompts}")
@@ -336,7 +434,7 @@ class _SplitHook(Editor):
 #: The editors a batch of edits is offered to, in order: the first whose `of` takes the batch's
 #: rows edits it (`editor_for`). A new editor is one module with an `Editor` subclass, added here
 #: before `_SplitHook`, which takes whatever batch of controllers the others leave.
-EDITORS: tuple[type[Editor], ...] = (BatchedControl, _SplitHook)
+EDITORS: tuple[type[Editor], ...] = (BatchedControl, MasaCtrlEditor, PlugAndPlayEditor, Pix2PixZeroEditor, _SplitHook)
 
 
 def null_conditions(inversion: Inversion, cond: Condition) -> list[Condition]:

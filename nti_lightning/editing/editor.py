@@ -11,23 +11,122 @@ store), and gives the two hooks the sampler calls:
 * the step hook (`Editor.step_hook`): the latents after each sampling step, returned changed or not,
   followed by the inversions' own source-branch hook (Direct Inversion's offsets).
 
-Prompt-to-Prompt (`nti_lightning.editing.batched_control.BatchedControl`) is the first editor.
-`nti_lightning.editing.edit.EDITORS` lists the editors in the order a batch is offered to them:
-a new one (an attention processor that sees the batch's source and target rows and per-row
-settings, such as MasaCtrl or Plug-and-Play) is one module with an `Editor` subclass whose `of`
-takes the batches whose jobs carry its settings, added to that list.
+An editor that needs more than the two hooks says so: `edits_inputs` (it sees every attention
+call's queries, keys and values: `attend`), `sees_all_rows` (its attention hook gets both halves
+of classifier-free guidance) or its own `sample` (the sampling loop itself, from the batch's
+`SamplingInputs`: Plug-and-Play's source branch, Pix2Pix-Zero's reference pass and gradient step).
+
+Prompt-to-Prompt (`nti_lightning.editing.batched_control.BatchedControl`) is the first editor;
+MasaCtrl (`masactrl`), Plug-and-Play (`plug_and_play`) and Pix2Pix-Zero (`pix2pix_zero`) each
+have a settings class (an `EditorSettings`, what a job carries) and an `Editor` in a module of
+their own. `nti_lightning.editing.edit.EDITORS` lists the editors in the order a batch is offered
+to them and `nti_lightning.editing.editors.EDITOR_SETTINGS` the settings by name: a new editor is
+one module, added to both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
+from diffusers import UNet2DConditionModel
 
-from nti_lightning.editing.attention import AttentionLayer, AttentionStore
-from nti_lightning.inversion.sampling import StepCallback
+from nti_lightning.diffusion.condition import Condition
+from nti_lightning.diffusion.ddim import DDIMSchedule
+from nti_lightning.editing.attention import AttentionLayer, AttentionStore, controlled_attention
+from nti_lightning.inversion.sampling import SamplingRule, StepCallback, sample
+
+
+@dataclass(frozen=True)
+class EditorSettings:
+    """One edit's settings for an editor other than Prompt-to-Prompt (whose settings are its
+    controller): a frozen dataclass of the editor's options, checked when built.
+
+    Attributes:
+        name (`str`): the editor's name in specs, configs and tables (`editor: masactrl`).
+        label (`str`): how pages name it.
+        runs_any_rule (`bool`): whether it edits inversions whose methods sample otherwise than
+            by plain DDIM steps (edit-friendly DDPM's skip and noise, ProxNPI's guidance).
+    """
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    runs_any_rule: ClassVar[bool] = False
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "EditorSettings":
+        """The settings with `options` over the defaults; `ValueError` naming an unknown option or
+        a value out of range.
+
+        Args:
+            options (`Mapping[str, Any]`, *optional*): option name -> value.
+        """
+        options = dict(options or {})
+        known = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.name}: unknown option(s) {unknown}; expected some of {known}")
+        return cls(**options)
+
+    def options(self) -> dict[str, Any]:
+        """The settings as a JSON-ready mapping (what `from_options` takes back)."""
+        return dataclasses.asdict(self)
+
+    def check_edit(self, prompts: Sequence[str], is_xl: bool, rule: SamplingRule, method_label: str) -> None:
+        """Raises `ValueError` naming why this edit cannot run: its prompts, the model or the
+        inversion's method.
+
+        Args:
+            prompts (`Sequence[str]`): the edit's prompts, the inversion's source prompt first.
+            is_xl (`bool`): whether the model is an SDXL one.
+            rule (`SamplingRule`): how the inversion's method samples.
+            method_label (`str`): the method's name, for the message.
+        """
+        if len(prompts) < 2:
+            raise ValueError(f"{self.name} edits need a target prompt after the source prompt, got {list(prompts)}")
+        if not self.runs_any_rule and not rule.is_plain:
+            raise ValueError(
+                f"the {self.label} editor runs on inversions sampled by plain DDIM steps, which {method_label}'s "
+                "are not: edit it with Prompt-to-Prompt"
+            )
+
+
+@dataclass
+class SamplingInputs:
+    """What an editor's own `sample` starts from: the batch `edit_jobs_latents` prepared.
+
+    Args:
+        unet (`UNet2DConditionModel`): the denoiser.
+        schedule (`DDIMSchedule`): the sampling schedule (T steps).
+        z_T (`torch.Tensor`): `[rows, C, h, w]` each row's starting latent (its job's).
+        nulls (`Sequence[Condition]`): T per-step unconditional conditions of every row (or one row).
+        cond (`Condition`): every row's prompt condition.
+        guidance_scale (`float`): w.
+        rule (`SamplingRule`): the inversions' combined sampling rule.
+        after (`StepCallback`, *optional*): the inversions' source-branch hooks (Direct Inversion's offsets).
+        encode (`Callable[[list[str]], Condition]`): prompts -> conditions on the UNet's device
+            (the negative prompt or caption an editor adds).
+        source_trajectory (`Callable[[torch.Tensor], torch.Tensor]`): `[jobs]` w -> `[T + 1, jobs, C, h, w]`:
+            each job's source prompt sampled alone as its inversion's method reconstructs it
+            (Direct Inversion's offsets included) at that w, its starting latent first.
+        follows_pivot (`Sequence[bool]`): per job, whether its method's source branch retraces the
+            inversion's trajectory (Direct Inversion).
+    """
+
+    unet: UNet2DConditionModel
+    schedule: DDIMSchedule
+    z_T: torch.Tensor
+    nulls: Sequence[Condition]
+    cond: Condition
+    guidance_scale: float
+    rule: SamplingRule
+    after: Optional[StepCallback]
+    encode: Callable[[list[str]], Condition]
+    source_trajectory: Callable[[torch.Tensor], torch.Tensor]
+    follows_pivot: Sequence[bool] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +196,11 @@ class Editor(ABC):
     documentation). Build one with `of`; the sampler then calls it at every attention layer and
     its `step_hook` after every step, and `finish` once sampling is over."""
 
+    #: Whether `attend` sees every attention call's queries, keys and values.
+    edits_inputs: ClassVar[bool] = False
+    #: Whether the attention hook gets both halves of the batch (unconditional rows first).
+    sees_all_rows: ClassVar[bool] = False
+
     @classmethod
     @abstractmethod
     def of(cls, rows: EditRows) -> Optional["Editor"]:
@@ -128,6 +232,42 @@ class Editor(ABC):
 
     def finish(self) -> None:
         """After sampling: hands each job what was recorded for it (its attention store's maps)."""
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, layer: AttentionLayer
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """With `edits_inputs`: a call's `[batch * heads, tokens, head dim]` queries, keys and
+        values (both halves of the batch, row b * heads + h), returned changed or not.
+
+        Args:
+            query (`torch.Tensor`): the queries.
+            key (`torch.Tensor`): the keys.
+            value (`torch.Tensor`): the values.
+            heads (`int`): the layer's heads.
+            layer (`AttentionLayer`): where the call happens.
+        """
+        return query, key, value
+
+    def sample(self, inputs: SamplingInputs) -> torch.Tensor:
+        """`[rows, C, h, w]` latents at t = 0: the sampler under this editor's hooks (an editor
+        with a loop of its own overrides it).
+
+        Args:
+            inputs (`SamplingInputs`): the batch.
+        """
+        with controlled_attention(inputs.unet, self):
+            latents = sample(
+                inputs.unet,
+                inputs.schedule,
+                inputs.z_T,
+                inputs.nulls,
+                inputs.cond,
+                inputs.guidance_scale,
+                on_step=self.step_hook(inputs.after),
+                rule=inputs.rule,
+            )
+        self.finish()
+        return latents
 
 
 def editor_for(rows: EditRows, editors: Sequence[type[Editor]]) -> Editor:

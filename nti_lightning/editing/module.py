@@ -1,4 +1,4 @@
-"""`EditModule`: Prompt-to-Prompt editing of inversion files as a LightningModule (`nti predict`).
+"""`EditModule`: editing inversion files as a LightningModule (`nti predict`), with Prompt-to-Prompt or another editor.
 
 Each predict step takes a batch of edit specs (`nti_lightning.editing.data`), loads their
 inversions, builds their controllers, samples them together (every spec's rows in each UNet call,
@@ -147,7 +147,7 @@ class EditModule(pl.LightningModule):
             hparams.blend_resolution,
         )
         store = controller.new_store() if controller is not None else AttentionStore()
-        return EditJob(inversion, prompts, controller, store)
+        return EditJob(inversion, prompts, controller, store, spec.editor_settings())
 
     @torch.no_grad()
     def pictures(self, jobs: list[EditJob], specs: list[EditSpec]) -> list[dict[str, Any]]:
@@ -169,9 +169,10 @@ class EditModule(pl.LightningModule):
         results = []
         for job, spec, images in zip(jobs, specs, decoded):
             prompts = job.prompts
+            store = job.attention_store
             attention = (
-                cross_attention_picture(job.attention_store, pipeline.tokenizer, prompts[0])
-                if hparams.attention_maps
+                cross_attention_picture(store, pipeline.tokenizer, prompts[0])
+                if hparams.attention_maps and store is not None and store.sums  # Plug-and-Play's source has none
                 else None
             )
             labels = list(prompts[1:])

@@ -1,5 +1,12 @@
 """PIE-Bench's edit settings: a sample of the mapping file as the edit spec the benchmark makes.
 
+With another editor than Prompt-to-Prompt (`editor=`), the settings of that editor's script:
+MasaCtrl (`run_editing_masactrl.py`): S = 4, L = 10, the source branch's prompt "" (the sample
+is inverted with "", `nti bench` does so); Plug-and-Play (`run_editing_pnp.py`): its defaults,
+and for a DDIM inversion the DDIM reconstruction at w = 1 one step ahead as the source branch
+(`source_guidance_scale: 1`, `source_offset: 1`); Pix2Pix-Zero (`run_editing_pix2pix_zero.py`):
+guidance 0.1, the source prompt as the caption.
+
 `benchmark_edit` turns a sample (`nti_lightning.data.pie_bench.BenchSample`) into the edit spec
 of the benchmark's Null-text + P2P row (`run_editing_p2p.py`): Refine with cross-attention
 replaced for 0.4 of the steps and self-attention for 0.6, the target blend word reweighted x2,
@@ -13,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nti_lightning.data.pie_bench import BenchSample
+from nti_lightning.editing.editors import P2P
 from nti_lightning.errors import BenchmarkError
 from nti_lightning.inversion.artifact import ArtifactError, Inversion
 from nti_lightning.inversion.methods import REGISTRY
@@ -27,18 +35,25 @@ BENCHMARK_OPTIONS: dict[str, Any] = {
 }
 
 
+#: The source prompt of MasaCtrl's benchmark rows (its inversions are made with it too).
+MASACTRL_SOURCE_PROMPT = ""
+
+
 def benchmark_edit(
-    sample: BenchSample, artifact: str | Path, overrides: Optional[dict[str, Any]] = None
+    sample: BenchSample, artifact: str | Path, overrides: Optional[dict[str, Any]] = None, editor: str = P2P
 ) -> dict[str, Any]:
     """The edit spec (see `nti_lightning.editing.specs`) of `sample`'s inversion file `artifact`
     with the benchmark's settings (`BENCHMARK_OPTIONS`, each overridable in `overrides`); for an
-    inversion whose method edits without a controller (EDICT), the prompts alone ("swap")."""
+    inversion whose method edits without a controller (EDICT), the prompts alone ("swap"); for
+    another `editor`, its script's settings (see the module's documentation)."""
     settings = {**BENCHMARK_OPTIONS, **(overrides or {})}
     unknown = sorted(set(settings) - set(BENCHMARK_OPTIONS))
     if unknown:
         raise BenchmarkError(
             f"unknown benchmark edit setting(s) {unknown}; expected some of {sorted(BENCHMARK_OPTIONS)}"
         )
+    if editor != P2P:
+        return _editor_spec(sample, Path(artifact), editor)
     options: dict[str, Any] = {
         "cross_replace_steps": settings["cross_replace_steps"],
         "self_replace_steps": settings["self_replace_steps"],
@@ -62,6 +77,30 @@ def benchmark_edit(
         spec.update(kind="reweight")
         options.update(words={target_word: settings["reweight"]}, base="refine")
     return spec
+
+
+def _editor_spec(sample: BenchSample, artifact: Path, editor: str) -> dict[str, Any]:
+    """The spec of `sample` for an editor other than Prompt-to-Prompt, with its script's settings."""
+    prompts = [sample.original_prompt, sample.editing_prompt]
+    options: dict[str, Any] = {}
+    if editor == "masactrl":
+        prompts[0] = MASACTRL_SOURCE_PROMPT
+        options = {"start_step": 4, "start_layer": 10}
+    elif editor == "pnp" and _method(artifact) == "ddim":
+        # run_editing_pnp.py's DDIM row: the reconstruction at w = 1, one step ahead.
+        options = {"source_guidance_scale": 1.0, "source_offset": 1}
+    elif editor == "p2p_zero":
+        options = {"guidance_amount": 0.1}
+    return {"id": sample.id, "artifact": str(artifact), "prompts": prompts, "editor": editor, "options": options}
+
+
+def _method(artifact: Path) -> Optional[str]:
+    """The method name recorded in the inversion file `artifact` (None if it cannot be read)."""
+    try:
+        name = Inversion.read_metadata(artifact).get("method")
+    except ArtifactError:
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _edits_under_control(artifact: Path) -> bool:

@@ -7,7 +7,8 @@ One spec edits one inversion file:
      "kind": "replace",                       # "replace" | "refine" | "reweight" | "swap"
      "options": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4,
                  "blend_words": [["cat"], ["dog"]]},
-     "id": "cat-to-dog"}                      # optional; names the output files
+     "id": "cat-to-dog",                      # optional; names the output files
+     "editor": "p2p"}                         # optional: "p2p" | "masactrl" | "pnp" | "p2p_zero"
 
 `prompts` are the edit prompts; the artifact's source prompt is put first, unless the list
 already starts with it and goes on (the authors' style: source, then edits).
@@ -21,6 +22,11 @@ Options by kind:
   self-attention is replaced in layers of at most 32x32 queries);
 * "reweight": also `words` ({"word": factor}, required) and `base` ("replace", "refine" or
   null: the controller whose maps are scaled).
+
+`editor` other than "p2p" (Prompt-to-Prompt, whose `kind`s these are) edits with MasaCtrl,
+Plug-and-Play or Pix2Pix-Zero; the spec then has no `kind` and its `options` are the editor's
+settings (`nti_lightning.editing.masactrl.MasaCtrl`, `plug_and_play.PlugAndPlay`,
+`pix2pix_zero.Pix2PixZero`), e.g. `{"editor": "masactrl", "options": {"start_step": 4, "start_layer": 10}}`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from nti_lightning.editing.controllers import (
     Replace,
     Reweight,
 )
+from nti_lightning.editing.editor import EditorSettings
+from nti_lightning.editing.editors import EDITORS, P2P, editor_settings
 from nti_lightning.errors import NtiError
 
 KINDS = ("replace", "refine", "reweight", "swap")
@@ -56,7 +64,7 @@ OPTIONS = {
     "reweight": _CONTROL_OPTIONS | {"words", "base"},
     "swap": set(),
 }
-FIELDS = {"artifact", "prompts", "kind", "options", "id"}
+FIELDS = {"artifact", "prompts", "kind", "options", "id", "editor"}
 
 
 class EditSpecError(NtiError, ValueError):
@@ -71,8 +79,11 @@ class EditSpec:
         id (`str`): names the output files.
         artifact (`str`): path of the `.safetensors` inversion.
         prompts (`list[str]`): edit prompts (the source prompt may come first).
-        kind (`str`, defaults to "replace"): "replace", "refine", "reweight" or "swap" (no control).
-        options (`dict`, defaults to {}): controller options, see the module's documentation.
+        kind (`str`, defaults to "replace"): "replace", "refine", "reweight" or "swap" (no
+            control); for another editor than Prompt-to-Prompt, the editor's name.
+        options (`dict`, defaults to {}): controller options, or the editor's settings; see the
+            module's documentation.
+        editor (`str`, defaults to "p2p"): "p2p", "masactrl", "pnp" or "p2p_zero".
     """
 
     id: str
@@ -80,6 +91,7 @@ class EditSpec:
     prompts: list[str]
     kind: str = "replace"
     options: dict[str, Any] = field(default_factory=dict)
+    editor: str = P2P
 
     @classmethod
     def from_dict(cls, raw: Any, spec_id: str) -> "EditSpec":
@@ -94,8 +106,30 @@ class EditSpec:
             raise EditSpecError("'artifact' must be the path of an inversion file")
         if isinstance(prompts, str):
             prompts = [prompts]
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        # The source prompt may be "" (an image inverted with the empty prompt), the edits may not.
+        if (
+            not isinstance(prompts, list)
+            or not prompts
+            or not all(isinstance(p, str) for p in prompts)
+            or not all(p.strip() for p in prompts[1:])
+            or not (prompts[0].strip() or len(prompts) > 1)
+        ):
             raise EditSpecError(f"'prompts' must be a non-empty list of prompts, got {prompts!r}")
+        editor = raw.get("editor", P2P)
+        if editor not in EDITORS:
+            raise EditSpecError(f"unknown editor {editor!r}; expected one of {list(EDITORS)}")
+        options = raw.get("options") or {}
+        if not isinstance(options, dict):
+            raise EditSpecError(f"'options' must be an object, got {options!r}")
+        if editor != P2P:
+            if "kind" in raw:
+                raise EditSpecError(
+                    f"'kind' is Prompt-to-Prompt's; the {editor} editor takes its settings in 'options'"
+                )
+            spec = cls(id=spec_id, artifact=artifact, prompts=list(prompts), kind=editor, options=dict(options),
+                       editor=editor)
+            spec.editor_settings()  # checked now: a bad setting fails this spec alone
+            return spec
         kind = raw.get("kind", "replace")
         if kind not in KINDS:
             raise EditSpecError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -112,6 +146,19 @@ class EditSpec:
         if options.get("base") not in (None, "replace", "refine"):
             raise EditSpecError("options.base must be 'replace', 'refine' or null")
         return cls(id=spec_id, artifact=artifact, prompts=list(prompts), kind=kind, options=dict(options))
+
+    def editor_settings(self) -> Optional[EditorSettings]:
+        """The settings of its editor other than Prompt-to-Prompt (None for "p2p").
+
+        Raises:
+            `EditSpecError` naming an unknown setting or a value out of range.
+        """
+        if self.editor == P2P:
+            return None
+        try:
+            return editor_settings(self.editor, self.options)
+        except ValueError as error:
+            raise EditSpecError(str(error)) from None
 
     def all_prompts(self, source: str) -> list[str]:
         """The source prompt followed by the edit prompts.
@@ -132,12 +179,13 @@ class EditSpec:
         self_replace_max_queries: int = MAX_QUERIES,
         blend_resolution: Optional[int] = None,
     ) -> Optional[AttentionController]:
-        """The spec's controller for `prompts` (None for "swap"); the defaults apply unless the spec sets them.
+        """The spec's controller for `prompts` (None for "swap" and other editors); the defaults
+        apply unless the spec sets them.
 
         Raises:
             `EditSpecError` naming the prompt or word the controller cannot use.
         """
-        if self.kind == "swap":
+        if self.kind == "swap" or self.editor != P2P:
             return None
         options = self.options
         steps = {

@@ -59,6 +59,8 @@ class InversionMethod:
             at the step its edits start at, `PivotTrajectory.pair`).
         edits_under_control (`bool`): whether its edits take an editor's controller (EDICT's, as
             its authors' code edits, take none: a plain prompt swap).
+        plain_sampling (`bool`): whether its edits sample by plain DDIM steps from z_T (its
+            `sampling_rule` is the default one), which editors with loops of their own need.
     """
 
     name: ClassVar[str] = ""
@@ -68,6 +70,7 @@ class InversionMethod:
     stores_pivot: ClassVar[bool] = False
     stores_pair: ClassVar[bool] = False
     edits_under_control: ClassVar[bool] = True
+    plain_sampling: ClassVar[bool] = True
     #: The method's settings and their defaults (`model.method_options`); recorded in each artifact.
     DEFAULTS: ClassVar[dict[str, Any]] = {}
 

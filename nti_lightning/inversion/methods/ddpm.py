@@ -47,6 +47,7 @@ def image_seed(seed: int, image_id: str) -> int:
 
 class Ddpm(InversionMethod):
     name = "ddpm"
+    plain_sampling = False
     label = "edit-friendly DDPM"
     stores_offsets = True
     DEFAULTS = {"skip": None, "eta": 1.0, "source_guidance_scale": 1.0, "seed": 0, "keep_last_map": True}

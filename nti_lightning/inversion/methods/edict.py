@@ -36,6 +36,7 @@ from nti_lightning.inversion.sampling import SamplingRule, coupled_noise
 
 class Edict(InversionMethod):
     name = "edict"
+    plain_sampling = False
     label = "EDICT"
     stores_pair = True
     edits_under_control = False

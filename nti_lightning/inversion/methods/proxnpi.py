@@ -57,6 +57,7 @@ def proximal(delta: torch.Tensor, prox: str, quantile: float) -> tuple[torch.Ten
 
 class ProxNpi(InversionMethod):
     name = "proxnpi"
+    plain_sampling = False
     label = "ProxNPI"
     stores_pivot = True
     DEFAULTS = {
