@@ -6,7 +6,16 @@ silence_notices()
 
 # Imported after the filters are in place: these imports are what emit some of the notices.
 from nti_lightning.api import invert, reconstruct  # noqa: E402
-from nti_lightning.editing import LocalBlend, Refine, Replace, Reweight, edit  # noqa: E402
+from nti_lightning.editing import (  # noqa: E402
+    LocalBlend,
+    MasaCtrl,
+    Pix2PixZero,
+    PlugAndPlay,
+    Refine,
+    Replace,
+    Reweight,
+    edit,
+)
 from nti_lightning.errors import NtiError, OptionError  # noqa: E402
 from nti_lightning.host_memory import keep_freed_memory  # noqa: E402
 from nti_lightning.inversion.artifact import ArtifactError, Inversion  # noqa: E402
@@ -19,9 +28,12 @@ __all__ = [
     "ArtifactError",
     "Inversion",
     "LocalBlend",
+    "MasaCtrl",
     "NtiError",
     "NullTextInversion",
     "OptionError",
+    "Pix2PixZero",
+    "PlugAndPlay",
     "Refine",
     "Replace",
     "Reweight",

@@ -36,7 +36,7 @@ from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 import nti_lightning as nti  # noqa: E402
 from nti_lightning.app import Editor, InversionCache  # noqa: E402
 from nti_lightning.app.cli import AUTH_ENV, authentication, launch, parser  # noqa: E402
-from nti_lightning.app.layout import close  # noqa: E402
+from nti_lightning.app.layout import Page, close  # noqa: E402
 from nti_lightning.cli import main as nti_main  # noqa: E402
 from nti_lightning.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, NtiError  # noqa: E402
 
@@ -65,8 +65,16 @@ def invert(
     return session.predict(handle_file(str(image)), prompt, method, steps, inner_steps, 7.5, api_name="/invert")
 
 
-def edit(session: Client, targets: str = BLUE_PROMPT, kind: str = "auto", reweights: str = "", blend: str = "circle"):
-    return session.predict(targets, kind, 0.8, 0.7, reweights, blend, 7.5, api_name="/edit")
+def edit(
+    session: Client,
+    targets: str = BLUE_PROMPT,
+    kind: str = "auto",
+    reweights: str = "",
+    blend: str = "circle",
+    **editor,
+):
+    """The Edit button; `editor` names the editor and its settings (`editor="masactrl", start_step=4`)."""
+    return session.predict(targets, kind, 0.8, 0.7, reweights, blend, 7.5, api_name="/edit", **editor)
 
 
 def wait_until(condition, what: str, timeout: float = 60) -> None:
@@ -147,6 +155,47 @@ def test_edit_red_to_blue(app):
     # More words than the source: auto picks Refine; reweighting stays within the edit.
     gallery, _, note = edit(session, "a red circle on a green background, bright", blend="", reweights="bright=2")
     assert note.startswith("**Refine + reweight**") and len(gallery) == 3
+
+
+def test_the_editor_choice(app):
+    """MasaCtrl, Plug-and-Play and Pix2Pix-Zero beside Prompt-to-Prompt: each with its own controls,
+    shown alone; an edit by each; their bad settings and the edits they cannot make are messages."""
+    [radio] = [block for block in app.blocks.blocks.values() if getattr(block, "elem_id", None) == "editor"]
+    assert radio.label == "Editor" and radio.value == "p2p"
+    assert radio.choices == [("Prompt-to-Prompt", "p2p"), ("MasaCtrl", "masactrl"), ("Plug-and-Play", "pnp"),
+                             ("Pix2Pix-Zero", "p2p_zero")]
+    # Shown: the kind, Prompt-to-Prompt's other controls, MasaCtrl's, Plug-and-Play's, Pix2Pix-Zero's.
+    shown = {name: [update["visible"] for update in Page.editor_controls(name)] for _, name in radio.choices}
+    assert shown == {"p2p": [True, True, False, False, False], "masactrl": [False, False, True, False, False],
+                     "pnp": [False, False, False, True, False], "p2p_zero": [False, False, False, False, True]}
+
+    session = client(app)
+    invert(session)
+    attention = f"cross-attention of '{DEMO_PROMPT}', per token"
+    gallery, files, note = edit(session, editor="masactrl", start_step=4, start_layer=10)
+    assert [item["caption"] for item in gallery] == ["input | reconstruction | edits", BLUE_PROMPT, attention]
+    assert note.startswith("**MasaCtrl**, 1 edit(s)") and len(files) == 3
+    gallery, files, note = edit(session, editor="pnp", feature_steps=0.8, attention_steps=0.5)
+    assert [item["caption"] for item in gallery] == ["input | reconstruction | edits", BLUE_PROMPT]
+    assert note.startswith("**Plug-and-Play**, 1 edit(s)") and "records no cross-attention maps" in note
+    assert [Path(path).name for path in files] == ["1-a-blue-circle-on-a-green-background.png", "grid.png"]
+    gallery, _, note = edit(session, editor="p2p_zero", guidance_amount=0.1, caption="a red circle")
+    assert note.startswith("**Pix2Pix-Zero**")
+    assert gallery[-1]["caption"] == "cross-attention of 'a red circle', per token"  # its caption's maps
+
+    for call, message in (
+        (lambda: edit(session, editor="magic"), "Editor must be one of p2p, masactrl, pnp, p2p_zero, got 'magic'"),
+        (lambda: edit(session, editor="masactrl", start_step=51),
+         "MasaCtrl start step must be a number between 0 and 50, got 51"),
+        (lambda: edit(session, editor="masactrl", start_step=2.5),
+         "MasaCtrl settings: start_step must be a whole number from 0 to 50, got 2.5"),
+        (lambda: edit(session, DEMO_PROMPT, editor="p2p_zero"), "Pix2Pix-Zero edits along the difference"),
+    ):
+        with pytest.raises(AppError) as raised:
+            call()
+        assert str(raised.value).startswith(message), str(raised.value)
+    gallery, _, note = edit(session)  # the session goes on, Prompt-to-Prompt by default
+    assert gallery[1]["caption"] == BLUE_PROMPT and note.startswith("**Replace**")
 
 
 # -------------------------------------------------------------------------- bad input

@@ -3,7 +3,8 @@
 The user uploads the demo image, first forgets the prompt (the page says so), inverts (the
 progress bar shows the walk), then edits "red" to "blue" with a LocalBlend on "circle". The
 colours are read from the image the page shows (drawn on a canvas in the browser): the circle
-must be blue and the background still green. A screenshot of the page is saved; with
+must be blue and the background still green. Then picking MasaCtrl as the editor shows its
+controls in place of Prompt-to-Prompt's. A screenshot of the page is saved; with
 `NTI_UPDATE_SCREENSHOT=1` it also replaces docs/app.png, the one the README shows.
 
 Chromium and chromedriver come from the OS (`apt-get install chromium chromium-driver`; `.ci/run`
@@ -168,6 +169,17 @@ def test_upload_invert_and_edit_red_to_blue_in_the_browser(browser, tmp_path):
         assert browser.save_screenshot(str(shot))
         if os.environ.get("NTI_UPDATE_SCREENSHOT") == "1":
             shutil.copyfile(shot, ROOT / "docs" / "app.png")
+
+        # The Editor choice shows the chosen editor's controls alone.
+        def shown(selector: str) -> bool:
+            return any(element.is_displayed() for element in browser.find_elements(By.CSS_SELECTOR, selector))
+
+        assert shown("#blend") and shown("#kind") and not shown("#masactrl-settings")
+        find("#editor").find_element(By.XPATH, ".//label[contains(., 'MasaCtrl')]").click()
+        wait_for(lambda: shown("#masactrl-settings") and not shown("#blend") and not shown("#kind"), 30,
+                 "MasaCtrl's controls in place of Prompt-to-Prompt's")
+        assert "MasaCtrl start step" in text("#masactrl-settings") and not shown("#pnp-settings")
+        assert text("#kind-note").startswith("MasaCtrl")
 
 
 def test_without_chromium_the_browser_test_is_skipped_saying_why_and_under_ci_it_fails(monkeypatch):

@@ -19,7 +19,7 @@ from nti_lightning.app import (
     InversionSettings,
 )
 from nti_lightning.app.cache import inversion_key
-from nti_lightning.app.requests import auto_kind, kind_note, parse_reweights
+from nti_lightning.app.requests import auto_kind, editor_fields, kind_note, parse_reweights
 from nti_lightning.errors import NtiError
 
 
@@ -141,3 +141,63 @@ def test_the_other_inversions_invert_and_edit_in_the_app(pipe, tmp_path, method)
     edited = editor.edit(result.entry.key, EditRequest.from_fields(BLUE_PROMPT, blend_words="circle"))
     expected = "prompt swap (EDICT edits without attention control)" if method == "edict" else "replace"
     assert edited.kind == expected and len(edited.edits) == 1 and edited.attention.width > 0
+
+
+@pytest.fixture(scope="module")
+def ddim_editor(pipe, tmp_path_factory):
+    """An `Editor` with a DDIM inversion of the demo image at T = 4 (no inner steps: quick), and its key."""
+    editor = Editor(pipe, InversionCache(tmp_path_factory.mktemp("cache")), accelerator="cpu", defaults=QUICK)
+    result = editor.invert(DEMO_IMAGE, DEMO_PROMPT, settings=InversionSettings(num_inference_steps=4, method="ddim"))
+    return editor, result.entry.key
+
+
+@pytest.mark.parametrize(
+    "name, fields, kind, maps",
+    [
+        ("masactrl", {"start_step": 0.0, "start_layer": 4.0}, "MasaCtrl", True),  # a slider's whole floats
+        ("pnp", {"feature_steps": 0.8, "attention_steps": 0.5}, "Plug-and-Play", False),
+        ("p2p_zero", {"guidance_amount": 0.1, "caption": " a red circle  "}, "Pix2Pix-Zero", True),
+    ],
+)
+def test_the_other_editors_edit_in_the_app(ddim_editor, name, fields, kind, maps):
+    """The Editor choice: each editor edits the inversion with its own settings, read from the
+    page's fields; its cross-attention maps are shown when it records them (Plug-and-Play does not)."""
+    editor, key = ddim_editor
+    options = editor_fields(name, **fields)
+    assert "caption" not in options or options["caption"] == "a red circle"
+    request = EditRequest.from_fields(BLUE_PROMPT, editor=name, editor_options=options)
+    spec = request.spec(DEMO_PROMPT, editor.pipeline.tokenizer)
+    assert spec["editor"] == name and "kind" not in spec and spec["options"] == options
+    edited = editor.edit(key, request)
+    assert edited.kind == kind and edited.prompts == [DEMO_PROMPT, BLUE_PROMPT]
+    assert len(edited.edits) == 1 and edited.edits[0].size == (32, 32) and edited.grid.width > 3 * 32
+    assert (edited.attention is not None) == maps
+    assert edited.attention_prompt == ("a red circle" if name == "p2p_zero" else DEMO_PROMPT)
+    assert kind_note(DEMO_PROMPT, BLUE_PROMPT, "auto", name).startswith(f"**{kind}**")
+
+
+def test_an_editors_bad_setting_or_an_edit_it_cannot_make_is_a_message(pipe, ddim_editor, tmp_path):
+    editor, key = ddim_editor
+    for name, options, message in (
+        ("masactrl", editor_fields("masactrl", 60, 10), r"^MasaCtrl settings: start_step must be .* 0 to 50, got 60"),
+        ("masactrl", editor_fields("masactrl", 2.5, 10), r"^MasaCtrl settings: start_step must be a whole number"),
+        ("pnp", {"feature_steps": 1.5}, r"^Plug-and-Play settings: feature_steps must be a share of the steps"),
+        ("p2p_zero", {"guidance_amount": -1}, r"^Pix2Pix-Zero settings: guidance_amount must be a number >= 0"),
+        ("p2p_zero", {"strength": 1}, r"^Pix2Pix-Zero settings: unknown option\(s\) \['strength'\]"),
+        ("magic", {}, r"^editor must be one of p2p, masactrl, pnp, p2p_zero, got 'magic'"),
+    ):
+        with pytest.raises(AppInputError, match=message):
+            EditRequest.from_fields(BLUE_PROMPT, editor=name, editor_options=options)
+    # Built without `from_fields`: refused when the edit is asked for, before any model runs.
+    with pytest.raises(AppInputError, match="MasaCtrl settings: start_layer"):
+        editor.edit(key, EditRequest([BLUE_PROMPT], editor="masactrl", editor_options={"start_layer": 17}))
+    # Edits an editor cannot make: an unchanged prompt for Pix2Pix-Zero, an EDICT inversion.
+    with pytest.raises(AppInputError, match=r"Pix2Pix-Zero edits along the difference .* changes no word"):
+        editor.edit(key, EditRequest.from_fields(DEMO_PROMPT, editor="p2p_zero"))
+    settings = InversionSettings(num_inference_steps=3, num_inner_steps=1, method="edict")
+    edict = editor.invert(DEMO_IMAGE, DEMO_PROMPT, settings=settings).entry.key
+    with pytest.raises(AppInputError, match=r"^the Plug-and-Play editor cannot edit EDICT inversions: .*Prompt-to-"):
+        editor.edit(edict, EditRequest.from_fields(BLUE_PROMPT, editor="pnp"))
+    # ...and the Editor goes on serving (its lock released), any editor.
+    assert editor.edit(key, EditRequest.from_fields(BLUE_PROMPT, editor="masactrl")).kind == "MasaCtrl"
+    assert editor.edit(key, EditRequest.from_fields(BLUE_PROMPT, blend_words="circle")).kind == "replace"

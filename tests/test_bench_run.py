@@ -26,6 +26,7 @@ from nti_lightning.demo.shapes import (
     render,
 )
 from nti_lightning.errors import OptionError
+from nti_lightning.inversion.artifact import Inversion
 
 
 def test_the_offline_benchmark_is_pie_bench_shaped(tmp_path):
@@ -67,6 +68,7 @@ def test_bench_inverts_edits_scores_and_a_rerun_redoes_nothing(tmp_path, monkeyp
                 "root": "pie",
                 "demo_samples": 3,
                 "methods": ["ddim", "null_text", "direct"],
+                "editors": ["p2p", "masactrl", "pnp", "p2p_zero"],
                 "output_dir": "out",
                 "batch_size": 2,
                 "model": {"pretrained": "tiny", "num_inference_steps": 4, "num_inner_steps": 2},
@@ -92,14 +94,27 @@ def test_bench_inverts_edits_scores_and_a_rerun_redoes_nothing(tmp_path, monkeyp
     last_ddim = max(p.stat().st_mtime_ns for p in (out / "ddim" / "inversions").glob("*.safetensors"))
     assert all(p.stat().st_mtime_ns <= last_ddim for p in pivots)  # the later methods only read them
     files.update({p: p.stat().st_mtime_ns for p in pivots})
+    # the other editors edit DDIM's and Direct's inversions (MasaCtrl's made again with the prompt "")
+    editor_rows = [f"{m}+{e}" for m in ("ddim", "direct") for e in ("masactrl", "pnp", "p2p_zero")]
+    for row in editor_rows:
+        for sample in samples:
+            strip = out / row / "annotation_images" / sample.image_path
+            assert strip.is_file(), strip
+            files[strip] = strip.stat().st_mtime_ns
+    assert {Inversion.load(p).prompt for p in (out / "direct+masactrl" / "inversions").glob("*.safetensors")} == {""}
+    assert not (out / "ddim+pnp" / "inversions").exists()  # Plug-and-Play edits DDIM's own inversions
     with (out / "pie_bench.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    methods = ("ddim", "null_text", "direct", "vae_round_trip")
+    methods = ("ddim", "null_text", "direct", *editor_rows, "vae_round_trip")
     assert sorted((row["method"], row["id"]) for row in rows) == sorted((m, s.id) for m in methods for s in samples)
     assert all(float(row["psnr_unedited"]) > 0 for row in rows)
     timings = [json.loads(line) for line in (out / "bench_timings.jsonl").read_text().splitlines()]
     assert {(t["method"], t["stage"], t["items"]) for t in timings} == {
-        *((m, stage, 3) for m in methods[:3] for stage in ("invert", "edit")), ("all", "score", 12)}
+        *((m, stage, 3) for m in methods[:3] for stage in ("invert", "edit")),
+        *((row, "edit", 3) for row in editor_rows),
+        *((f"{m}+masactrl", "invert", 3) for m in ("ddim", "direct")),
+        ("all", "score", 3 * len(methods)),
+    }
     summary = (out / "pie_bench.md").read_text()
     assert "null_text" in summary and "direct" in summary and "n/a" in summary  # DINO and CLIP: no weights here
 
@@ -130,6 +145,15 @@ def test_bench_config_mistakes_are_named(tmp_path):
         BenchConfig.load(config)
     with pytest.raises(OptionError, match=r"batch_size: must be at least 1, got 0"):
         BenchConfig(batch_size=0).checked()  # a config made in Python is checked as a file's is
+    with pytest.raises(OptionError, match=r"editors: \['sdedit'\] not among"):
+        BenchConfig(editors=["p2p", "sdedit"]).checked()
+    cannot = r"editor_methods: edict's inversions cannot be edited by \['masactrl', 'pnp'\]"
+    with pytest.raises(OptionError, match=cannot):
+        BenchConfig(methods=["edict"], editors=["masactrl", "pnp"], editor_methods=["edict"]).checked()
+    with pytest.raises(OptionError, match=r"editor_methods: \['direct'\] not among the methods run"):
+        BenchConfig(methods=["ddim"], editors=["pnp"], editor_methods=["ddim", "direct"]).checked()
+    checked = BenchConfig(methods=["ddpm"], editors=["masactrl"], editor_methods=["ddpm"]).checked()
+    assert checked.editors == ["masactrl"]  # MasaCtrl is an attention hook: any sampling
 
 
 @pytest.mark.parametrize("args, culprit", [

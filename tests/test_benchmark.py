@@ -240,3 +240,13 @@ def test_method_speed_times_each_method_alone_and_batched(capsys):
     ]
     assert all(row["invert_s_per_image"] > 0 and row["edit_s_per_image"] > 0 for row in record["rows"])
     assert "edict            B=2" in capsys.readouterr().out
+
+
+def test_editor_speed_times_each_editor_alone_and_batched(capsys):
+    spec = importlib.util.spec_from_file_location("editor_speed", SCRIPT.parent / "editor_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record = module.main(["--model", "tiny", "--steps", "2", "--batch-sizes", "2", "--threads", "1"])
+    assert [row["editor"] for row in record["rows"]] == ["p2p", "masactrl", "pnp", "p2p_zero"]
+    assert all(row["alone_s_per_edit"] > 0 and row["batched_s_per_edit"] > 0 for row in record["rows"])
+    assert "p2p_zero   B=2" in capsys.readouterr().out

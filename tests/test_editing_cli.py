@@ -107,6 +107,36 @@ def test_predict_writes_every_good_edit_and_reports_the_bad_ones(artifacts, tmp_
     assert {"edit/dog", "attention/dog", "edit/cat_refine"} <= set(logged) and "edit/truncated" not in logged
 
 
+def test_predict_edits_with_every_editor_and_reports_each_editors_mistakes(artifacts, tmp_path, capsys):
+    cat = str(artifacts / "cat.safetensors")
+    dog = [SOURCE, "a dog sitting on a sofa"]
+    edits = [
+        {"artifact": cat, "prompts": dog, "editor": "masactrl", "id": "masactrl"},
+        {"artifact": cat, "prompts": dog, "editor": "pnp", "options": {"feature_steps": 0.6}, "id": "pnp"},
+        {"artifact": cat, "prompts": dog, "editor": "p2p_zero", "id": "p2p_zero"},
+        {"artifact": cat, "prompts": dog, "kind": "replace", "id": "p2p"},
+        {"artifact": cat, "prompts": dog, "editor": "sdedit", "id": "unknown"},
+        {"artifact": cat, "prompts": dog, "editor": "masactrl", "options": {"start_layer": 17}, "id": "layer"},
+        {"artifact": cat, "prompts": dog, "editor": "masactrl", "kind": "replace", "id": "kind"},
+        {"artifact": cat, "prompts": [SOURCE, SOURCE], "editor": "p2p_zero", "id": "unchanged"},
+    ]
+    out = tmp_path / "edits"
+    main(["predict", "--config", CONFIG, "--data.edits", json.dumps(edits), "--writer.output_dir", str(out),
+          "--trainer.logger", "false"])
+    for name in ("masactrl", "pnp", "p2p_zero", "p2p"):
+        assert Image.open(out / f"{name}_edit1.png").size == (32, 32), name
+    # Plug-and-Play's source branch runs under "": no maps of the source prompt to draw.
+    assert (out / "masactrl_attention.png").is_file() and not (out / "pnp_attention.png").exists()
+    records = map(json.loads, (out / "failures.jsonl").read_text().splitlines())
+    failures = {record["id"]: record["error"] for record in records}
+    assert sorted(failures) == ["kind", "layer", "unchanged", "unknown"]
+    assert "unknown editor 'sdedit'" in failures["unknown"]
+    assert "start_layer must be a whole number from 0 to 16, got 17" in failures["layer"]
+    assert "'kind' is Prompt-to-Prompt's" in failures["kind"]
+    assert "changes no word of the source" in failures["unchanged"]
+    assert "4 edit(s) written, 4 failed" in capsys.readouterr().out
+
+
 def test_inline_edits_and_a_clean_run_clears_old_failures(artifacts, tmp_path):
     out = tmp_path / "edits"
     out.mkdir()
@@ -126,7 +156,7 @@ def test_the_shipped_config_parses_and_its_specs_are_valid(capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["writer"]["output_dir"] == "edits"
     kinds = [EditSpec.from_dict(spec, str(i)).kind for i, spec in enumerate(config["data"]["edits"])]
-    assert kinds == ["replace", "refine", "reweight", "swap"]
+    assert kinds == ["replace", "refine", "reweight", "swap", "masactrl", "pnp", "p2p_zero"]
 
 
 def test_specs_are_validated_with_the_field_named():

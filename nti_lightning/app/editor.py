@@ -4,7 +4,8 @@ One `Editor` serves every user: it holds the one pipeline, and its lock lets one
 edit use the model at a time (the page's queue already orders them; the lock keeps that true
 for any other caller). Inversions are looked up in the `InversionCache` first, so the same image
 with the same prompt, model and settings is inverted once. All the maths is the package's:
-`invert`, `reconstruct`, `edit_latents` with the `nti predict` spec's controller, the pictures.
+`invert`, `reconstruct`, `edit_latents` with the `nti predict` spec's controller or editor
+settings (MasaCtrl, Plug-and-Play, Pix2Pix-Zero), the pictures.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from nti_lightning.app.cache import (
     inversion_key,
 )
 from nti_lightning.app.requests import (
+    EDITOR_LABELS,
     AppInputError,
     EditRequest,
     InversionSettings,
@@ -74,20 +76,25 @@ class EditResult:
     """An edit's pictures.
 
     Args:
-        kind (`str`): "replace" or "refine" (with "+ reweight" when words were reweighted).
+        kind (`str`): "replace" or "refine" (with "+ reweight" when words were reweighted), or the
+            editor's label ("MasaCtrl", "Plug-and-Play", "Pix2Pix-Zero").
         prompts (`list[str]`): the source prompt, then the targets.
         edits (`list[PIL.Image]`): one image per target, at the model's resolution.
         grid (`PIL.Image`): input | reconstruction | edits, labelled.
-        attention (`PIL.Image`): the source prompt's cross-attention map per token.
+        attention (`PIL.Image`, *optional*): the source prompt's cross-attention map per token; None
+            when the editor records none (Plug-and-Play).
         seconds (`float`): time the edit took.
+        attention_prompt (`str`, defaults to ""): the prompt whose tokens `attention` shows: the
+            source prompt, or Pix2Pix-Zero's caption.
     """
 
     kind: str
     prompts: list[str]
     edits: list[Image.Image]
     grid: Image.Image
-    attention: Image.Image
+    attention: Optional[Image.Image]
     seconds: float
+    attention_prompt: str = ""
 
 
 class Editor:
@@ -248,32 +255,61 @@ class Editor:
 
     # ------------------------------------------------------------------------------ edit
     def edit(self, key: Optional[str], request: EditRequest) -> EditResult:
-        """Edits the inversion of `key` as `request` says (one image per target prompt)."""
+        """Edits the inversion of `key` as `request` says (one image per target prompt).
+
+        Raises:
+            `AppInputError` naming what the request's editor cannot edit: an EDICT inversion (its
+            edits are the prompts alone), another method or model the editor refuses, a target
+            Pix2Pix-Zero cannot edit towards.
+        """
         started = time.perf_counter()
         entry = self.entry(key)
         inversion, tokenizer = entry.inversion, self.pipeline.tokenizer
         spec = EditSpec.from_dict(request.spec(inversion.prompt, tokenizer), "app")
+        settings = spec.editor_settings()
         prompts = spec.all_prompts(inversion.prompt)
         method = method_of(inversion)
-        if method.edits_under_control:
+        if settings is not None:
+            if not method.edits_under_control:
+                raise AppInputError(
+                    f"the {settings.label} editor cannot edit {method.label} inversions: {method.label} edits with "
+                    "the prompts alone, as its authors' code does; pick Prompt-to-Prompt (a prompt swap), or invert "
+                    "the image with another method"
+                )
+            controller, store = None, AttentionStore()
+        elif method.edits_under_control:
             controller = spec.controller(prompts, tokenizer)
             store = controller.new_store()
         else:  # EDICT edits as its authors' code does: the prompts alone
             controller, store = None, AttentionStore()
         w = inversion.guidance_scale if request.guidance_scale is None else request.guidance_scale
         with self.lock, torch.no_grad():
-            latents = edit_latents(
-                self.pipeline, inversion, prompts, controller=controller, guidance_scale=w, attention_store=store
-            )
+            try:
+                latents = edit_latents(
+                    self.pipeline, inversion, prompts, controller=controller, guidance_scale=w,
+                    attention_store=store, editor=settings,
+                )
+            except ValueError as error:
+                if settings is None:
+                    raise
+                # The editor refuses this edit (the inversion's method, the model, the prompts): say why.
+                raise AppInputError(" ".join(str(error).split())) from None
             edits = [to_pil(image) for image in vae_codec.decode(self.pipeline.vae, latents[1:])]
-        attention = cross_attention_picture(store, tokenizer, prompts[0], columns=ATTENTION_COLUMNS)
+        # Pix2Pix-Zero's maps are its caption's (the source prompt unless one is given).
+        attention_prompt = getattr(settings, "caption", None) or prompts[0]
+        attention = None
+        if store.sums:  # Plug-and-Play records none
+            attention = cross_attention_picture(store, tokenizer, attention_prompt, columns=ATTENTION_COLUMNS)
         grid = labelled_grid(
             [entry.input_image, entry.reconstruction, *edits], ["input", "reconstruction", *prompts[1:]]
         )
-        kind = request.resolved_kind(inversion.prompt) + (" + reweight" if request.reweights else "")
-        if controller is None:
+        if settings is not None:
+            kind = EDITOR_LABELS[settings.name]
+        elif controller is None:
             kind = f"prompt swap ({method.label} edits without attention control)"
-        return EditResult(kind, prompts, edits, grid, attention, time.perf_counter() - started)
+        else:
+            kind = request.resolved_kind(inversion.prompt) + (" + reweight" if request.reweights else "")
+        return EditResult(kind, prompts, edits, grid, attention, time.perf_counter() - started, attention_prompt)
 
 
 def _renamed(message: str, path: str | Path, name: str) -> str:

@@ -3,9 +3,11 @@
 Invert (left): an image (upload, drop, paste, or the example) or an inversion file, its source
 prompt, the method and settings; a progress bar fed by the walk, a cancel button, then the input
 beside its reconstruction by every method cached for it (with PSNR) and the `.safetensors` file.
-Edit (below): target prompts, Replace or Refine (auto-picked, shown, overridable), the replace
-steps, word weights, LocalBlend words and w; a gallery (the input | reconstruction | edits grid,
-each edit, the source prompt's cross-attention maps) and the files to download.
+Edit (below): target prompts, the editor (Prompt-to-Prompt, MasaCtrl, Plug-and-Play or
+Pix2Pix-Zero: each shows its own controls alone), for Prompt-to-Prompt Replace or Refine
+(auto-picked, shown, overridable), the replace steps, word weights and LocalBlend words, and w;
+a gallery (the input | reconstruction | edits grid, each edit, the source prompt's
+cross-attention maps when the editor records them) and the files to download.
 
 Every model call goes through one queue slot (`concurrency_id="model"`), so a waiting user sees
 their place in the queue; each browser session keeps its own inversion (a `gr.State` holding its
@@ -29,7 +31,15 @@ from PIL import Image
 
 from nti_lightning.app.cache import CachedInversion
 from nti_lightning.app.editor import Cancelled, Editor
-from nti_lightning.app.requests import KINDS, EditRequest, InversionSettings, kind_note
+from nti_lightning.app.requests import (
+    EDITOR_LABELS,
+    KINDS,
+    EditRequest,
+    InversionSettings,
+    editor_fields,
+    kind_note,
+)
+from nti_lightning.editing.editors import EDITOR_SETTINGS, EDITORS, P2P
 from nti_lightning.errors import NtiError
 from nti_lightning.inversion.methods import METHODS, REGISTRY
 from nti_lightning.training.progress import WalkProgress
@@ -52,7 +62,8 @@ CSS = (
 )
 
 DESCRIPTION = """# Null-text Inversion editor
-Invert a photo once (the slow part), then edit it with Prompt-to-Prompt as often as you like.
+Invert a photo once (the slow part), then edit it with Prompt-to-Prompt, MasaCtrl, Plug-and-Play or
+Pix2Pix-Zero as often as you like.
 Inversions are kept on disk: the same image, prompt, model and settings are never inverted twice."""
 
 
@@ -268,10 +279,22 @@ class Page:
         reweights: Optional[str],
         blend_words: Optional[str],
         guidance_scale: float,
+        editor: Optional[str] = P2P,
+        start_step: Optional[float] = None,
+        start_layer: Optional[float] = None,
+        feature_steps: Optional[float] = None,
+        attention_steps: Optional[float] = None,
+        guidance_amount: Optional[float] = None,
+        caption: Optional[str] = None,
     ) -> tuple:
-        """Edits the session's inversion; the gallery gets the grid, each edit and the attention maps."""
+        """Edits the session's inversion; the gallery gets the grid, each edit and the attention maps
+        (when the editor records them). The settings of the editors not chosen are not read."""
+        options = editor_fields(
+            editor, start_step, start_layer, feature_steps, attention_steps, guidance_amount, caption
+        )
         request = EditRequest.from_fields(
-            targets, kind, cross_replace_steps, self_replace_steps, reweights, blend_words, guidance_scale
+            targets, kind, cross_replace_steps, self_replace_steps, reweights, blend_words, guidance_scale,
+            editor, options,
         )
         result = self.editor.edit(key, request)
         targets = result.prompts[1:]
@@ -281,20 +304,40 @@ class Page:
             self._offer_image(image, folder, f"{k + 1}-{slug(target)}.png")
             for k, (image, target) in enumerate(zip(result.edits, targets))
         ]
-        grid, attention = (
-            self._offer_image(result.grid, folder, "grid.png"),
-            self._offer_image(result.attention, folder, "attention.png"),
-        )
+        grid = self._offer_image(result.grid, folder, "grid.png")
         gallery = [(grid, "input | reconstruction | edits"), *zip(edits, targets)]
-        gallery.append((attention, f"cross-attention of '{result.prompts[0]}', per token"))
-        files = [*edits, grid, attention]
-        note = f"**{result.kind.capitalize()}**, {len(targets)} edit(s) in {result.seconds:.2f} s"
+        files = [*edits, grid]
+        kind = result.kind[:1].upper() + result.kind[1:]
+        note = f"**{kind}**, {len(targets)} edit(s) in {result.seconds:.2f} s"
+        if result.attention is not None:
+            attention = self._offer_image(result.attention, folder, "attention.png")
+            gallery.append((attention, f"cross-attention of '{result.attention_prompt}', per token"))
+            files.append(attention)
+        else:
+            note += f"; {result.kind} records no cross-attention maps"
         return gallery, files, note
+
+    @staticmethod
+    def editor_controls(editor: Optional[str]) -> tuple:
+        """Shows the chosen editor's controls alone: Prompt-to-Prompt's kind and its other
+        controls, then MasaCtrl's, Plug-and-Play's and Pix2Pix-Zero's."""
+        editor = editor or P2P
+        return (
+            gr.update(visible=editor == P2P),
+            gr.update(visible=editor == P2P),
+            *(gr.update(visible=editor == name) for name in EDITOR_SETTINGS),
+        )
 
     # --------------------------------------------------------------------------- layout
     def build(self) -> gr.Blocks:
         """The Blocks of the page (then `.queue(...)` and `.launch(**launch_options())`, as `nti app` does)."""
         defaults, edit_defaults = self.editor.defaults, self.edit_defaults
+        chosen = edit_defaults.editor
+        # Each editor's sliders start at its defaults (with the starting request's options over its own).
+        starts = {
+            name: {**settings().options(), **(edit_defaults.editor_options if name == chosen else {})}
+            for name, settings in EDITOR_SETTINGS.items()
+        }
         with gr.Blocks(title="nti-lightning editor", analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as blocks:
             gr.HTML(f"<style>{CSS}</style>", padding=False)
             gr.Markdown(DESCRIPTION)
@@ -364,30 +407,78 @@ class Page:
                         elem_id="targets",
                         placeholder="the source prompt with words changed, e.g. a blue circle on a green background",
                     )
+                    editor = gr.Radio(
+                        [(EDITOR_LABELS[name], name) for name in EDITORS],
+                        value=chosen,
+                        label="Editor",
+                        info=(
+                            "Prompt-to-Prompt: the kind, replace steps, word weights and LocalBlend words; MasaCtrl, "
+                            "Plug-and-Play and Pix2Pix-Zero: their own settings, shown when picked"
+                        ),
+                        elem_id="editor",
+                    )
                     with gr.Row():
-                        kind = gr.Radio(list(KINDS), value=edit_defaults.kind, label="Kind", elem_id="kind")
+                        kind = gr.Radio(list(KINDS), value=edit_defaults.kind, label="Kind", elem_id="kind",
+                                        visible=chosen == P2P)
                         note = gr.Markdown(
-                            kind_note(None, None, edit_defaults.kind), label="Kind used", elem_id="kind-note"
+                            kind_note(None, None, edit_defaults.kind, chosen), label="Kind used", elem_id="kind-note"
                         )
-                    cross = gr.Slider(
-                        0, 1, value=edit_defaults.cross_replace_steps, step=0.05, label="Cross-attention replace steps"
-                    )
-                    self_ = gr.Slider(
-                        0, 1, value=edit_defaults.self_replace_steps, step=0.05, label="Self-attention replace steps"
-                    )
-                    reweights = gr.Textbox(
-                        "", label="Word weights", placeholder="word=factor, e.g. fluffy=2, red=0.5", elem_id="reweights"
-                    )
-                    blend = gr.Textbox(
-                        "",
-                        label="LocalBlend words",
-                        placeholder="words whose region may change, e.g. circle",
-                        elem_id="blend",
-                    )
+                    with gr.Column(visible=chosen == P2P, elem_id="p2p-settings") as p2p_settings:
+                        cross = gr.Slider(
+                            0, 1, value=edit_defaults.cross_replace_steps, step=0.05,
+                            label="Cross-attention replace steps",
+                        )
+                        self_ = gr.Slider(
+                            0, 1, value=edit_defaults.self_replace_steps, step=0.05,
+                            label="Self-attention replace steps",
+                        )
+                        reweights = gr.Textbox(
+                            "", label="Word weights", placeholder="word=factor, e.g. fluffy=2, red=0.5",
+                            elem_id="reweights",
+                        )
+                        blend = gr.Textbox(
+                            "",
+                            label="LocalBlend words",
+                            placeholder="words whose region may change, e.g. circle",
+                            elem_id="blend",
+                        )
+                    with gr.Column(visible=chosen == "masactrl", elem_id="masactrl-settings") as masactrl_settings:
+                        start_step = gr.Slider(
+                            0, 50, value=starts["masactrl"]["start_step"], step=1, label="MasaCtrl start step",
+                            info="the first step (of 50, scaled to T) whose self-attention reads the source's",
+                        )
+                        start_layer = gr.Slider(
+                            0, 16, value=starts["masactrl"]["start_layer"], step=1, label="MasaCtrl start layer",
+                            info="the first self-attention layer (of 16) that reads the source's",
+                        )
+                    with gr.Column(visible=chosen == "pnp", elem_id="pnp-settings") as pnp_settings:
+                        feature_steps = gr.Slider(
+                            0, 1, value=starts["pnp"]["feature_steps"], step=0.05,
+                            label="Plug-and-Play feature steps",
+                            info="share of the steps (the first) with the source's features injected",
+                        )
+                        attention_steps = gr.Slider(
+                            0, 1, value=starts["pnp"]["attention_steps"], step=0.05,
+                            label="Plug-and-Play attention steps",
+                            info="share of the steps (the first) with the source's self-attention injected",
+                        )
+                    with gr.Column(visible=chosen == "p2p_zero", elem_id="p2p-zero-settings") as p2p_zero_settings:
+                        guidance_amount = gr.Slider(
+                            0, 1, value=starts["p2p_zero"]["guidance_amount"], step=0.01,
+                            label="Pix2Pix-Zero guidance amount",
+                            info="step size of the cross-attention guidance towards the source's maps",
+                        )
+                        caption = gr.Textbox(
+                            starts["p2p_zero"]["caption"] or "",
+                            label="Pix2Pix-Zero caption",
+                            placeholder="the image's caption; empty: the source prompt",
+                            elem_id="caption",
+                        )
                     edit_w = gr.Slider(0, max(15, defaults.guidance_scale), value=defaults.guidance_scale, step=0.5,
                                        label="Guidance scale (w)")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
-                    _named_checks(method, steps, inner_steps, invert_w, kind, cross, self_, edit_w)
+                    _named_checks(method, steps, inner_steps, invert_w, kind, cross, self_, edit_w, editor,
+                                  start_step, start_layer, feature_steps, attention_steps, guidance_amount)
                 with gr.Column(scale=3):
                     results = gr.Gallery(
                         label="Edits", columns=3, format="png", object_fit="contain", elem_id="results"
@@ -408,14 +499,21 @@ class Page:
             )
             edit_button.click(
                 shown_errors(self.edit),
-                [key, targets, kind, cross, self_, reweights, blend, edit_w],
+                [key, targets, kind, cross, self_, reweights, blend, edit_w,
+                 editor, start_step, start_layer, feature_steps, attention_steps, guidance_amount, caption],
                 [results, files, note],
                 api_name="edit",
                 concurrency_id=MODEL_QUEUE,
                 concurrency_limit=1,
             )
-            gr.on([targets.change, kind.change, prompt.change], kind_note, [prompt, targets, kind], note,
-                  queue=False, show_progress="hidden", api_visibility="private")
+            gr.on([targets.change, kind.change, prompt.change, editor.change], kind_note,
+                  [prompt, targets, kind, editor], note, queue=False, show_progress="hidden",
+                  api_visibility="private")
+            editor.change(
+                self.editor_controls, [editor],
+                [kind, p2p_settings, masactrl_settings, pnp_settings, p2p_zero_settings],
+                queue=False, show_progress="hidden", api_visibility="private",
+            )
         return blocks
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from nti_lightning.editing.alignment import word_positions
+from nti_lightning.editing.editor import EditorSettings
+from nti_lightning.editing.editors import EDITOR_SETTINGS, EDITORS, P2P, editor_settings
 from nti_lightning.errors import NtiError
 from nti_lightning.inversion.methods import METHODS
 
@@ -22,6 +24,9 @@ KINDS = ("auto", "replace", "refine")
 #: Bounds of the inversion settings the page offers.
 MAX_STEPS = 1000
 MAX_INNER_STEPS = 100
+#: The editors a user picks from, by name: Prompt-to-Prompt (the kinds above) first, then the
+#: others, each with its own settings (`nti_lightning.editing.editors`).
+EDITOR_LABELS = {P2P: "Prompt-to-Prompt", **{name: settings.label for name, settings in EDITOR_SETTINGS.items()}}
 
 
 class AppInputError(NtiError, ValueError):
@@ -105,6 +110,10 @@ class EditRequest:
         reweights (`dict[str, float]`, defaults to {}): word -> factor of its cross-attention.
         blend_words (`list[str]`, defaults to []): LocalBlend words; each prompt blends those it holds.
         guidance_scale (`float`, *optional*): w; the inversion's own when None.
+        editor (`str`, defaults to "p2p"): "p2p" (Prompt-to-Prompt: the kind, replace steps, word
+            weights and LocalBlend words above), "masactrl", "pnp" or "p2p_zero".
+        editor_options (`dict[str, Any]`, defaults to {}): the settings of an editor other than
+            Prompt-to-Prompt over its defaults (`nti_lightning.editing.editors.editor_settings`).
     """
 
     targets: list[str]
@@ -114,6 +123,8 @@ class EditRequest:
     reweights: dict[str, float] = field(default_factory=dict)
     blend_words: list[str] = field(default_factory=list)
     guidance_scale: Optional[float] = None
+    editor: str = P2P
+    editor_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_fields(
@@ -125,9 +136,11 @@ class EditRequest:
         reweights: Optional[str] = "",
         blend_words: Optional[str] = "",
         guidance_scale: Optional[float] = None,
+        editor: Optional[str] = P2P,
+        editor_options: Optional[Mapping[str, Any]] = None,
     ) -> "EditRequest":
         """Reads the page's fields: targets one per line, reweights "word=factor, ...", blend words
-        separated by commas or spaces."""
+        separated by commas or spaces; the editor and its settings (`editor_fields`), checked."""
         prompts = [" ".join(line.split()) for line in (targets or "").splitlines()]
         prompts = [prompt for prompt in prompts if prompt]
         if not prompts:
@@ -147,7 +160,7 @@ class EditRequest:
             not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0
         ):
             raise AppInputError(f"guidance scale (w) must be a non-negative number, got {guidance_scale!r}")
-        return cls(
+        request = cls(
             targets=prompts,
             kind=kind,
             cross_replace_steps=float(cross_replace_steps),
@@ -155,14 +168,42 @@ class EditRequest:
             reweights=parse_reweights(reweights or ""),
             blend_words=(blend_words or "").replace(",", " ").split(),
             guidance_scale=None if guidance_scale is None else float(guidance_scale),
+            editor=editor or P2P,
+            editor_options=dict(editor_options or {}),
         )
+        request.editor_settings()  # a bad editor or setting is refused before any model runs
+        return request
+
+    def editor_settings(self) -> Optional[EditorSettings]:
+        """The settings of its editor other than Prompt-to-Prompt (None for "p2p").
+
+        Raises:
+            `AppInputError` naming an unknown editor, an unknown setting or a value out of range.
+        """
+        if self.editor not in EDITORS:
+            raise AppInputError(f"editor must be one of {', '.join(EDITORS)}, got {self.editor!r}")
+        if self.editor == P2P:
+            return None
+        try:
+            return editor_settings(self.editor, self.editor_options)
+        except ValueError as error:  # "masactrl: start_step must be ...": named by its label instead
+            message = str(error).removeprefix(f"{self.editor}: ")
+            raise AppInputError(f"{EDITOR_LABELS[self.editor]} settings: {message}") from None
 
     def resolved_kind(self, source: str) -> str:
         """"replace" or "refine": the user's choice, or what "auto" picks for these prompts."""
         return self.kind if self.kind != "auto" else auto_kind(source, self.targets)
 
     def spec(self, source: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-        """The edit as an `nti predict` spec (`nti_lightning.editing.specs.EditSpec.from_dict`)."""
+        """The edit as an `nti predict` spec (`nti_lightning.editing.specs.EditSpec.from_dict`): for
+        an editor other than Prompt-to-Prompt, its name and its settings, without a kind."""
+        if self.editor_settings() is not None:
+            return {
+                "artifact": "<app>",
+                "prompts": [source, *self.targets],
+                "editor": self.editor,
+                "options": dict(self.editor_options),
+            }
         kind = self.resolved_kind(source)
         options: dict[str, Any] = {
             "cross_replace_steps": self.cross_replace_steps,
@@ -187,8 +228,40 @@ def auto_kind(source: str, targets: Sequence[str]) -> str:
     return "replace" if all(len(target.split()) == count for target in targets) else "refine"
 
 
-def kind_note(source: Optional[str], targets: Optional[str], kind: Optional[str]) -> str:
+def editor_fields(
+    editor: Optional[str],
+    start_step: Any = None,
+    start_layer: Any = None,
+    feature_steps: Any = None,
+    attention_steps: Any = None,
+    guidance_amount: Any = None,
+    caption: Optional[str] = None,
+) -> dict[str, Any]:
+    """The chosen editor's settings from the page's fields (those of the other editors are left
+    out; a field left empty keeps the editor's default). They are checked by `EditRequest`.
+
+    Args:
+        editor (`str`, *optional*): "p2p", "masactrl", "pnp" or "p2p_zero".
+        start_step, start_layer: MasaCtrl's (whole numbers: a slider's 4.0 is 4).
+        feature_steps, attention_steps: Plug-and-Play's shares of the steps.
+        guidance_amount: Pix2Pix-Zero's cross-attention guidance step.
+        caption (`str`, *optional*): Pix2Pix-Zero's caption of the image; empty: the source prompt.
+    """
+    if editor == "masactrl":
+        fields = {"start_step": _integral(start_step), "start_layer": _integral(start_layer)}
+    elif editor == "pnp":
+        fields = {"feature_steps": feature_steps, "attention_steps": attention_steps}
+    elif editor == "p2p_zero":
+        fields = {"guidance_amount": guidance_amount, "caption": " ".join((caption or "").split()) or None}
+    else:
+        return {}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def kind_note(source: Optional[str], targets: Optional[str], kind: Optional[str], editor: Optional[str] = P2P) -> str:
     """The line the page shows beside the kind: what will be used, and why."""
+    if editor and editor != P2P:
+        return f"**{EDITOR_LABELS.get(editor, editor)}**, with its own settings below"
     source = " ".join((source or "").split())
     prompts = [line for line in (targets or "").splitlines() if line.strip()]
     if kind in ("replace", "refine"):
@@ -240,6 +313,13 @@ def _holds(prompt: str, word: str, tokenizer: PreTrainedTokenizerBase) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _integral(value: Any) -> Any:
+    """A whole float as an int (a slider sends 4.0); anything else as it is, for the settings to check."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _whole(value: Any, name: str) -> int:

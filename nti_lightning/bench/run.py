@@ -7,7 +7,11 @@ sampled together), writes each edit in the authors' output layout
 (`<output_dir>/<method>/annotation_images/<image_path>`, a strip whose last panel is the edit)
 and finally scores every method with the benchmark's metrics (`score_folder`): `pie_bench.csv`,
 `pie_bench.md` and TensorBoard under `output_dir`. EDICT edits with the prompts alone, as its
-authors' code does; the others under the benchmark's Prompt-to-Prompt settings.
+authors' code does; the others under the benchmark's Prompt-to-Prompt settings. The other editors
+of `editors` (MasaCtrl, Plug-and-Play, Pix2Pix-Zero) edit the inversions of the methods of
+`editor_methods` with their scripts' settings, as rows `<method>+<editor>` of the same table
+(MasaCtrl's benchmark inverts with the source prompt "": those inversions go under
+`<output_dir>/<method>+masactrl/inversions`).
 
 Killed anywhere and run again, it redoes nothing finished: `nti fit` skips the inversions on disk,
 a sample whose strip exists is not edited again (strips are written atomically), and only the
@@ -27,6 +31,8 @@ as for `nti fit`; `nti bench --help` lists every key with its type, default and 
     demo_samples: 0                  # > 0: first write the offline shapes benchmark of that many samples into root
     demo_resolution: 32              # its image side (512: PIE-Bench's size, for timing an SD 1.x model)
     methods: [null_text, negative_prompt, ddim, direct, ddpm, proxnpi, edict]
+    editors: [p2p]                   # and masactrl, pnp, p2p_zero: rows <method>+<editor>
+    editor_methods: [ddim, direct]   # the methods the editors other than p2p edit
     output_dir: bench
     batch_size: 8                    # images inverted together, and edit specs sampled together
     model: {pretrained: CompVis/stable-diffusion-v1-4}   # any model.* option of nti fit (T, w, N, ...); the edits take

@@ -1,4 +1,5 @@
-"""Prompt-to-Prompt editing of inverted images: attention control, controllers, editors, `edit`, the predict CLI."""
+"""Editing inverted images: attention control, Prompt-to-Prompt's controllers, the editors (MasaCtrl,
+Plug-and-Play, Pix2Pix-Zero), `edit`, the predict CLI."""
 
 from nti_lightning.editing.attention import (
     AttentionLayer,
@@ -14,8 +15,12 @@ from nti_lightning.editing.controllers import (
     Reweight,
 )
 from nti_lightning.editing.edit import edit, edit_latents
-from nti_lightning.editing.editor import Editor, EditRows
+from nti_lightning.editing.editor import Editor, EditorSettings, EditRows
+from nti_lightning.editing.editors import EDITOR_SETTINGS, EDITORS
+from nti_lightning.editing.masactrl import MasaCtrl
 from nti_lightning.editing.pictures import cross_attention_picture, token_attention_maps
+from nti_lightning.editing.pix2pix_zero import Pix2PixZero
+from nti_lightning.editing.plug_and_play import PlugAndPlay
 from nti_lightning.inversion.compatible import check_compatible
 
 __all__ = [
@@ -23,9 +28,15 @@ __all__ = [
     "AttentionLayer",
     "AttentionStore",
     "ControlledAttnProcessor",
+    "EDITORS",
+    "EDITOR_SETTINGS",
     "EditRows",
     "Editor",
+    "EditorSettings",
     "LocalBlend",
+    "MasaCtrl",
+    "Pix2PixZero",
+    "PlugAndPlay",
     "Refine",
     "Replace",
     "Reweight",
