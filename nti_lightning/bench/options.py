@@ -432,14 +432,7 @@ def _range_problems(values: dict[str, Any], checked: set[str]) -> list[str]:
     for key in ("root", "output_dir"):
         check(key, bool(str(values.get(key, "")).strip()), "must name a folder")
     if "methods" in checked:
-        methods = values["methods"]
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            problems.append(f"methods: {unknown} not among {list(METHODS)}")
-        elif not methods:
-            problems.append(f"methods: empty; give some of {list(METHODS)}")
-        elif len(set(methods)) < len(methods):
-            problems.append(f"methods: {methods} names a method twice")
+        problems += _names_problems("methods", values["methods"], METHODS, "method")
     problems += _editor_problems(values, checked)
     for key in ("model.num_inference_steps", "model.num_inner_steps", "model.sync_every"):
         check(key, values.get(key, 0) >= 1, "must be at least 1")
@@ -471,19 +464,25 @@ def can_edit(method: str, editor: str) -> bool:
     return inversion.edits_under_control and (EDITOR_SETTINGS[editor].runs_any_rule or inversion.plain_sampling)
 
 
+def _names_problems(key: str, names: list[str], choices: Sequence[str], what: str) -> list[str]:
+    """The mistake of a list of names (`methods`, `editors`): one not among `choices`, none, or one twice."""
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        return [f"{key}: {unknown} not among {list(choices)}"]
+    if not names:
+        return [f"{key}: empty; give some of {list(choices)}"]
+    if len(set(names)) < len(names):
+        return [f"{key}: {names} names {'an' if what[0] in 'aeiou' else 'a'} {what} twice"]
+    return []
+
+
 def _editor_problems(values: dict[str, Any], checked: set[str]) -> list[str]:
     """The mistakes of `editors` and `editor_methods`: unknown names, repeats, a method not run, an
     editor that cannot edit a method's inversions."""
     problems: list[str] = []
     editors, pairs = values.get("editors", [P2P]), values.get("editor_methods", [])
     if "editors" in checked:
-        unknown = [e for e in editors if e not in EDITORS]
-        if unknown:
-            problems.append(f"editors: {unknown} not among {list(EDITORS)}")
-        elif not editors:
-            problems.append(f"editors: empty; give some of {list(EDITORS)}")
-        elif len(set(editors)) < len(editors):
-            problems.append(f"editors: {editors} names an editor twice")
+        problems += _names_problems("editors", editors, EDITORS, "editor")
     if "editor_methods" in checked or "editors" in checked:
         others = [e for e in editors if e in EDITORS and e != P2P]
         methods = values.get("methods", list(METHODS))

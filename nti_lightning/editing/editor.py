@@ -201,15 +201,24 @@ class Editor(ABC):
     #: Whether the attention hook gets both halves of the batch (unconditional rows first).
     sees_all_rows: ClassVar[bool] = False
 
+    #: The settings class of this editor's jobs, for the default `of`.
+    settings_type: ClassVar[Optional[type]] = None
+
+    def __init__(self, rows: EditRows) -> None:
+        self.rows = rows
+
     @classmethod
-    @abstractmethod
     def of(cls, rows: EditRows) -> Optional["Editor"]:
         """This editor over `rows`, or None when it does not edit them (a job's settings are of
-        another editor's kind, or need calls of their own).
+        another editor's kind, or need calls of their own). By default: when every job carries
+        `settings_type`'s settings.
 
         Args:
             rows (`EditRows`): the batch's rows, with each job's settings and store.
         """
+        if cls.settings_type is None or not all(isinstance(s, cls.settings_type) for s in rows.settings):
+            return None
+        return cls(rows)
 
     @abstractmethod
     def __call__(self, probs: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:

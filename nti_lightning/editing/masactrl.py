@@ -64,27 +64,16 @@ class MasaCtrlEditor(Editor):
     """MasaCtrl over a batch: per step and layer, one gather of the keys and values of both halves.
 
     Args:
-        rows (`EditRows`): the batch's rows; each job's settings a `MasaCtrl` or None.
+        rows (`EditRows`): the batch's rows; every job's settings a `MasaCtrl`.
     """
 
     edits_inputs = True
+    settings_type = MasaCtrl
 
     def __init__(self, rows: EditRows) -> None:
-        self.rows = rows
+        super().__init__(rows)
         self.step = 0
         self.layers: dict[str, int] = {}
-
-    @classmethod
-    def of(cls, rows: EditRows) -> Optional["MasaCtrlEditor"]:
-        """MasaCtrl over `rows` when every job with settings has MasaCtrl's (one at least).
-
-        Args:
-            rows (`EditRows`): the batch's rows.
-        """
-        present = [settings for settings in rows.settings if settings is not None]
-        if not present or not all(isinstance(settings, MasaCtrl) for settings in present):
-            return None
-        return cls(rows)
 
     def sample(self, inputs: SamplingInputs) -> torch.Tensor:
         names = self_attention_layers(inputs.unet)

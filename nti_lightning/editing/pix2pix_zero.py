@@ -84,23 +84,13 @@ class Pix2PixZeroEditor(Editor):
     """
 
     sees_all_rows = True
+    settings_type = Pix2PixZero
 
     def __init__(self, rows: EditRows) -> None:
-        self.rows = rows
+        super().__init__(rows)
         self.mode = "off"
         self.reference: dict[AttentionLayer, torch.Tensor] = {}
         self.loss: Optional[torch.Tensor] = None
-
-    @classmethod
-    def of(cls, rows: EditRows) -> Optional["Pix2PixZeroEditor"]:
-        """Pix2Pix-Zero over `rows` when every job has its settings.
-
-        Args:
-            rows (`EditRows`): the batch's rows.
-        """
-        if not all(isinstance(settings, Pix2PixZero) for settings in rows.settings):
-            return None
-        return cls(rows)
 
     def sample(self, inputs: SamplingInputs) -> torch.Tensor:
         unet, schedule, w = inputs.unet, inputs.schedule, inputs.guidance_scale

@@ -119,21 +119,11 @@ class PlugAndPlayEditor(Editor):
     """
 
     edits_inputs = True
+    settings_type = PlugAndPlay
 
     def __init__(self, rows: EditRows) -> None:
-        self.rows = rows
+        super().__init__(rows)
         self.step = 0
-
-    @classmethod
-    def of(cls, rows: EditRows) -> Optional["PlugAndPlayEditor"]:
-        """Plug-and-Play over `rows` when every job has its settings.
-
-        Args:
-            rows (`EditRows`): the batch's rows.
-        """
-        if not all(isinstance(settings, PlugAndPlay) for settings in rows.settings):
-            return None
-        return cls(rows)
 
     def sample(self, inputs: SamplingInputs) -> torch.Tensor:
         unet, steps = inputs.unet, inputs.schedule.num_inference_steps
