@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_image
+from conftest import build_independent_pipeline, random_image
 from reference_editors import build_sd15_shaped_pipeline, masactrl_sample, p2p_zero_edit, pnp_invert, pnp_reconstruct
 from reference_editors import pnp_sample as reference_pnp
 
 import nti_lightning as nti
+from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.editing import Replace
 from nti_lightning.editing.attention import by_share, self_attention_layers
 from nti_lightning.editing.edit import EditJob, edit_jobs_latents, edit_latents
@@ -19,6 +20,8 @@ from nti_lightning.editing.editors import editor_settings
 from nti_lightning.editing.masactrl import MasaCtrl
 from nti_lightning.editing.pix2pix_zero import Pix2PixZero
 from nti_lightning.editing.plug_and_play import PlugAndPlay, injection_blocks
+from nti_lightning.inversion.pivot import ddim_invert
+from nti_lightning.models.text import PromptEncoder
 
 T = 8
 SOURCE, TARGET = "a red circle", "a blue square"
@@ -146,6 +149,24 @@ def test_pix2pix_zero_takes_a_caption(independent_pipeline):
     ours = edit_latents(pipe, inversion, [SOURCE, TARGET], editor=Pix2PixZero(caption=caption, guidance_amount=0.5))
     reconstruction, theirs = p2p_zero_edit(pipe, inversion.z_T[None], caption, SOURCE, TARGET, num_steps=6,
                                            guidance_amount=0.5)
+    assert relative(ours[1:], theirs) < 1e-4 and relative(ours[:1], reconstruction) < 1e-4
+
+
+def test_pnp_and_pix2pix_zero_on_a_v_prediction_model_match_the_authors_loops():
+    """SD 2.x's v-prediction: the authors' loops step with diffusers' scheduler, which converts v."""
+    pipe = build_independent_pipeline(prediction_type="v_prediction")
+    inversion = inverted(pipe, SOURCE, "direct", steps=6)
+    # The inputs, the pivot latents (the authors' inversion loops read the output as ε: the package's
+    # v-aware DDIM inversion gives them here); the loops under test are the edits.
+    schedule = DDIMSchedule.from_scheduler_config(pipe.scheduler.config, 6)
+    cond = PromptEncoder.of(pipe).encode([SOURCE])
+    inverted_x = list(ddim_invert(pipe.unet, schedule, inversion.source_latent[None], cond).latents)
+    ours = edit_latents(pipe, inversion, [SOURCE, TARGET], editor="pnp")
+    theirs = reference_pnp(pipe, inverted_x, TARGET, num_steps=6, feature_block=(0, 1), attention_blocks={0: [1]})
+    assert relative(ours[1:], theirs) < 1e-4
+    ours = edit_latents(pipe, inversion, [SOURCE, TARGET], editor="p2p_zero")
+    reconstruction, theirs = p2p_zero_edit(pipe, inversion.z_T[None], SOURCE, SOURCE, TARGET, num_steps=6,
+                                           latent_list=inverted_x)
     assert relative(ours[1:], theirs) < 1e-4 and relative(ours[:1], reconstruction) < 1e-4
 
 
