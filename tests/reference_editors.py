@@ -14,6 +14,11 @@ where noted.
   `Preprocess.ddim_inversion`, `.ddim_sample`, `.extract_latents`; `PNP.run_pnp`, `.init_pnp`,
   `.sample_loop`, `.denoise_step`; `register_time`, `register_attention_control_efficient`,
   `register_conv_control_efficient` (pnp-diffusers' `pnp.py` / `pnp_utils.py` / `preprocess.py`).
+* Pix2Pix-Zero's inversion (`p2p_zero_invert`): PnPInversion `models/pix2pix_zero/ddim_inv.py`
+  (`DDIMInversion.__call__`, `auto_corr_loss`, `kl_divergence`) with `models/pix2pix_zero/scheduler.py`
+  (`DDIMInverseScheduler.step(reverse=True)`), as `run_editing_pix2pix_zero.py` calls it (the caption,
+  guidance 1, the regularisation's defaults); its shifts from Python's global `random` (the caller
+  seeds it), from a given latent (theirs: one draw of the VAE's posterior).
 * Pix2Pix-Zero (`p2p_zero_edit`): PnPInversion `run_editing_pix2pix_zero.py`
   (`load_sentence_embeddings`, `edit_image_*_pix2pix_zero`) and `models/pix2pix_zero/edit_pipeline.py`
   (`EditingPipeline.__call__`), `cross_attention.py` (`MyCrossAttnProcessor`, `prep_unet`),
@@ -72,6 +77,7 @@ Adaptations to the installed diffusers (0.42):
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -708,3 +714,78 @@ def build_sd15_shaped_pipeline(seed: int = 0, resolution: int = 64) -> StableDif
             )
         )
     return assemble_pipeline(vae, unet, text_encoder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pix2Pix-Zero's DDIM inversion with noise regularisation
+
+
+def _auto_corr_loss(x, random_shift=True):  # DDIMInversion.auto_corr_loss
+    B, C, H, W = x.shape
+    assert B == 1
+    x = x.squeeze(0)
+    reg_loss = 0.0
+    for ch_idx in range(x.shape[0]):
+        noise = x[ch_idx][None, None, :, :]
+        while True:
+            if random_shift:
+                roll_amount = random.randrange(noise.shape[2] // 2)
+            else:
+                roll_amount = 1
+            reg_loss += (noise * torch.roll(noise, shifts=roll_amount, dims=2)).mean() ** 2
+            reg_loss += (noise * torch.roll(noise, shifts=roll_amount, dims=3)).mean() ** 2
+            if noise.shape[2] <= 8:
+                break
+            noise = torch.nn.functional.avg_pool2d(noise, kernel_size=2)
+    return reg_loss
+
+
+def _kl_divergence(x):  # DDIMInversion.kl_divergence
+    _mu = x.mean()
+    _var = x.var()
+    return _var + _mu**2 - 1 - torch.log(_var + 1e-7)
+
+
+def p2p_zero_invert(pipe: StableDiffusionPipeline, x0: torch.Tensor, caption: str, num_steps: int = 50,
+                    lambda_ac: float = 20.0, lambda_kl: float = 20.0, num_reg_steps: int = 5,
+                    num_ac_rolls: int = 5) -> list[torch.Tensor]:
+    """`DDIMInversion.__call__(caption, guidance_scale=1, num_inversion_steps=T, img=...)`'s
+    `latent_list` (T + 1 latents, x0 first) from the latent `x0` `[1, 4, h, w]`. The scheduler's
+    inverse step (`DDIMInverseScheduler.step(reverse=True)`): `a_t = ā[t - 1]`, `a_prev = ā[t + Δ - 1]`
+    (`ā[-1]` past 1000). ε-prediction only, as the authors'."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_steps)
+    train = scheduler.config.num_train_timesteps
+    alphas = scheduler.alphas_cumprod
+    embeddings = _embed(pipe, [caption])
+    latents = x0.float()
+    latent_list = [latents]
+    for t in scheduler.timesteps.flip(0):
+        with torch.no_grad():
+            noise_pred = pipe.unet(latents, t, encoder_hidden_states=embeddings).sample
+        e_t = noise_pred
+        for _outer in range(num_reg_steps):
+            if lambda_ac > 0:
+                for _inner in range(num_ac_rolls):
+                    _var = torch.autograd.Variable(e_t.detach().clone(), requires_grad=True)
+                    l_ac = _auto_corr_loss(_var)
+                    l_ac.backward()
+                    _grad = _var.grad.detach() / num_ac_rolls
+                    e_t = e_t - lambda_ac * _grad
+            if lambda_kl > 0:
+                _var = torch.autograd.Variable(e_t.detach().clone(), requires_grad=True)
+                l_kld = _kl_divergence(_var)
+                l_kld.backward()
+                _grad = _var.grad.detach()
+                e_t = e_t - lambda_kl * _grad
+            e_t = e_t.detach()
+        # DDIMInverseScheduler.step(..., reverse=True)
+        timestep = int(t)
+        prev_timestep = timestep + train // num_steps
+        a_t = alphas[timestep - 1]
+        a_prev = alphas[prev_timestep - 1] if prev_timestep <= train else alphas[-1]
+        pred_x0 = (latents - (1 - a_t) ** 0.5 * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev).sqrt() * e_t
+        latents = a_prev.sqrt() * pred_x0 + dir_xt
+        latent_list.append(latents)
+    return latent_list

@@ -103,6 +103,8 @@ def test_bench_inverts_edits_scores_and_a_rerun_redoes_nothing(tmp_path, monkeyp
             files[strip] = strip.stat().st_mtime_ns
     assert {Inversion.load(p).prompt for p in (out / "direct+masactrl" / "inversions").glob("*.safetensors")} == {""}
     assert not (out / "ddim+pnp" / "inversions").exists()  # Plug-and-Play edits DDIM's own inversions
+    specs = [json.loads(line) for line in (out / "direct+p2p_zero" / "edits.jsonl").read_text().splitlines()]
+    assert all(spec["options"]["retrace"] and "pix2pix_zero/inversions" in spec["artifact"] for spec in specs), specs
     with (out / "pie_bench.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     methods = ("ddim", "null_text", "direct", *editor_rows, "vae_round_trip")
@@ -113,6 +115,7 @@ def test_bench_inverts_edits_scores_and_a_rerun_redoes_nothing(tmp_path, monkeyp
         *((m, stage, 3) for m in methods[:3] for stage in ("invert", "edit")),
         *((row, "edit", 3) for row in editor_rows),
         *((f"{m}+masactrl", "invert", 3) for m in ("ddim", "direct")),
+        ("pix2pix_zero", "invert", 3),  # Pix2Pix-Zero's own inversion, for its DDIM and Direct rows
         ("all", "score", 3 * len(methods)),
     }
     summary = (out / "pie_bench.md").read_text()

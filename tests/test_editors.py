@@ -5,10 +5,19 @@ model (indices mapped by their share), batches against singles, and their mistak
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from conftest import build_independent_pipeline, random_image
-from reference_editors import build_sd15_shaped_pipeline, masactrl_sample, p2p_zero_edit, pnp_invert, pnp_reconstruct
+from reference_editors import (
+    build_sd15_shaped_pipeline,
+    masactrl_sample,
+    p2p_zero_edit,
+    p2p_zero_invert,
+    pnp_invert,
+    pnp_reconstruct,
+)
 from reference_editors import pnp_sample as reference_pnp
 
 import nti_lightning as nti
@@ -20,6 +29,7 @@ from nti_lightning.editing.editors import editor_settings
 from nti_lightning.editing.masactrl import MasaCtrl
 from nti_lightning.editing.pix2pix_zero import Pix2PixZero
 from nti_lightning.editing.plug_and_play import PlugAndPlay, injection_blocks
+from nti_lightning.inversion.methods.ddpm import image_seed
 from nti_lightning.inversion.pivot import ddim_invert
 from nti_lightning.models.text import PromptEncoder
 
@@ -168,6 +178,26 @@ def test_pnp_and_pix2pix_zero_on_a_v_prediction_model_match_the_authors_loops():
     reconstruction, theirs = p2p_zero_edit(pipe, inversion.z_T[None], SOURCE, SOURCE, TARGET, num_steps=6,
                                            latent_list=inverted_x)
     assert relative(ours[1:], theirs) < 1e-4 and relative(ours[:1], reconstruction) < 1e-4
+
+
+@pytest.mark.parametrize("retrace", [False, True])
+def test_pix2pix_zeros_own_inversion_and_its_edits_match_the_authors_loops(sd15, retrace):
+    """The benchmark's Pix2Pix-Zero rows: its regularised DDIM inversion, then the edit (its DDIM
+    row), or the edit retracing that inversion's trajectory (its Direct row)."""
+    image = random_image(3, (64, 64))
+    [inversion] = nti.invert(sd15, image, SOURCE, num_inference_steps=T, method="pix2pix_zero", ids=["cat"],
+                             progress_bar=False)
+    random.seed(image_seed(0, "cat"))  # the shifts: the image's own generator, consumed in the same order
+    latent_list = p2p_zero_invert(sd15, inversion.source_latent[None], SOURCE, num_steps=T)
+    assert relative(inversion.z_T[None], latent_list[-1]) < 1e-5
+    assert relative(inversion.pivot_latents, torch.cat(latent_list[:-1][::-1])) < 1e-5
+    ours = edit_latents(sd15, inversion, [SOURCE, TARGET], editor=Pix2PixZero(retrace=retrace))
+    reconstruction, theirs = p2p_zero_edit(sd15, latent_list[-1], SOURCE, SOURCE, TARGET, num_steps=T,
+                                           latent_list=latent_list if retrace else None)
+    assert relative(ours[1:], theirs) < 1e-4 and relative(ours[:1], reconstruction) < 1e-4
+    plain = nti.invert(sd15, image, SOURCE, num_inference_steps=T, method="pix2pix_zero", progress_bar=False,
+                       method_options={"lambda_ac": 0.0, "lambda_kl": 0.0})[0]
+    assert relative(plain.z_T, inversion.z_T) > 1e-3  # the regularisation moved the inversion
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ PROMPTS = ["a red circle", "a blue square on a green background", "a yellow star
 
 
 def test_the_registry_names_every_method_once_and_refuses_others():
-    assert registry.METHODS == ("null_text", "negative_prompt", "ddim", "direct", "ddpm", "proxnpi", "edict")
+    assert registry.METHODS == (
+        "null_text", "negative_prompt", "ddim", "direct", "ddpm", "proxnpi", "edict", "pix2pix_zero"
+    )
     assert [method.name for method in REGISTRY.values()] == list(registry.METHODS)
     assert [name for name, method in REGISTRY.items() if method.optimises] == ["null_text"]
     assert [name for name, method in REGISTRY.items() if method.stores_offsets] == ["direct", "ddpm"]

@@ -85,7 +85,7 @@ class BenchConfig:
             an SD 1.x model).
         methods (`list[str]`, defaults to every one): the methods to run, any of
             `nti_lightning.inversion.methods.METHODS` (null_text, negative_prompt, ddim, direct, ddpm, proxnpi,
-            edict), each with its benchmark settings (its defaults).
+            edict, pix2pix_zero), each with its benchmark settings (its defaults).
         editors (`list[str]`, defaults to ["p2p"]): the editors, any of p2p, masactrl, pnp, p2p_zero: p2p edits
             every method's inversions (rows named by the method), each other one those of `editor_methods`
             (rows `<method>+<editor>`), with its benchmark script's settings.

@@ -1,6 +1,6 @@
 """`nti bench --config FILE`: PIE-Bench end to end, every method side by side, resumable.
 
-For each method (`null_text`, `negative_prompt`, `ddim`, `direct`, `ddpm`, `proxnpi`, `edict`) it
+For each method (`null_text`, `negative_prompt`, `ddim`, `direct`, `ddpm`, `proxnpi`, `edict`, `pix2pix_zero`) it
 runs what `nti fit` runs on the benchmark's mapping file (the inversions, the report), then edits
 every inverted sample with the benchmark's settings as `nti predict --data.benchmark` does (specs
 sampled together), writes each edit in the authors' output layout
@@ -11,7 +11,8 @@ authors' code does; the others under the benchmark's Prompt-to-Prompt settings. 
 of `editors` (MasaCtrl, Plug-and-Play, Pix2Pix-Zero) edit the inversions of the methods of
 `editor_methods` with their scripts' settings, as rows `<method>+<editor>` of the same table
 (MasaCtrl's benchmark inverts with the source prompt "": those inversions go under
-`<output_dir>/<method>+masactrl/inversions`).
+`<output_dir>/<method>+masactrl/inversions`; Pix2Pix-Zero's DDIM and Direct rows edit its own
+regularised DDIM inversion, made once under `<output_dir>/pix2pix_zero/inversions`).
 
 Killed anywhere and run again, it redoes nothing finished: `nti fit` skips the inversions on disk,
 a sample whose strip exists is not edited again (strips are written atomically), and only the
@@ -30,7 +31,7 @@ as for `nti fit`; `nti bench --help` lists every key with its type, default and 
     root: PIE-Bench_v1               # mapping_file.json and annotation_images/
     demo_samples: 0                  # > 0: first write the offline shapes benchmark of that many samples into root
     demo_resolution: 32              # its image side (512: PIE-Bench's size, for timing an SD 1.x model)
-    methods: [null_text, negative_prompt, ddim, direct, ddpm, proxnpi, edict]
+    methods: [null_text, negative_prompt, ddim, direct, ddpm, proxnpi, edict, pix2pix_zero]
     editors: [p2p]                   # and masactrl, pnp, p2p_zero: rows <method>+<editor>
     editor_methods: [ddim, direct]   # the methods the editors other than p2p edit
     output_dir: bench
@@ -73,7 +74,7 @@ from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT
 from nti_lightning.data.pie_bench import BenchSample, read_mapping
 from nti_lightning.editing.editors import P2P
-from nti_lightning.editing.pie_bench import MASACTRL_SOURCE_PROMPT, benchmark_edit
+from nti_lightning.editing.pie_bench import MASACTRL_SOURCE_PROMPT, PIX2PIX_ZERO_INVERSION, benchmark_edit
 from nti_lightning.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -127,7 +128,11 @@ def run_bench(config: BenchConfig) -> BenchScores:
             row, inversions = row_name(method, editor), out / method / "inversions"
             if editor == "masactrl":  # its benchmark inverts with the source prompt ""
                 inversions = _invert_empty_prompt(config, stage, samples, method, row)
-            _edit(config, stage, samples, row, inversions, editor)
+            elif editor == "p2p_zero" and method in ("ddim", "direct"):
+                # its benchmark's DDIM and Direct rows both edit its own regularised DDIM inversion
+                # (the Direct row retracing it): made once, under pix2pix_zero/
+                inversions = _invert(config, stage, mapping, samples, PIX2PIX_ZERO_INVERSION)
+            _edit(config, stage, samples, row, inversions, editor, method)
     _say("scoring")
     started = time.monotonic()
     rows = [row_name(m, e) for m in config.methods for e in config.editors if e == P2P or m in config.editor_methods]
@@ -174,6 +179,8 @@ def _invert(config: BenchConfig, stage: Callable[[list[str]], None], mapping: Pa
     row = row or method
     inversions = out / row / "inversions"
     todo = sum(not (inversions / f"{s.id}.safetensors").is_file() for s in samples)
+    if not todo:  # made by an earlier run, or for another row of this one
+        return inversions
     _say(f"{row}: inverting {todo} of {len(samples)} sample(s)")
     started = time.monotonic()
     # The ddim row is the DDIM baseline: the other methods' reports need not sample it again.
@@ -200,24 +207,25 @@ def _invert_empty_prompt(config: BenchConfig, stage: Callable[[list[str]], None]
 
 
 def _edit(config: BenchConfig, stage: Callable[[list[str]], None], samples: list[BenchSample], row: str,
-          inversions: Path, editor: str = P2P) -> None:
+          inversions: Path, editor: str = P2P, method: Optional[str] = None) -> None:
     """`nti predict` of the benchmark's edits (by `editor`) of the inverted samples in `inversions`
     that have no strip yet in `row`, then their strips (and the VAE round trip's) in the authors' layout."""
     out = Path(config.output_dir)
-    method = row
     strips = out / row / IMAGES
     pending = [
         s for s in samples if (inversions / f"{s.id}.safetensors").is_file() and not (strips / s.image_path).is_file()
     ]
     if not pending:
         return
-    _say(f"{method}: editing {len(pending)} sample(s)")
+    _say(f"{row}: editing {len(pending)} sample(s)")
     started = time.monotonic()
-    edits, specs = out / method / "edits", out / method / "edits.jsonl"
+    edits, specs = out / row / "edits", out / row / "edits.jsonl"
     with atomic_text(specs) as handle:
         for sample in pending:
             handle.write(
-                json.dumps(benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit, editor)) + "\n"
+                json.dumps(
+                    benchmark_edit(sample, inversions / f"{sample.id}.safetensors", config.edit, editor, method)
+                ) + "\n"
             )
     model = {
         k: v
@@ -238,7 +246,7 @@ def _edit(config: BenchConfig, stage: Callable[[list[str]], None], samples: list
             edited += 1
         if inputs and (edits / f"{sample.id}_input.png").is_file() and not (vae_strips / sample.image_path).is_file():
             write_strip(sample.image, edits / f"{sample.id}_input.png", vae_strips / sample.image_path)
-    _record(out / TIMINGS, method, "edit", time.monotonic() - started, edited)
+    _record(out / TIMINGS, row, "edit", time.monotonic() - started, edited)
 
 
 def _say(message: str) -> None:

@@ -266,7 +266,8 @@ def source_trajectories(
     pipeline: Pipeline, schedule: DDIMSchedule, jobs: Sequence[EditJob], guidance_scales: torch.Tensor
 ) -> torch.Tensor:
     """`[T + 1, jobs, C, h, w]`: the latents of each job's source branch, its starting latent first.
-    For an inversion that follows its pivot (Direct Inversion: its offsets put the source row back
+    For an inversion that keeps its trajectory (`pivot_latents`: ProxNPI's, Pix2Pix-Zero's) that
+    trajectory; for one that follows its pivot (Direct Inversion: its offsets put the source row back
     on it) the pivot itself, the DDIM inversion of its source latent (T UNet rows, recomputed: the
     source row sampled with the offsets drifts from it at float rounding amplified by each guided
     step); otherwise its source prompt sampled alone from its `z_T` as its method reconstructs it
@@ -285,9 +286,13 @@ def source_trajectories(
     rules = [method_of(job.inversion).sampling_rule(job.inversion, job.prompts, 1.0) for job in plain]
     if not all(rule.is_plain for rule in rules):
         raise ValueError("a source trajectory is sampled for inversions of methods with plain DDIM steps only")
-    pivots = [k for k, job in enumerate(plain) if job.inversion.latent_offsets is not None]
-    sampled = [k for k in range(len(plain)) if k not in pivots]
+    stored = [k for k, job in enumerate(plain) if job.inversion.pivot_latents is not None]
+    pivots = [k for k, job in enumerate(plain) if job.inversion.latent_offsets is not None and k not in stored]
+    sampled = [k for k in range(len(plain)) if k not in pivots and k not in stored]
     trajectory = torch.empty(schedule.num_inference_steps + 1, *z_T.shape, device=z_T.device)
+    for k in stored:  # the trajectory the artifact keeps: z_T, then the latent each step lands on
+        trajectory[0, k] = z_T[k]
+        trajectory[1:, k] = plain[k].inversion.pivot_latents.to(z_T.device)
     if pivots:
         z0 = torch.stack([plain[k].inversion.source_latent for k in pivots]).to(z_T.device)
         index = torch.tensor(pivots, device=z_T.device)

@@ -5,7 +5,8 @@ MasaCtrl (`run_editing_masactrl.py`): S = 4, L = 10, the source branch's prompt 
 is inverted with "", `nti bench` does so); Plug-and-Play (`run_editing_pnp.py`): its defaults,
 and for a DDIM inversion the DDIM reconstruction at w = 1 one step ahead as the source branch
 (`source_guidance_scale: 1`, `source_offset: 1`); Pix2Pix-Zero (`run_editing_pix2pix_zero.py`):
-guidance 0.1, the source prompt as the caption.
+guidance 0.1, the source prompt as the caption, its DDIM and Direct rows editing its own
+regularised DDIM inversion (`method: pix2pix_zero`), the Direct row retracing it (`retrace: true`).
 
 `benchmark_edit` turns a sample (`nti_lightning.data.pie_bench.BenchSample`) into the edit spec
 of the benchmark's Null-text + P2P row (`run_editing_p2p.py`): Refine with cross-attention
@@ -37,15 +38,22 @@ BENCHMARK_OPTIONS: dict[str, Any] = {
 
 #: The source prompt of MasaCtrl's benchmark rows (its inversions are made with it too).
 MASACTRL_SOURCE_PROMPT = ""
+#: The inversion method of Pix2Pix-Zero's benchmark rows (DDIM and Direct alike).
+PIX2PIX_ZERO_INVERSION = "pix2pix_zero"
 
 
 def benchmark_edit(
-    sample: BenchSample, artifact: str | Path, overrides: Optional[dict[str, Any]] = None, editor: str = P2P
+    sample: BenchSample,
+    artifact: str | Path,
+    overrides: Optional[dict[str, Any]] = None,
+    editor: str = P2P,
+    method: Optional[str] = None,
 ) -> dict[str, Any]:
     """The edit spec (see `nti_lightning.editing.specs`) of `sample`'s inversion file `artifact`
     with the benchmark's settings (`BENCHMARK_OPTIONS`, each overridable in `overrides`); for an
     inversion whose method edits without a controller (EDICT), the prompts alone ("swap"); for
-    another `editor`, its script's settings (see the module's documentation)."""
+    another `editor`, its script's settings for the row of `method` (by default the artifact's
+    method; see the module's documentation)."""
     settings = {**BENCHMARK_OPTIONS, **(overrides or {})}
     unknown = sorted(set(settings) - set(BENCHMARK_OPTIONS))
     if unknown:
@@ -53,7 +61,7 @@ def benchmark_edit(
             f"unknown benchmark edit setting(s) {unknown}; expected some of {sorted(BENCHMARK_OPTIONS)}"
         )
     if editor != P2P:
-        return _editor_spec(sample, Path(artifact), editor)
+        return _editor_spec(sample, Path(artifact), editor, method or _method(Path(artifact)))
     options: dict[str, Any] = {
         "cross_replace_steps": settings["cross_replace_steps"],
         "self_replace_steps": settings["self_replace_steps"],
@@ -79,18 +87,19 @@ def benchmark_edit(
     return spec
 
 
-def _editor_spec(sample: BenchSample, artifact: Path, editor: str) -> dict[str, Any]:
-    """The spec of `sample` for an editor other than Prompt-to-Prompt, with its script's settings."""
+def _editor_spec(sample: BenchSample, artifact: Path, editor: str, method: Optional[str]) -> dict[str, Any]:
+    """The spec of `sample` for an editor other than Prompt-to-Prompt, with its script's settings
+    for the row of `method`."""
     prompts = [sample.original_prompt, sample.editing_prompt]
     options: dict[str, Any] = {}
     if editor == "masactrl":
         prompts[0] = MASACTRL_SOURCE_PROMPT
         options = {"start_step": 4, "start_layer": 10}
-    elif editor == "pnp" and _method(artifact) == "ddim":
+    elif editor == "pnp" and method == "ddim":
         # run_editing_pnp.py's DDIM row: the reconstruction at w = 1, one step ahead.
         options = {"source_guidance_scale": 1.0, "source_offset": 1}
     elif editor == "p2p_zero":
-        options = {"guidance_amount": 0.1}
+        options = {"guidance_amount": 0.1, "retrace": method == "direct"}
     return {"id": sample.id, "artifact": str(artifact), "prompts": prompts, "editor": editor, "options": options}
 
 

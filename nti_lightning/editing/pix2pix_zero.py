@@ -13,8 +13,9 @@ As the benchmark runs it (PnP Inversion `run_editing_pix2pix_zero.py` with
   the squared distance of its cross-attention maps to the reference's (summed over positions and
   tokens, averaged over heads and halves, summed over layers), then the guided DDIM step from the
   unconditional half's latent with the noise predicted at the moved latents;
-* with Direct Inversion the reference pass is put back on the inversion's trajectory after each
-  step and the edit takes the same offsets.
+* with Direct Inversion (or `retrace` on an inversion that keeps its trajectory, such as
+  Pix2Pix-Zero's own regularised DDIM inversion, `method: pix2pix_zero`) the reference pass is put
+  back on the inversion's trajectory after each step and the edit takes the same offsets.
 
 The authors caption the image with BLIP, whose weights are not at hand offline: the caption is
 the source prompt unless given (`caption`). The two passes run in lockstep here (the reference's
@@ -46,10 +47,15 @@ class Pix2PixZero(EditorSettings):
             authors' `xa_guidance`, the SGD learning rate on the latent).
         caption (`str`, *optional*): the image's caption (the authors' BLIP caption); defaults to
             the source prompt.
+        retrace (`bool`, defaults to False): put the reference pass back on the inversion's stored
+            trajectory after every step, the edit taking the same offsets (PnP Inversion's Direct +
+            Pix2Pix-Zero row, on a Pix2Pix-Zero inversion). A Direct Inversion is retraced whatever
+            this says (its offsets are what it is).
     """
 
     guidance_amount: float = 0.1
     caption: Optional[str] = None
+    retrace: bool = False
 
     name: ClassVar[str] = "p2p_zero"
     label: ClassVar[str] = "Pix2Pix-Zero"
@@ -60,6 +66,8 @@ class Pix2PixZero(EditorSettings):
             raise ValueError(f"p2p_zero: guidance_amount must be a number >= 0, got {amount!r}")
         if self.caption is not None and not isinstance(self.caption, str):
             raise ValueError(f"p2p_zero: caption must be a prompt (a string) or null, got {self.caption!r}")
+        if not isinstance(self.retrace, bool):
+            raise ValueError(f"p2p_zero: retrace must be true or false, got {self.retrace!r}")
 
     def check_edit(self, prompts: Sequence[str], is_xl: bool, rule: SamplingRule, method_label: str) -> None:
         if is_xl:
@@ -119,9 +127,10 @@ class Pix2PixZeroEditor(Editor):
         lr = torch.tensor([settings[k].guidance_amount for k in self.target_jobs.tolist()], device=device)
         lr = torch.cat([lr, lr]).view(-1, 1, 1, 1)
 
-        offsets_wanted = any(inputs.follows_pivot)
-        trajectory = inputs.source_trajectory(torch.full((len(spans),), float(w))) if offsets_wanted else None
-        follows = torch.tensor([float(f) for f in inputs.follows_pivot], device=device).view(-1, 1, 1, 1)
+        # Which jobs' reference passes retrace their inversion: Direct Inversion's, and those asked to.
+        retraced = [bool(f) or s.retrace for f, s in zip(inputs.follows_pivot, settings)]
+        trajectory = inputs.source_trajectory(torch.full((len(spans),), float(w))) if any(retraced) else None
+        follows = torch.tensor([float(f) for f in retraced], device=device).view(-1, 1, 1, 1)
 
         reference = inputs.z_T[sources].float()
         edits = inputs.z_T[targets].float()

@@ -18,10 +18,13 @@ from nti_lightning.inversion.methods.direct import Direct
 from nti_lightning.inversion.methods.edict import Edict
 from nti_lightning.inversion.methods.negative_prompt import NegativePrompt
 from nti_lightning.inversion.methods.null_text import NullText
+from nti_lightning.inversion.methods.pix2pix_zero import Pix2PixZeroInversion
 from nti_lightning.inversion.methods.proxnpi import ProxNpi
 from nti_lightning.inversion.sampling import StepCallback
 
-_REGISTERED: tuple[InversionMethod, ...] = (NullText(), NegativePrompt(), Ddim(), Direct(), Ddpm(), ProxNpi(), Edict())
+_REGISTERED: tuple[InversionMethod, ...] = (
+    NullText(), NegativePrompt(), Ddim(), Direct(), Ddpm(), ProxNpi(), Edict(), Pix2PixZeroInversion()
+)
 
 #: Every method by name, in the order pages and tables list them.
 REGISTRY: dict[str, InversionMethod] = {method.name: method for method in _REGISTERED}
