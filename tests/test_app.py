@@ -35,7 +35,7 @@ from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
 import nti_lightning as nti  # noqa: E402
 from nti_lightning.app import Editor, InversionCache  # noqa: E402
-from nti_lightning.app.cli import AUTH_ENV, authentication, launch, parser  # noqa: E402
+from nti_lightning.app.cli import AUTH_ENV, authentication, launch, make_page, parser  # noqa: E402
 from nti_lightning.app.layout import Page, close  # noqa: E402
 from nti_lightning.cli import main as nti_main  # noqa: E402
 from nti_lightning.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, NtiError  # noqa: E402
@@ -388,6 +388,27 @@ def test_nti_app_option_mistakes_are_one_line(tmp_path, nti_main):
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("nti: error: nti app: argument --trainer.precision: invalid choice: '64'")
+    for args, culprit in (
+        (["--model.editor", "sdedit"], "argument --model.editor: invalid choice: 'sdedit'"),
+        (["--model.editor_options", "{start"], "argument --model.editor_options: not JSON"),
+        (["--model.editor", "masactrl", "--model.editor_options", '{"start_step": 60}'],
+         "--model.editor_options: masactrl: start_step must be a whole number from 0 to 50, got 60"),
+    ):
+        result = nti_main("app", *args, cwd=tmp_path)
+        assert result.returncode == 2
+        [line] = result.stderr.strip().splitlines()
+        assert culprit in line, line
+
+
+def test_nti_app_starts_on_the_editor_it_is_given(tmp_path):
+    args = parser().parse_args(["--model.editor", "masactrl", "--model.editor_options", '{"start_step": 6}',
+                                "--cache-dir", str(tmp_path / "cache")])
+    page = make_page(args, downloads=tmp_path / "downloads")
+    assert page.edit_defaults.editor == "masactrl" and page.edit_defaults.editor_options == {"start_step": 6}
+    blocks = page.build()
+    [radio] = [block for block in blocks.blocks.values() if getattr(block, "label", None) == "Editor"]
+    [step] = [block for block in blocks.blocks.values() if getattr(block, "label", None) == "MasaCtrl start step"]
+    assert radio.value == "masactrl" and step.value == 6
 
 
 # --------------------------------------------------------------------------- log-in

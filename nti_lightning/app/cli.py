@@ -4,6 +4,7 @@
     nti app --model.pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 --trainer.precision bf16-mixed
     NTI_APP_AUTH=ana:s3cret nti app --host 0.0.0.0 --port 8080 --cache-dir /data/nti-cache
     nti app --share --auth-file ~/.nti-app-users   # a temporary public link through Gradio, with a log-in
+    nti app --model.editor masactrl --model.editor_options '{"start_step": 4}'   # the page starts on MasaCtrl
 
 Options that `nti fit` and `nti predict` also take have their names (`--model.*`, `--trainer.*`);
 the `--model.*` settings are the page's starting values.
@@ -58,6 +59,19 @@ HOW_TO_AUTH = (f"set one with --auth-file FILE (lines user:password, chmod 600 F
                "the environment, or pass --no-auth to serve without one")
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """An option's JSON object (`--model.editor_options '{"start_step": 4}'`)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at column {error.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of settings is expected, got {text!r}")
+    return value
+
+
 class MissingExtraError(NtiError, ImportError):
     """The app's optional dependencies are not installed."""
 
@@ -70,6 +84,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    from nti_lightning.editing.editors import EDITORS
     from nti_lightning.inversion.methods import METHODS
     from nti_lightning.training.callback import SUPPORTED_PRECISIONS
 
@@ -86,6 +101,10 @@ def parser() -> argparse.ArgumentParser:
                    help="edits: share of the steps with cross-attention replaced (default 0.8)")
     p.add_argument("--model.self_replace_steps", dest="self_replace_steps", type=float, default=0.4,
                    help="edits: share of the steps with self-attention replaced (default 0.4)")
+    p.add_argument("--model.editor", dest="editor", choices=EDITORS, default="p2p",
+                   help="the editor the page starts with (default p2p: Prompt-to-Prompt)")
+    p.add_argument("--model.editor_options", dest="editor_options", type=_json_object, default={},
+                   help='its starting settings as a JSON object, e.g. \'{"start_step": 4}\' for masactrl')
     p.add_argument("--trainer.precision", dest="precision", choices=SUPPORTED_PRECISIONS, default="32-true",
                    help="the inversion's precision, as in nti fit (16-mixed: CUDA only)")
     p.add_argument("--trainer.accelerator", dest="accelerator", choices=ACCELERATORS, default="auto",
@@ -283,8 +302,18 @@ def make_page(args: argparse.Namespace, downloads: Optional[Path] = None) -> Any
     for name in ("cross_replace_steps", "self_replace_steps"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise OptionError(f"--model.{name} must be a fraction between 0 and 1, got {getattr(args, name)}")
+    if args.editor != "p2p":
+        from nti_lightning.editing.editors import editor_settings
+
+        try:
+            editor_settings(args.editor, args.editor_options)
+        except ValueError as error:
+            raise OptionError(f"--model.editor_options: {error}") from None
+    elif args.editor_options:
+        raise OptionError("--model.editor_options: Prompt-to-Prompt's settings are the --model.*_replace_steps options")
     edit_defaults = EditRequest(
-        targets=[], cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps
+        targets=[], cross_replace_steps=args.cross_replace_steps, self_replace_steps=args.self_replace_steps,
+        editor=args.editor, editor_options=args.editor_options,
     )
     device, accelerator = device_for(args.accelerator, args.precision)
     set_threads(args.threads)
