@@ -89,6 +89,18 @@ def test_masactrl_matches_the_authors_loop(sd15, sd15_inversions, method, settin
     assert relative(ours[1:], plain[1:]) > 1e-3  # the control moved the target, which the check would see
 
 
+def test_masactrl_layers_in_the_models_own_numbering(independent_pipeline):
+    """`layer_count` set to the model's own count gives its layers as they are (SDXL's 70 in the
+    authors' SDXL script); 10 of 16 is 44 of 70."""
+    assert by_share(10, 16, 70) == 44
+    pipe = independent_pipeline
+    inversion = inverted(pipe, "", "ddim", steps=6)
+    ours = edit_latents(pipe, inversion, ["", TARGET], editor=MasaCtrl(start_step=0, start_layer=2, layer_count=4))
+    theirs = masactrl_sample(pipe, inversion.z_T[None], ["", TARGET], num_steps=6, step_idx=range(0, 6),
+                             layer_idx=[2, 3])
+    assert relative(ours, theirs) < 1e-4
+
+
 def test_masactrl_on_the_tiny_model_maps_the_layers_by_their_share(independent_pipeline):
     pipe = independent_pipeline
     assert len(self_attention_layers(pipe.unet)) == 4
@@ -260,6 +272,8 @@ def test_the_source_row_retraces_the_direct_inversion_under_every_editor(indepen
     ("masactrl", {"start_layer": -1}, "start_layer must be a whole number from 0 to 16"),
     ("masactrl", {"start_layer": 2.5}, "start_layer"),
     ("masactrl", {"layers": 3}, "unknown option(s) ['layers']"),
+    ("masactrl", {"layer_count": 70, "start_layer": 71}, "start_layer must be a whole number from 0 to 70"),
+    ("masactrl", {"layer_count": 0}, "layer_count must be a whole number >= 1"),
     ("pnp", {"feature_steps": 1.5}, "feature_steps must be a share"),
     ("pnp", {"source_offset": 2}, "source_offset must be 0 or 1"),
     ("p2p_zero", {"guidance_amount": -1}, "guidance_amount must be a number >= 0"),

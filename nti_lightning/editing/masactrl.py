@@ -9,8 +9,9 @@ The authors count steps of a 50-step run and self-attention layers of SD 1.x's 1
 counter counts every attention call and halves it); S and L are given in those terms and map to
 a run of T steps and a UNet of n self-attention layers by their share (`by_share`): S = 4, L = 10
 (the benchmark's, PnP Inversion `run_editing_masactrl.py`) are steps 4.. of 50 and layers 10..15
-of SD 1.5's 16 (the decoder's last six), step 1 of 10 and layer 3 of the tiny model's 4. SDXL's
-70 self-attention layers map the same way.
+of SD 1.5's 16 (the decoder's last six), step 1 of 10 and layer 3 of the tiny model's 4, layer 44
+of SDXL's 70 (the first of the authors' SDXL settings, 44, 54 and 64; `layer_count: 70` gives
+SDXL's layers in its own numbering).
 
 The benchmark runs it with the source branch's prompt "" (the image inverted with "" too) and,
 with Direct Inversion, the source branch's offsets: `nti bench` does so; an edit of any inversion
@@ -40,21 +41,28 @@ class MasaCtrl(EditorSettings):
     Args:
         start_step (`int`, defaults to 4): S, the first controlled step, of a 50-step run (mapped
             to T steps by its share).
-        start_layer (`int`, defaults to 10): L, the first controlled self-attention layer, of SD
-            1.x's 16 (mapped to the UNet's count by its share).
+        start_layer (`int`, defaults to 10): L, the first controlled self-attention layer, of
+            `layer_count` (mapped to the UNet's count by its share).
+        layer_count (`int`, defaults to 16): the layers `start_layer` counts: SD 1.x's 16 (the
+            authors' SD setting; 10 of 16 is layer 44 of SDXL's 70), or 70 to give SDXL's layers as
+            the authors' SDXL script does (44, 54, 64).
     """
 
     start_step: int = 4
     start_layer: int = 10
+    layer_count: int = REFERENCE_LAYERS
 
     name: ClassVar[str] = "masactrl"
     label: ClassVar[str] = "MasaCtrl"
     runs_any_rule: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        count = self.layer_count
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"masactrl: layer_count must be a whole number >= 1, got {count!r}")
         for option, value, most in (
             ("start_step", self.start_step, REFERENCE_STEPS),
-            ("start_layer", self.start_layer, REFERENCE_LAYERS),
+            ("start_layer", self.start_layer, count),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
                 raise ValueError(f"masactrl: {option} must be a whole number from 0 to {most}, got {value!r}")
@@ -82,7 +90,7 @@ class MasaCtrlEditor(Editor):
         # Per job: (source row, first target row, end row, first step, first layer) in this run's terms.
         self.windows = [
             (start, start + 1, end, by_share(s.start_step, REFERENCE_STEPS, steps),
-             by_share(s.start_layer, REFERENCE_LAYERS, len(names)))
+             by_share(s.start_layer, s.layer_count, len(names)))
             for s, (start, end) in zip(self.rows.settings, self.rows.spans)
             if s is not None
         ]
