@@ -148,6 +148,8 @@ class PlugAndPlayEditor(Editor):
         self.sources = self.sources.to(device)
 
         # The source branch's prompt on each job's first row; the negative prompt on its targets.
+        # (The source row's unconditional half keeps the job's null: only its conditional half's
+        # features are read, and its latent is put back on the trajectory after every step.)
         encoded = inputs.encode([s.source_prompt for s in settings] + [s.negative_prompt for s in settings])
         branch, negative = encoded.embeddings.chunk(2)
         cond = inputs.cond.embeddings.clone()
