@@ -13,28 +13,24 @@ appends the record as one JSON line to `--output`. Seconds scale with T (`--step
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 import nti_lightning as nti
 from nti_lightning.editing import EDITORS, Replace
 from nti_lightning.editing.edit import EditJob, edit_jobs_latents, edit_latents
 from nti_lightning.editing.editors import P2P, editor_settings
 
-PROMPT, TARGET = "a red circle on a green background", "a blue circle on a green background"
+# The random images, the prompts and the record as method_speed.py (beside this file) makes them.
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-
-def images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
-    generator = np.random.default_rng(seed)
-    return [Image.fromarray(generator.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+from method_speed import PROMPT, TARGET, images, run_record  # noqa: E402
 
 
 def job(pipe: Any, inversion: Any, editor: str) -> EditJob:
@@ -87,19 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             row = rows[-1]
             print(f"{editor:10s} B={batch:<3d} alone {row['alone_s_per_edit']:8.3f} s/edit   "
                   f"batched {row['batched_s_per_edit']:8.3f} s/edit", flush=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    record = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "resolution": size, "steps": args.steps,
-              "threads": torch.get_num_threads(), "device": platform.processor() or platform.machine(),
-              "git_commit": commit, "rows": rows}
-    if args.output:
-        with open(args.output, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-    return record
-
+    return run_record({"model": args.model, "resolution": size, "steps": args.steps}, rows, args.output)
 
 if __name__ == "__main__":
     main()

@@ -84,16 +84,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             row = rows[-1]
             print(f"{method:16s} B={batch:<3d} invert {row['invert_s_per_image']:8.2f} s/image   "
                   f"edit {row['edit_s_per_image']:8.2f} s/image", flush=True)
+    return run_record({"model": args.model, "resolution": size, "steps": args.steps, "inner_steps": args.inner_steps},
+                      rows, args.output)
+
+
+def run_record(settings: dict[str, Any], rows: list[dict[str, Any]], output: Optional[str]) -> dict[str, Any]:
+    """The run's record (date, `settings`, threads, device, commit, `rows`), appended as one JSON line
+    to `output` when given (editor_speed.py writes its runs the same way)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
-    record = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "resolution": size, "steps": args.steps,
-              "inner_steps": args.inner_steps, "threads": torch.get_num_threads(), "device": platform.processor()
-              or platform.machine(), "git_commit": commit, "rows": rows}
-    if args.output:
-        with open(args.output, "a") as handle:
+    record = {"date": time.strftime("%Y-%m-%d"), **settings, "threads": torch.get_num_threads(),
+              "device": platform.processor() or platform.machine(), "git_commit": commit, "rows": rows}
+    if output:
+        with open(output, "a") as handle:
             handle.write(json.dumps(record) + "\n")
     return record
 
