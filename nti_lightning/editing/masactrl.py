@@ -27,6 +27,7 @@ import torch
 
 from nti_lightning.editing.attention import AttentionLayer, by_share, self_attention_layers
 from nti_lightning.editing.editor import Editor, EditorSettings, EditRows, SamplingInputs, then
+from nti_lightning.inversion.methods.base import is_count
 from nti_lightning.inversion.sampling import StepCallback
 
 #: The authors' run: 50 steps, SD 1.x's 16 self-attention layers.
@@ -58,13 +59,13 @@ class MasaCtrl(EditorSettings):
 
     def __post_init__(self) -> None:
         count = self.layer_count
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        if not is_count(count) or count < 1:
             raise ValueError(f"masactrl: layer_count must be a whole number >= 1, got {count!r}")
         for option, value, most in (
             ("start_step", self.start_step, REFERENCE_STEPS),
             ("start_layer", self.start_layer, count),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+            if not is_count(value) or value > most:
                 raise ValueError(f"masactrl: {option} must be a whole number from 0 to {most}, got {value!r}")
 
 

@@ -35,6 +35,7 @@ from nti_lightning.diffusion.ddim import prev_step
 from nti_lightning.diffusion.guidance import guide, guided_step, predict
 from nti_lightning.editing.attention import AttentionLayer, controlled_attention
 from nti_lightning.editing.editor import Editor, EditorSettings, EditRows, SamplingInputs
+from nti_lightning.inversion.methods.base import is_number
 from nti_lightning.inversion.sampling import SamplingRule, StepCallback
 
 
@@ -62,7 +63,7 @@ class Pix2PixZero(EditorSettings):
 
     def __post_init__(self) -> None:
         amount = self.guidance_amount
-        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+        if not is_number(amount) or amount < 0:
             raise ValueError(f"p2p_zero: guidance_amount must be a number >= 0, got {amount!r}")
         if self.caption is not None and not isinstance(self.caption, str):
             raise ValueError(f"p2p_zero: caption must be a prompt (a string) or null, got {self.caption!r}")
@@ -108,7 +109,8 @@ class Pix2PixZeroEditor(Editor):
         sources = [start for start, _ in spans]
         targets = [row for start, end in spans for row in range(start + 1, end)]
         # Per target: its job.
-        self.target_jobs = torch.tensor([k for k, (start, end) in enumerate(spans) for _ in range(start + 1, end)])
+        jobs = [k for k, (start, end) in enumerate(spans) for _ in range(start + 1, end)]
+        self.target_jobs = torch.tensor(jobs, device=device)  # on the device once: the loss reads it every layer
         embeddings = inputs.cond.embeddings
         captions = [s.caption for s in settings]
         if any(caption is not None for caption in captions):
@@ -119,12 +121,12 @@ class Pix2PixZeroEditor(Editor):
         else:
             caption = embeddings[sources]
         # The edit's condition: the caption plus the direction target - source (as the authors add it).
-        direction = embeddings[targets] - embeddings[sources].index_select(0, self.target_jobs.to(device))
-        edit_cond = Condition(caption.index_select(0, self.target_jobs.to(device)) + direction)
+        direction = embeddings[targets] - embeddings[sources].index_select(0, self.target_jobs)
+        edit_cond = Condition(caption.index_select(0, self.target_jobs) + direction)
         caption_cond = Condition(caption)
-        target_caption = Condition(caption.index_select(0, self.target_jobs.to(device)))
+        target_caption = Condition(caption.index_select(0, self.target_jobs))
         both_conditions = torch.cat([target_caption.embeddings, edit_cond.embeddings])
-        lr = torch.tensor([settings[k].guidance_amount for k in self.target_jobs.tolist()], device=device)
+        lr = torch.tensor([settings[k].guidance_amount for k in jobs], device=device)
         lr = torch.cat([lr, lr]).view(-1, 1, 1, 1)
 
         # Which jobs' reference passes retrace their inversion: Direct Inversion's, and those asked to.
@@ -164,7 +166,7 @@ class Pix2PixZeroEditor(Editor):
                     uncond_output, cond_output = predict(unet, moved, timestep, Condition(both_conditions)).chunk(2)
                     edits = prev_step(schedule, guide(uncond_output, cond_output, w), timestep, moved[: len(targets)])
                 if offsets is not None:
-                    edits = edits + offsets.index_select(0, self.target_jobs.to(device))
+                    edits = edits + offsets.index_select(0, self.target_jobs)
                 self.step_hook()(step, timestep, edits)
         self.reference = {}
         latents = torch.empty(rows, *edits.shape[1:], device=device)
@@ -185,7 +187,7 @@ class Pix2PixZeroEditor(Editor):
             return probs
         # [2 E, heads, q, keys]: each target's halves against its job's reference halves.
         jobs = self.reference[layer].shape[0] // 2
-        job = self.target_jobs.to(probs.device)
+        job = self.target_jobs
         reference = self.reference[layer].index_select(0, torch.cat([job, job + jobs]))
         per_row = ((probs - reference) ** 2).sum((2, 3))  # [2 E, heads]
         loss = per_row.sum() / (2 * probs.shape[1])  # each target: the mean over its 2 x heads rows

@@ -30,7 +30,8 @@ import torch
 
 from nti_lightning.diffusion.condition import Condition
 from nti_lightning.editing.attention import AttentionLayer, controlled_attention
-from nti_lightning.editing.editor import Editor, EditorSettings, EditRows, SamplingInputs
+from nti_lightning.editing.editor import Editor, EditorSettings, SamplingInputs
+from nti_lightning.inversion.methods.base import is_number
 from nti_lightning.inversion.sampling import SamplingRule, StepCallback, sample
 
 #: The authors' negative prompt (`run_pnp`).
@@ -69,13 +70,13 @@ class PlugAndPlay(EditorSettings):
     def __post_init__(self) -> None:
         for option in ("feature_steps", "attention_steps"):
             value = getattr(self, option)
-            if not _is_number(value) or not 0 <= value <= 1:
+            if not is_number(value) or not 0 <= value <= 1:
                 raise ValueError(f"pnp: {option} must be a share of the steps from 0 to 1, got {value!r}")
         for option in ("negative_prompt", "source_prompt"):
             if not isinstance(getattr(self, option), str):
                 raise ValueError(f"pnp: {option} must be a prompt (a string), got {getattr(self, option)!r}")
         scale = self.source_guidance_scale
-        if scale is not None and (not _is_number(scale) or scale < 0):
+        if scale is not None and (not is_number(scale) or scale < 0):
             raise ValueError(f"pnp: source_guidance_scale must be a number >= 0 or null, got {scale!r}")
         if self.source_offset not in (0, 1) or isinstance(self.source_offset, bool):
             raise ValueError(f"pnp: source_offset must be 0 or 1, got {self.source_offset!r}")
@@ -86,10 +87,6 @@ class PlugAndPlay(EditorSettings):
                 "the Plug-and-Play editor runs on SD 1.x and 2.x UNets, as its authors' code; this model is SDXL"
             )
         super().check_edit(prompts, is_xl, rule, method_label)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def injection_blocks(unet: Any) -> tuple[tuple[int, int], list[str]]:
@@ -120,10 +117,6 @@ class PlugAndPlayEditor(Editor):
 
     edits_inputs = True
     settings_type = PlugAndPlay
-
-    def __init__(self, rows: EditRows) -> None:
-        super().__init__(rows)
-        self.step = 0
 
     def sample(self, inputs: SamplingInputs) -> torch.Tensor:
         unet, steps = inputs.unet, inputs.schedule.num_inference_steps
@@ -163,7 +156,7 @@ class PlugAndPlayEditor(Editor):
             for k, (start, end) in enumerate(spans):
                 embeddings[start + 1 : end] = negative[k]
             nulls.append(Condition(embeddings))
-        self.step = 0
+        self._enter_step(0)
         module = unet.up_blocks[block].resnets[resnet].conv2
         handle = module.register_forward_hook(self._inject_features)
         try:
@@ -174,6 +167,12 @@ class PlugAndPlayEditor(Editor):
         finally:
             handle.remove()
         return latents
+
+    def _enter_step(self, step: int) -> None:
+        """The step's two gathers, made once for all its layers."""
+        self.step = step
+        self.feature_index = self._injected(self.feature_steps)
+        self.attention_index = self._injected(self.attention_steps)
 
     def _injected(self, windows: Sequence[int]) -> Optional[torch.Tensor]:
         """`[2 * rows]` the row each row of both halves takes from at this step (None if none)."""
@@ -188,7 +187,7 @@ class PlugAndPlayEditor(Editor):
 
     def _inject_features(self, module: Any, args: Any, output: torch.Tensor) -> Optional[torch.Tensor]:
         """The residual branch's output (a forward hook of its second convolution)."""
-        index = self._injected(self.feature_steps)
+        index = self.feature_index
         return None if index is None else output.index_select(0, index)
 
     def attend(
@@ -196,7 +195,7 @@ class PlugAndPlayEditor(Editor):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if layer.is_cross or layer.name not in self.attention_layers:
             return query, key, value
-        index = self._injected(self.attention_steps)
+        index = self.attention_index
         if index is None:
             return query, key, value
         shape = (-1, heads, *query.shape[1:])
@@ -213,7 +212,7 @@ class PlugAndPlayEditor(Editor):
         latents = latents.clone()
         for k, (start, _) in enumerate(self.rows.spans):
             latents[start] = self.trajectory[min(step + 1 + self.offsets[k], last), k]
-        self.step = step + 1
+        self._enter_step(step + 1)
         return latents
 
     def step_hook(self, after: Optional[StepCallback] = None) -> StepCallback:
