@@ -239,7 +239,7 @@ def _sample_jobs(
         after=source_branches,
         encode=lambda prompts: encoder.encode(prompts).to(unet.device),
         source_trajectory=lambda scales: source_trajectories(pipeline, schedule, jobs, scales),
-        follows_pivot=[job.inversion.latent_offsets is not None for job in jobs],
+        follows_pivot=[method_of(job.inversion).retraces_pivot for job in jobs],
     )
     latents = editor.sample(inputs)
     return list(latents.split(sizes))
@@ -287,7 +287,7 @@ def source_trajectories(
     if not all(rule.is_plain for rule in rules):
         raise ValueError("a source trajectory is sampled for inversions of methods with plain DDIM steps only")
     stored = [k for k, job in enumerate(plain) if job.inversion.pivot_latents is not None]
-    pivots = [k for k, job in enumerate(plain) if job.inversion.latent_offsets is not None and k not in stored]
+    pivots = [k for k, job in enumerate(plain) if method_of(job.inversion).retraces_pivot and k not in stored]
     sampled = [k for k in range(len(plain)) if k not in pivots and k not in stored]
     trajectory = torch.empty(schedule.num_inference_steps + 1, *z_T.shape, device=z_T.device)
     for k in stored:  # the trajectory the artifact keeps: z_T, then the latent each step lands on

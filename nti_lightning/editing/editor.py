@@ -113,7 +113,7 @@ class SamplingInputs:
             each job's source prompt sampled alone as its inversion's method reconstructs it
             (Direct Inversion's offsets included) at that w, its starting latent first.
         follows_pivot (`Sequence[bool]`): per job, whether its method's source branch retraces the
-            inversion's trajectory (Direct Inversion).
+            inversion's pivot (`InversionMethod.retraces_pivot`: Direct Inversion).
     """
 
     unet: UNet2DConditionModel

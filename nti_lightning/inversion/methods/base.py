@@ -61,6 +61,9 @@ class InversionMethod:
             its authors' code edits, take none: a plain prompt swap).
         plain_sampling (`bool`): whether its edits sample by plain DDIM steps from z_T (its
             `sampling_rule` is the default one), which editors with loops of their own need.
+        retraces_pivot (`bool`): whether an edit's source row, with what `source_hook` adds, goes
+            back onto the pivot after every step (Direct Inversion), so that the pivot is that
+            row's trajectory (what Plug-and-Play's source branch and Pix2Pix-Zero's reference pass follow).
     """
 
     name: ClassVar[str] = ""
@@ -71,6 +74,7 @@ class InversionMethod:
     stores_pair: ClassVar[bool] = False
     edits_under_control: ClassVar[bool] = True
     plain_sampling: ClassVar[bool] = True
+    retraces_pivot: ClassVar[bool] = False
     #: The method's settings and their defaults (`model.method_options`); recorded in each artifact.
     DEFAULTS: ClassVar[dict[str, Any]] = {}
 

@@ -18,6 +18,7 @@ class Direct(InversionMethod):
     name = "direct"
     label = "Direct Inversion"
     stores_offsets = True
+    retraces_pivot = True
 
     def after_step(self, stepped: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         # Back onto the pivot, remembering the way.
