@@ -21,12 +21,14 @@ from reference_editors import (
 from reference_editors import pnp_sample as reference_pnp
 
 import nti_lightning as nti
+from nti_lightning.data.pie_bench import BenchSample
 from nti_lightning.diffusion.ddim import DDIMSchedule
 from nti_lightning.editing import Replace
 from nti_lightning.editing.attention import by_share, self_attention_layers
 from nti_lightning.editing.edit import EditJob, edit_jobs_latents, edit_latents
-from nti_lightning.editing.editors import editor_settings
+from nti_lightning.editing.editors import EDITOR_SETTINGS, editor_settings
 from nti_lightning.editing.masactrl import MasaCtrl
+from nti_lightning.editing.pie_bench import benchmark_edit
 from nti_lightning.editing.pix2pix_zero import Pix2PixZero
 from nti_lightning.editing.plug_and_play import PlugAndPlay, injection_blocks
 from nti_lightning.inversion.methods.ddpm import image_seed
@@ -310,3 +312,18 @@ def test_edits_an_editor_cannot_make_are_refused_naming_why(independent_pipeline
         with pytest.raises(ValueError, match="runs on SD 1.x and 2.x UNets.*this model is SDXL"):
             edit_latents(xl, xl_inversion, [SOURCE, TARGET], editor=editor)
     assert edit_latents(xl, xl_inversion, [SOURCE, TARGET], editor="masactrl").shape[0] == 2  # MasaCtrl runs on SDXL
+
+
+@pytest.mark.parametrize(("editor", "method", "prompt", "options"), [
+    ("masactrl", "ddim", "", {"start_step": 4, "start_layer": 10}),
+    ("pnp", "ddim", SOURCE, {"source_guidance_scale": 1.0, "source_offset": 1}),
+    ("pnp", "direct", SOURCE, {}),
+    ("p2p_zero", "ddim", SOURCE, {"guidance_amount": 0.1, "retrace": False}),
+    ("p2p_zero", "direct", SOURCE, {"guidance_amount": 0.1, "retrace": True}),
+])
+def test_each_editor_gives_its_benchmark_scripts_settings(editor, method, prompt, options):
+    sample = BenchSample("1", "x.png", "x.png", SOURCE, TARGET, "", "1", None, [])
+    spec = benchmark_edit(sample, "x.safetensors", editor=editor, method=method)
+    assert spec["prompts"] == [prompt, TARGET] and spec["options"] == options and spec["editor"] == editor
+    assert EDITOR_SETTINGS["p2p_zero"].benchmark_inversion(method) == "pix2pix_zero"
+    assert EDITOR_SETTINGS["p2p_zero"].benchmark_inversion("null_text") == "null_text"

@@ -73,8 +73,8 @@ from nti_lightning.bench.score import main as score_main
 from nti_lightning.bench.shapes_set import write_shapes_bench
 from nti_lightning.bench.weights import CLIP_DEFAULT, DINO_DEFAULT, LPIPS_DEFAULT
 from nti_lightning.data.pie_bench import BenchSample, read_mapping
-from nti_lightning.editing.editors import P2P
-from nti_lightning.editing.pie_bench import MASACTRL_SOURCE_PROMPT, PIX2PIX_ZERO_INVERSION, benchmark_edit
+from nti_lightning.editing.editors import EDITOR_SETTINGS, P2P
+from nti_lightning.editing.pie_bench import benchmark_edit
 from nti_lightning.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -122,20 +122,20 @@ def run_bench(config: BenchConfig) -> BenchScores:
     stage = _stage_runner(config.trainer)
     for method in config.methods:
         _invert(config, stage, mapping, samples, method)
-        for editor in config.editors:
-            if editor != P2P and method not in config.editor_methods:
-                continue
+        for editor in _editors_of(config, method):
             row, inversions = row_name(method, editor), out / method / "inversions"
-            if editor == "masactrl":  # its benchmark inverts with the source prompt ""
-                inversions = _invert_empty_prompt(config, stage, samples, method, row)
-            elif editor == "p2p_zero" and method in ("ddim", "direct"):
-                # its benchmark's DDIM and Direct rows both edit its own regularised DDIM inversion
-                # (the Direct row retracing it): made once, under pix2pix_zero/
-                inversions = _invert(config, stage, mapping, samples, PIX2PIX_ZERO_INVERSION)
+            if editor != P2P:  # the inversions its benchmark script edits
+                settings = EDITOR_SETTINGS[editor]
+                inverted = settings.benchmark_inversion(method)
+                if settings.benchmark_source_prompt is not None:  # inverted with another prompt (MasaCtrl's "")
+                    inversions = _invert_with_prompt(config, stage, samples, inverted, row,
+                                                     settings.benchmark_source_prompt)
+                elif inverted != method:  # another method's, made once under its own name (Pix2Pix-Zero's)
+                    inversions = _invert(config, stage, mapping, samples, inverted)
             _edit(config, stage, samples, row, inversions, editor, method)
     _say("scoring")
     started = time.monotonic()
-    rows = [row_name(m, e) for m in config.methods for e in config.editors if e == P2P or m in config.editor_methods]
+    rows = [row_name(m, e) for m in config.methods for e in _editors_of(config, m)]
     present = [row for row in rows if (out / row / IMAGES).is_dir()]
     if not present:
         raise OptionError(f"{out}: no method produced an edit; see the failures.jsonl files under it")
@@ -158,6 +158,11 @@ def run_bench(config: BenchConfig) -> BenchScores:
     print(scores.markdown)
     print("written: " + ", ".join(str(path) for path in scores.written), flush=True)
     return scores
+
+
+def _editors_of(config: BenchConfig, method: str) -> list[str]:
+    """The editors of `method`'s rows: p2p for every method, the others for `editor_methods`."""
+    return [editor for editor in config.editors if editor == P2P or method in config.editor_methods]
 
 
 def row_name(method: str, editor: str) -> str:
@@ -194,14 +199,14 @@ def _invert(config: BenchConfig, stage: Callable[[list[str]], None], mapping: Pa
     return inversions
 
 
-def _invert_empty_prompt(config: BenchConfig, stage: Callable[[list[str]], None], samples: list[BenchSample],
-                         method: str, row: str) -> Path:
-    """The samples inverted by `method` with the source prompt "" (MasaCtrl's benchmark rows), from
-    a manifest of them under `<row>/`; returns the inversions' folder."""
+def _invert_with_prompt(config: BenchConfig, stage: Callable[[list[str]], None], samples: list[BenchSample],
+                        method: str, row: str, prompt: str) -> Path:
+    """The samples inverted by `method` with the source prompt `prompt` (MasaCtrl's benchmark rows:
+    ""), from a manifest of them under `<row>/`; returns the inversions' folder."""
     manifest = Path(config.output_dir) / row / "manifest.jsonl"
     with atomic_text(manifest) as handle:
         for sample in samples:
-            handle.write(json.dumps({"image": str(Path(sample.image).resolve()), "prompt": MASACTRL_SOURCE_PROMPT,
+            handle.write(json.dumps({"image": str(Path(sample.image).resolve()), "prompt": prompt,
                                      "id": sample.id}) + "\n")
     return _invert(config, stage, manifest, samples, method, row)
 

@@ -50,11 +50,35 @@ class EditorSettings:
         label (`str`): how pages name it.
         runs_any_rule (`bool`): whether it edits inversions whose methods sample otherwise than
             by plain DDIM steps (edit-friendly DDPM's skip and noise, ProxNPI's guidance).
+
+    PIE-Bench's settings of its rows (`benchmark_source_prompt`, `benchmark_options`,
+    `benchmark_inversion`) are the editor's too: `nti bench` asks them and never tests its name.
     """
 
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
     runs_any_rule: ClassVar[bool] = False
+    #: PIE-Bench: the source prompt its script inverts and edits with (None: the sample's own).
+    benchmark_source_prompt: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def benchmark_options(cls, method: Optional[str]) -> dict[str, Any]:
+        """PIE-Bench: the settings its script (PnP Inversion's `run_editing_*.py`) edits the row of
+        inversion method `method` with (`nti bench`'s `<method>+<editor>` rows).
+
+        Args:
+            method (`str`, *optional*): the row's inversion method ("ddim", "direct", ...).
+        """
+        return {}
+
+    @classmethod
+    def benchmark_inversion(cls, method: str) -> str:
+        """PIE-Bench: the inversion method its script's row of `method` edits (by default `method`'s own).
+
+        Args:
+            method (`str`): the row's inversion method.
+        """
+        return method
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "EditorSettings":

@@ -21,7 +21,7 @@ takes its source prompt first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -56,6 +56,12 @@ class MasaCtrl(EditorSettings):
     name: ClassVar[str] = "masactrl"
     label: ClassVar[str] = "MasaCtrl"
     runs_any_rule: ClassVar[bool] = True
+    # run_editing_masactrl.py: the source branch's prompt "" (the image inverted with it too), S 4, L 10.
+    benchmark_source_prompt: ClassVar[Optional[str]] = ""
+
+    @classmethod
+    def benchmark_options(cls, method: Optional[str]) -> dict[str, Any]:
+        return {"start_step": 4, "start_layer": 10}
 
     def __post_init__(self) -> None:
         count = self.layer_count

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nti_lightning.data.pie_bench import BenchSample
-from nti_lightning.editing.editors import P2P
+from nti_lightning.editing.editors import EDITOR_SETTINGS, P2P
 from nti_lightning.errors import BenchmarkError
 from nti_lightning.inversion.artifact import ArtifactError, Inversion
 from nti_lightning.inversion.methods import REGISTRY
@@ -36,10 +36,6 @@ BENCHMARK_OPTIONS: dict[str, Any] = {
 }
 
 
-#: The source prompt of MasaCtrl's benchmark rows (its inversions are made with it too).
-MASACTRL_SOURCE_PROMPT = ""
-#: The inversion method of Pix2Pix-Zero's benchmark rows (DDIM and Direct alike).
-PIX2PIX_ZERO_INVERSION = "pix2pix_zero"
 
 
 def benchmark_edit(
@@ -89,18 +85,12 @@ def benchmark_edit(
 
 def _editor_spec(sample: BenchSample, artifact: Path, editor: str, method: Optional[str]) -> dict[str, Any]:
     """The spec of `sample` for an editor other than Prompt-to-Prompt, with its script's settings
-    for the row of `method`."""
-    prompts = [sample.original_prompt, sample.editing_prompt]
-    options: dict[str, Any] = {}
-    if editor == "masactrl":
-        prompts[0] = MASACTRL_SOURCE_PROMPT
-        options = {"start_step": 4, "start_layer": 10}
-    elif editor == "pnp" and method == "ddim":
-        # run_editing_pnp.py's DDIM row: the reconstruction at w = 1, one step ahead.
-        options = {"source_guidance_scale": 1.0, "source_offset": 1}
-    elif editor == "p2p_zero":
-        options = {"guidance_amount": 0.1, "retrace": method == "direct"}
-    return {"id": sample.id, "artifact": str(artifact), "prompts": prompts, "editor": editor, "options": options}
+    for the row of `method` (the editor's `benchmark_*`)."""
+    settings = EDITOR_SETTINGS[editor]
+    source = settings.benchmark_source_prompt
+    prompts = [sample.original_prompt if source is None else source, sample.editing_prompt]
+    return {"id": sample.id, "artifact": str(artifact), "prompts": prompts, "editor": editor,
+            "options": settings.benchmark_options(method)}
 
 
 def _method(artifact: Path) -> Optional[str]:

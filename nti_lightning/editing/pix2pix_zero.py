@@ -26,7 +26,7 @@ on its own rows only, so its gradient is the one it gets alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
@@ -37,6 +37,10 @@ from nti_lightning.editing.attention import AttentionLayer, controlled_attention
 from nti_lightning.editing.editor import Editor, EditorSettings, EditRows, SamplingInputs
 from nti_lightning.inversion.methods.base import is_number
 from nti_lightning.inversion.sampling import SamplingRule, StepCallback
+
+#: Pix2Pix-Zero's own inversion method (`nti_lightning.inversion.methods.pix2pix_zero`), which its
+#: benchmark rows edit.
+PIX2PIX_ZERO_INVERSION = "pix2pix_zero"
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,16 @@ class Pix2PixZero(EditorSettings):
 
     name: ClassVar[str] = "p2p_zero"
     label: ClassVar[str] = "Pix2Pix-Zero"
+
+    @classmethod
+    def benchmark_options(cls, method: Optional[str]) -> dict[str, Any]:
+        # run_editing_pix2pix_zero.py: guidance 0.1; its Direct row retraces the inversion.
+        return {"guidance_amount": 0.1, "retrace": method == "direct"}
+
+    @classmethod
+    def benchmark_inversion(cls, method: str) -> str:
+        # Its DDIM and Direct rows both edit its own regularised DDIM inversion.
+        return PIX2PIX_ZERO_INVERSION if method in ("ddim", "direct") else method
 
     def __post_init__(self) -> None:
         amount = self.guidance_amount

@@ -67,6 +67,11 @@ class PlugAndPlay(EditorSettings):
     name: ClassVar[str] = "pnp"
     label: ClassVar[str] = "Plug-and-Play"
 
+    @classmethod
+    def benchmark_options(cls, method: Optional[str]) -> dict[str, Any]:
+        # run_editing_pnp.py's DDIM row: the reconstruction at w = 1, one step ahead.
+        return {"source_guidance_scale": 1.0, "source_offset": 1} if method == "ddim" else {}
+
     def __post_init__(self) -> None:
         for option in ("feature_steps", "attention_steps"):
             value = getattr(self, option)
