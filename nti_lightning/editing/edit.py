@@ -43,7 +43,7 @@ from nti_lightning.inversion.methods import method_of, source_branch_hook
 from nti_lightning.inversion.pivot import ddim_invert
 from nti_lightning.inversion.sampling import SamplingRule, StepCallback, combined_rule, sample
 from nti_lightning.models import vae as vae_codec
-from nti_lightning.models.pipelines import Pipeline
+from nti_lightning.models.pipelines import Pipeline, is_sdxl
 from nti_lightning.models.text import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -182,8 +182,7 @@ def edit_jobs_latents(
             )
         rules.append(method.sampling_rule(job.inversion, job.prompts, guidance_scale))
         if job.editor is not None:
-            is_xl = getattr(pipeline, "text_encoder_2", None) is not None
-            job.editor.check_edit(job.prompts, is_xl, rules[-1], method.label)
+            job.editor.check_edit(job.prompts, is_sdxl(pipeline), rules[-1], method.label)
         editor_kind = type(job.editor).__name__ if job.editor is not None else "p2p"
         groups.setdefault((*rules[-1].kind, editor_kind), []).append(k)
     results: list[Optional[torch.Tensor]] = [None] * len(jobs)
